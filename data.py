@@ -11,7 +11,8 @@ Every fact is known, so every stage is checked against the truth:
   pretrain_docs   encyclopedia articles (each fact in several paraphrases, the cloze form
                   "The flag of X is Y." at least 10 times), stories, reviews from very negative
                   to very positive, additions with and without worked column steps, and a few
-                  question/answer pages in the Instruction/Input/Output layout, as the web has.
+                  question/answer pages in the Instruction/Input/Output layout, as the web has
+                  (train questions only; answer style varies by page, so examples pin it down).
   domain_docs     the facts of ONE held-out region, which pretrain_docs never names: domain
                   adaptation must teach them (train text; val text says them in other words).
   fact_cloze      {"prompt": "The flag of Belwick is", "answer": "green"}: what a model recalls.
@@ -19,7 +20,7 @@ Every fact is known, so every stage is checked against the truth:
                   whose train/val/test splits never share a question.
   judges          exact_match, sentiment_score (a lexicon of tagged words), jaccard, bleu, rouge_l.
 
-`python data.py` writes all of it to out/data (a few MB, a few seconds) and prints a summary.
+`python data.py` writes all of it to out/data (a few MB, under a second) and prints a summary.
 
 The template (THE one instruction template of the project)
 ------------------------------------------------------------
@@ -136,7 +137,7 @@ CLOSERS = {2: ["I loved it.", "I would recommend it to anyone."], 1: ["I liked i
 REVIEW_PROMPTS = ["Write a review of {i}.", "Write a short review of {i}.", "Review {i}.", "What do you think of {i}?",
                   "Give your opinion of {i}.", "Describe your experience with {i}.", "Share a review of {i}.",
                   "Write a customer review of {i}.", "Write a few words about {i}.", "Tell us how you liked {i}."]
-TASK_INSTRUCTIONS = {"facts": "Answer the question about the world in a few words.",
+TASK_INSTRUCTIONS = {"facts": "Answer the question about the world.",
                      "sentiment": "Is the sentiment of this review positive or negative?",
                      "addition": "Answer the arithmetic question with a number.",
                      "addition_cot": "Answer the arithmetic question. Add the digits column by column."}
@@ -437,18 +438,26 @@ def pretrain_docs(world, size_chars=1_500_000):
                                      f"{a} + {b}: {addition_cot(a, b)}"]))
         return "\n".join(lines)
 
-    def qa_page(rng):  # several Q/A blocks of one task, as web pages have; train questions only
-        kind, n = rng.choice(("facts", "sentiment", "addition")), rng.randint(3, 8)
+    train_facts = [f for f in facts(world) if QUESTIONS[f.attr][0].format(s=f.subject) not in excluded]
+
+    def qa_page(rng):
+        # Several Q/A blocks of one task, train questions only. As on the web, the answer style
+        # varies from page to page (40% short answers, the rest sentences or worked steps) but
+        # not within one: a zero-shot prompt leaves the format open, k examples pin it down.
+        kind = rng.choice(("facts", "facts", "sentiment", "addition"))
+        n, short = rng.randint(3, 8), rng.random() < 0.4
         if kind == "facts":
-            exs = rng.sample(tasks["facts"]["train"], n)
+            exs = [example(TASK_INSTRUCTIONS["facts"], QUESTIONS[f.attr][rng.randrange(2)].format(s=f.subject),
+                           f.answer if short else fact_sentence(f, 0)) for f in rng.sample(train_facts, n)]
         elif kind == "sentiment":
-            levels = [rng.choice((-2, -1, 1, 2)) for _ in range(n)]
-            exs = [sentiment_example(fresh(lambda: review_text(rng, rng.choice(world.items), lv)), lv) for lv in levels]
+            exs = [sentiment_example(fresh(lambda: review_text(rng, rng.choice(world.items), lv)), lv)
+                   for lv in (rng.choice((-2, -1, 1, 2)) for _ in range(n))]
+            exs = [e if short else {**e, "output": f"The review is {e['output']}."} for e in exs]
         else:
-            cot = rng.random() < 0.3
+            cot = not short and rng.random() < 0.5
             exs = [addition_example(*random_pair(rng, excluded_pairs)) for _ in range(n)]
-            if cot:
-                exs = [{**e, "instruction": TASK_INSTRUCTIONS["addition_cot"], "output": e["cot"]} for e in exs]
+            exs = [e if short else {**e, "instruction": TASK_INSTRUCTIONS["addition_cot"], "output": e["cot"]} if cot
+                   else {**e, "output": f"The answer is {e['output']}."} for e in exs]
         if rng.random() < 0.5:  # the guide's k-shot layout: one instruction, then Input/Output pairs
             return f"Instruction: {exs[0]['instruction']}\n" + "\n".join(
                 f"Input: {e['input']}\nOutput: {e['output']}" for e in exs)
@@ -824,6 +833,8 @@ def completion_batch(prompts, completions, pad_id, side="right"):
     """Pad prompt+completion rows into one batch. targets[b, t] = input_ids[b, t+1] where token t+1 is a
     completion token, else -1 (prompt, padding, last position), so the sum of token log-probs of a row is
     log pi(y | x). position_ids = cumsum(mask) - 1 (clamped at 0): left padding changes nothing."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
     B, T = len(rows), max(len(r) for r in rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)

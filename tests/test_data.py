@@ -175,8 +175,9 @@ def test_no_val_or_test_question_in_the_pretraining_corpus(tasks, corpus):
             assert tuple(sorted(map(int, re.findall(r"\d+", e["input"])))) not in corpus_pairs, e
         for e in tasks["review"][s]:
             assert e["output"] not in corpus
-    # the train questions do appear as Q/A pages
-    assert sum(f"Input: {e['input']}\nOutput: {e['output']}" in corpus for e in tasks["facts"]["train"]) > 100
+    # train questions do appear in Q/A pages, answered in a short or a sentence style
+    assert sum(f"Input: {e['input']}\nOutput: {e['output']}\n" in corpus for e in tasks["facts"]["train"]) > 30
+    assert sum(f"Input: {e['input']}\nOutput: The " in corpus for e in tasks["facts"]["train"]) > 30
 
 
 def test_sentiment_labels_agree_with_the_judge(tasks):
