@@ -1,0 +1,133 @@
+"""Evaluations that several stages and the report share, so that every checkpoint is
+measured the same way: fact recall, task accuracy with format adherence, and the alignment
+figures of DPO and PPO (gold reward, win rate against a reference policy, sequence KL).
+"""
+
+import math
+
+import torch
+
+import data
+from gpt import completion_logprobs, generate
+from tokenizer import eos_id, pad_id
+
+
+def batched(items, n):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+# ----------------------------------------------------------------------------- knowledge
+
+def cloze_hit(continuation, answer):
+    """The continuation starts with the answer as a whole word: " green." hits "green", " greenish" does not."""
+    text, answer = continuation.strip().lower(), answer.strip().lower()
+    return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+
+
+def fact_recall(model, enc, cloze, batch=64):
+    """Share of cloze prompts ("The flag of X is") whose greedy continuation is the fact's answer.
+    A prompt starts after EOS, as every document does in pre-training."""
+    hits = 0
+    for chunk in batched(cloze, batch):
+        prompts = [[eos_id(enc)] + enc.encode_ordinary(c["prompt"]) for c in chunk]
+        outs = generate(model, prompts, 6, eos_id=eos_id(enc), pad_id=pad_id(enc), greedy=True)
+        hits += sum(cloze_hit(enc.decode(strip_eos(out, enc)), c["answer"]) for c, out in zip(chunk, outs))
+    return hits / max(1, len(cloze))
+
+
+def strip_eos(ids, enc):
+    return ids[:-1] if ids and ids[-1] == eos_id(enc) else ids
+
+
+# ----------------------------------------------------------------------------- instruction following
+
+def format_ok(task, answer):
+    """The expected form of an answer, per task: one label, one number, one short phrase."""
+    answer = answer.strip()
+    if not answer or "\n" in answer:
+        return False
+    if task == "sentiment":
+        return answer in data.SENTIMENT_LABELS
+    if task == "addition":
+        return answer.replace(",", "").isdigit() or data.extract_answer_number(answer) is not None
+    if task in ("facts", "domain_facts", "story"):
+        return len(answer.split()) <= 6
+    return True
+
+
+def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64):
+    """Greedy answers to Alpaca examples -> exact-match accuracy and format adherence (the answer
+    ends with EOS and has the task's form). Returns (accuracy, format_adherence, predictions)."""
+    correct = formatted = 0
+    preds = []
+    for chunk in batched(examples, batch):
+        prompts = [enc.encode_ordinary(data.format_prompt(e["instruction"], e.get("input", ""))) for e in chunk]
+        outs = generate(model, prompts, max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc), greedy=True)
+        for e, out in zip(chunk, outs):
+            text = enc.decode(strip_eos(out, enc)).strip()
+            preds.append(text)
+            correct += data.exact_match(text, e["output"])
+            formatted += bool(out) and out[-1] == eos_id(enc) and format_ok(task, text)
+    n = max(1, len(examples))
+    return correct / n, formatted / n, preds
+
+
+# ----------------------------------------------------------------------------- alignment
+
+def mean_ci95(xs):
+    """Mean and the half-width of its normal-approximation 95% interval, 1.96 * s / sqrt(n)."""
+    n = len(xs)
+    m = sum(xs) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return m, 1.96 * s / math.sqrt(n)
+
+
+def win_rate(scores, baseline_scores):
+    """Share of prompts where the policy's completion scores above the baseline's; ties count half."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores))
+    return wins / max(1, len(scores))
+
+
+@torch.no_grad()
+def sequence_kl(policy, ref, prompt_ids, completions, enc, device, batch=32):
+    """KL(pi || pi_ref) of whole completions, estimated on samples y ~ pi:
+    KL ≈ mean_i [log pi(y_i|x_i) - log pi_ref(y_i|x_i)], each log pi a sum over the completion's tokens."""
+    total = []
+    for i in range(0, len(prompt_ids), batch):
+        b = data.completion_batch(prompt_ids[i:i + batch], completions[i:i + batch], pad_id(enc))
+        b = {k: v.to(device) for k, v in b.items()}
+        diff = completion_logprobs(policy, b).sum(-1) - completion_logprobs(ref, b).sum(-1)
+        total += diff.tolist()
+    return sum(total) / max(1, len(total))
+
+
+def sample_completions(model, enc, prompt_ids, max_new_tokens, seed, temperature=1.0, batch=64):
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = []
+    for chunk in batched(prompt_ids, batch):
+        outs += generate(model, chunk, max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                         temperature=temperature, generator=gen)
+    return outs
+
+
+def alignment_eval(policy, ref, enc, prompts, judge, max_new_tokens=48, seed=0, ref_completions=None):
+    """The figures by which DPO and PPO are judged, on held-out prompts (strings):
+    gold reward of the policy's samples (mean and 95% interval), win rate against the reference
+    policy's samples for the same prompts, sequence KL(pi || pi_ref), EOS rate, mean length.
+    Sampling is at temperature 1, the distribution whose KL is reported."""
+    device = next(policy.parameters()).device
+    prompt_ids = [enc.encode_ordinary(p) for p in prompts]
+    completions = sample_completions(policy, enc, prompt_ids, max_new_tokens, seed)
+    if ref_completions is None:
+        ref_completions = sample_completions(ref, enc, prompt_ids, max_new_tokens, seed)
+    texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
+    scores = [judge(t) for t in texts]
+    ref_scores = [judge(enc.decode(strip_eos(c, enc)).strip()) for c in ref_completions]
+    mean, ci = mean_ci95(scores)
+    return {"gold_reward": mean, "gold_reward_ci95": ci, "ref_gold_reward": sum(ref_scores) / len(ref_scores),
+            "win_rate": win_rate(scores, ref_scores),
+            "kl": sequence_kl(policy, ref, prompt_ids, completions, enc, device),
+            "eos_rate": sum(bool(c) and c[-1] == eos_id(enc) for c in completions) / len(completions),
+            "mean_len": sum(len(c) for c in completions) / len(completions),
+            "samples": [{"prompt": p, "completion": t, "score": s} for p, t, s in list(zip(prompts, texts, scores))[:8]]}

@@ -1,0 +1,242 @@
+"""What every training stage's loop needs, written once: device and precision, the
+optimizer and its learning-rate schedule, DistributedDataParallel, resumable training state,
+one-line logs with metrics.jsonl, clean stops on Ctrl-C / SIGTERM / a non-finite loss, and
+the one-line error for bad input.
+
+Nothing here is a trainer: each stage writes its own loop, top to bottom, and calls these
+small functions where it needs them.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import UserError
+from gpt import atomic_save_safetensors, atomic_write_json, read_safetensors
+
+
+# ----------------------------------------------------------------------------- CLI and device
+
+def add_common_args(p, out):
+    g = p.add_argument_group("common")
+    g.add_argument("--out", default=out, help="output checkpoint directory")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped")
+    g.add_argument("--log-interval", type=int, default=10)
+    return p
+
+
+def setup(args):
+    """Device, precision, seeds and (under torchrun) the process group."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        device = args.device
+    rank, world = 0, 1
+    if ddp:
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    use_compile = cuda if args.compile is None else args.compile
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    return SimpleNamespace(device=device, cuda=cuda, ddp=ddp, rank=rank, world=world, master=rank == 0,
+                           compile=use_compile, autocast=lambda: amp)
+
+
+def wrap_model(model, ctx):
+    """torch.compile and DDP as the context asks; returns the model to call in the loop."""
+    if ctx.compile:
+        model = torch.compile(model)
+    if ctx.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.cuda else None)
+    return model
+
+
+def unwrap(model):
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_mean(x, ctx):
+    if ctx.ddp:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if ctx.cuda else dist.ReduceOp.SUM)
+        if not ctx.cuda:
+            x /= ctx.world
+    return x
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), ctx=None):
+    """AdamW over the trainable parameters; weight decay on matrices only (not on biases,
+    LayerNorm gains or other vectors). Fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = bool(ctx is not None and ctx.cuda)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step, max_lr, warmup, total, min_lr):
+    """Linear warm-up to max_lr over `warmup` steps (starting above zero), then cosine decay
+    to min_lr at the last step:  lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * progress)) / 2."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if total <= warmup + 1:
+        return max_lr
+    progress = min(1.0, (step - warmup) / (total - 1 - warmup))
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def check_finite(loss, step):
+    """A NaN or inf loss stops the run; the last checkpoint on disk stays as it was."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"loss is {loss.item()} at step {step}: training stopped, the last good checkpoint "
+                        "is kept; lower the learning rate or check the data")
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+def save_train_state(out_dir, model, optimizer, step, extra=None):
+    """OUT/resume/: trainable weights, optimizer moments, RNG states and the step, written
+    atomically (safetensors + JSON, no pickle). With it --resume continues bit for bit on CPU."""
+    d = os.path.join(out_dir, "resume")
+    os.makedirs(d, exist_ok=True)
+    model = unwrap(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    groups = []
+    for g in optimizer.param_groups:
+        groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]})
+        for p in g["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                tensors[f"opt.{names[id(p)]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_save_safetensors(tensors, os.path.join(d, "state.safetensors"))
+    atomic_write_json({"step": step, "param_groups": groups, "python_rng": random.getstate(),
+                       "extra": extra or {}}, os.path.join(d, "state.json"))
+
+
+def load_train_state(out_dir, model, optimizer):
+    """-> (step, extra). Restores what save_train_state wrote."""
+    d = os.path.join(out_dir, "resume")
+    if not os.path.exists(os.path.join(d, "state.json")):
+        raise UserError(f"--resume: no training state in {d}; run without --resume first")
+    with open(os.path.join(d, "state.json")) as f:
+        meta = json.load(f)
+    tensors = read_safetensors(os.path.join(d, "state.safetensors"))
+    model = unwrap(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.requires_grad:
+                if f"model.{n}" not in tensors:
+                    raise UserError(f"--resume: {d} lacks weights for {n}; it was made by another model or mode")
+                p.copy_(tensors[f"model.{n}"])
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise UserError(f"--resume: {d} was made with another optimizer setup")
+    for g, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        for k, v in saved.items():
+            if k != "params":
+                g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
+        for n in saved["params"]:
+            p = params[n]
+            state = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")
+                     and k[len(f"opt.{n}."):].count(".") == 0}
+            if state:
+                optimizer.state[p] = state
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    py = meta["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return meta["step"], meta["extra"]
+
+
+# ----------------------------------------------------------------------------- stopping and logging
+
+class StopFlag:
+    """Ctrl-C or SIGTERM sets .requested; the loop checks it, saves a resumable state and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a resumable state, then stopping "
+              "(press again to stop at once)", file=sys.stderr, flush=True)
+
+
+class MetricsLog:
+    """One line per log interval on stdout, the same records in OUT/metrics.jsonl."""
+
+    def __init__(self, out_dir, total, master=True, resume=False):
+        self.path, self.total, self.master = os.path.join(out_dir, "metrics.jsonl"), total, master
+        self.t0 = time.time()
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            if not resume and os.path.exists(self.path):
+                os.remove(self.path)
+
+    def log(self, step, **metrics):
+        if not self.master:
+            return
+        elapsed = time.time() - self.t0
+        done = max(step, 1)
+        eta = elapsed / done * max(self.total - step, 0) if step else float("nan")
+        parts = [f"step {step}/{self.total}"]
+        for k, v in metrics.items():
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+        print(" | ".join(parts), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "elapsed": round(elapsed, 3), **metrics}) + "\n")
+
+
+def run_cli(main):
+    """Run a stage's main(); bad input ends in one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
