@@ -1,0 +1,210 @@
+"""Stage 1, pre-training: next-token prediction on a text corpus.
+
+    python pretrain.py                       # the embedded default world, CPU, ~8 minutes
+    python pretrain.py --data my/*.txt       # your own plain-text files
+    torchrun --nproc_per_node=4 pretrain.py  # DistributedDataParallel, same effective batch
+
+Reads the corpus, trains a byte-level BPE tokenizer on it (or takes the one of --init),
+caches the tokens as flat arrays on disk, trains a GPT with the cross-entropy loss, and
+saves OUT/model.safetensors, config.json (with the final metrics) and tokenizer.json.
+At the end it reports validation loss (nats per token, bits per byte) and fact recall:
+how many facts of the world it read it completes correctly ("The flag of X is" -> colour).
+"""
+
+import argparse
+import contextlib
+import math
+import os
+import time
+
+import torch
+
+import data
+from evals import fact_recall
+from gpt import GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
+from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
+                      lr_at, make_optimizer, run_cli, save_train_state, set_lr, setup, wrap_model)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="*", default=None, help="plain-text files (default: the embedded world)")
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    p.add_argument("--init", default=None, help="start from this checkpoint instead of random weights")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
+    p.add_argument("--max-iters", type=int, default=700)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=100)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step "
+                   "(as Ctrl-C would; for tests and job schedulers)")
+    p.add_argument("--recall-limit", type=int, default=400, help="fact-recall prompts to test (0 = none)")
+    add_common_args(p, out="out/pretrain")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_corpus(args):
+    """-> (train documents, validation documents, fact-recall cloze prompts)."""
+    if args.data:
+        docs, cloze = data.read_text(args.data), []
+    else:
+        world = data.make_world(args.world_seed)
+        docs, cloze = data.pretrain_docs(world), data.fact_cloze(world)
+    n_val = max(1, int(len(docs) * args.val_fraction))
+    if len(docs) < 2:
+        # one long file: hold out its tail
+        text = docs[0]
+        cut = int(len(text) * (1 - args.val_fraction))
+        return [text[:cut]], [text[cut:]], cloze
+    return docs[:-n_val], docs[-n_val:], cloze
+
+
+def token_bytes(enc):
+    """Bytes of each token id, to turn nats per token into bits per byte."""
+    table = torch.zeros(enc.n_vocab)
+    for i in range(enc.n_vocab):
+        try:
+            table[i] = len(enc.decode_single_token_bytes(i))
+        except KeyError:
+            pass
+    return table
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, val_tokens, args, ctx, nbytes):
+    """Mean validation cross-entropy (nats per token) over fixed, contiguous windows, and bits
+    per byte = sum of nats / (ln 2 * bytes those tokens decode to), comparable across tokenizers."""
+    model.eval()
+    T = args.block_size
+    n = min(len(val_tokens) - 1, args.eval_tokens) // T * T
+    if n == 0:
+        raise data.UserError(f"validation text has {len(val_tokens)} tokens, fewer than one block of {T}")
+    x = torch.from_numpy(val_tokens[:n].astype("int64")).view(-1, T)
+    y = torch.from_numpy(val_tokens[1:n + 1].astype("int64")).view(-1, T)
+    nats, count = 0.0, 0
+    for i in range(0, len(x), args.batch_size):
+        xb, yb = x[i:i + args.batch_size].to(ctx.device), y[i:i + args.batch_size].to(ctx.device)
+        with ctx.autocast():
+            logits = model(xb)
+        nats += cross_entropy_loss(logits, yb).item() * yb.numel()
+        count += yb.numel()
+    model.train()
+    return nats / count, nats / (math.log(2) * nbytes[y.flatten()].sum().item())
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = setup(args)
+    if args.grad_accum % ctx.world:
+        raise data.UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
+    accum = args.grad_accum // ctx.world
+    os.makedirs(args.out, exist_ok=True)
+
+    # data and tokenizer
+    train_docs, val_docs, cloze = load_corpus(args)
+    if args.init:
+        model, enc, _ = load_checkpoint(args.init, hint="python pretrain.py")
+        config = model.config
+    else:
+        saved = os.path.join(args.out, "tokenizer.json")
+        # Training is deterministic, so every DDP process trains the same tokenizer; --resume reuses it.
+        enc = load_tokenizer(saved) if args.resume and os.path.exists(saved) else \
+            train_tokenizer("\n\n".join(train_docs), args.vocab_size)
+        config = GPTConfig(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+        model = GPT(config)
+    fp = tokenizer_fingerprint(enc)
+    train_tokens = data.tokenize_corpus(train_docs, enc, os.path.join(args.out, "train.bin"), fingerprint=fp)
+    val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
+    nbytes = token_bytes(enc)
+    if ctx.master:
+        print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {enc.n_vocab}; "
+              f"model: {model.num_params() / 1e6:.2f}M parameters")
+
+    # model and optimizer
+    model.to(ctx.device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)
+    start = 0
+    if args.resume:
+        start, _ = load_train_state(args.out, model, optimizer)
+    train_model = wrap_model(model, ctx)
+    stop = StopFlag()
+    log = MetricsLog(args.out, args.max_iters, ctx.master, resume=args.resume)
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum
+
+    def save(step, metrics):
+        if ctx.master:
+            save_train_state(args.out, model, optimizer, step)
+            save_checkpoint(args.out, model, enc, {"stage": "pretrain", "args": vars(args), "step": step,
+                                                   "metrics": metrics})
+
+    # the loop
+    t_last = time.time()
+    for step in range(start, args.max_iters):
+        lr = lr_at(step, args.lr, args.warmup, args.max_iters, args.min_lr)
+        set_lr(optimizer, lr)
+        for micro in range(accum):
+            x, y = data.get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step,
+                                  ctx.rank + ctx.world * micro)
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            sync = ctx.ddp and micro < accum - 1
+            with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
+                loss = cross_entropy_loss(train_model(x), y)
+                (loss / accum).backward()
+        check_finite(loss, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_interval == 0 or done == args.max_iters:
+            loss_avg = all_reduce_mean(loss, ctx).item()
+            dt = time.time() - t_last
+            t_last = time.time()
+            log.log(done, loss=loss_avg, grad_norm=grad_norm.item(), lr=lr,
+                    tok_per_s=round(tokens_per_step * args.log_interval / max(dt, 1e-9)))
+        if done % args.eval_interval == 0 and done < args.max_iters:
+            val_loss, bpb = evaluate(train_model, val_tokens, args, ctx, nbytes)
+            log.log(done, val_loss=val_loss, val_bpb=bpb)
+            save(done, {"val_loss": val_loss, "val_bpb": bpb})
+        if stop.requested or done == args.stop_at:
+            save(done, {})
+            print(f"stopped at step {done}; continue with: python pretrain.py --resume --out {args.out}")
+            return
+
+    # final evaluation, samples, save
+    val_loss, bpb = evaluate(train_model, val_tokens, args, ctx, nbytes)
+    metrics = {"val_loss": val_loss, "val_bpb": bpb, "train_loss": loss.item(), "tokens": args.max_iters * tokens_per_step}
+    if ctx.master:
+        recall_set = cloze[:args.recall_limit] if args.recall_limit else []
+        if recall_set:
+            metrics["fact_recall"] = fact_recall(model, enc, recall_set)
+        sample = generate(model, [[eos_id(enc)] + enc.encode_ordinary("The")], 60, eos_id=eos_id(enc),
+                          pad_id=pad_id(enc), temperature=0.8, top_k=50,
+                          generator=torch.Generator(device=ctx.device).manual_seed(args.seed))[0]
+        print("sample:", "The" + enc.decode(sample[:-1] if sample[-1:] == [eos_id(enc)] else sample))
+        save(args.max_iters, metrics)
+        print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)
