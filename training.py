@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from data import UserError
-from gpt import atomic_save_safetensors, atomic_write_json, read_safetensors
+from safetensors import safe_open
+
+from gpt import atomic_save_safetensors, read_safetensors
 
 
 # ----------------------------------------------------------------------------- CLI and device
@@ -129,8 +131,8 @@ def check_finite(loss, step):
 # ----------------------------------------------------------------------------- resumable state
 
 def save_train_state(out_dir, model, optimizer, step, extra=None):
-    """OUT/resume/: trainable weights, optimizer moments, RNG states and the step, written
-    atomically (safetensors + JSON, no pickle). With it --resume continues bit for bit on CPU."""
+    """OUT/resume/state.safetensors: trainable weights, optimizer moments, RNG states, and (as JSON in
+    its header) the step and hyper-parameters; written atomically, no pickle. With it --resume continues bit for bit on CPU."""
     d = os.path.join(out_dir, "resume")
     os.makedirs(d, exist_ok=True)
     model = unwrap(model)
@@ -145,19 +147,23 @@ def save_train_state(out_dir, model, optimizer, step, extra=None):
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    atomic_save_safetensors(tensors, os.path.join(d, "state.safetensors"))
-    atomic_write_json({"step": step, "param_groups": groups, "python_rng": random.getstate(),
-                       "extra": extra or {}}, os.path.join(d, "state.json"))
+    # One file, so a kill mid-write leaves the previous state whole: the JSON part rides in the header.
+    state = {"step": step, "param_groups": groups, "python_rng": random.getstate(), "extra": extra or {}}
+    atomic_save_safetensors(tensors, os.path.join(d, "state.safetensors"), metadata={"state": json.dumps(state)})
 
 
 def load_train_state(out_dir, model, optimizer):
     """-> (step, extra). Restores what save_train_state wrote."""
     d = os.path.join(out_dir, "resume")
-    if not os.path.exists(os.path.join(d, "state.json")):
+    path = os.path.join(d, "state.safetensors")
+    if not os.path.exists(path):
         raise UserError(f"--resume: no training state in {d}; run without --resume first")
-    with open(os.path.join(d, "state.json")) as f:
-        meta = json.load(f)
-    tensors = read_safetensors(os.path.join(d, "state.safetensors"))
+    tensors = read_safetensors(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a training state written by this project") from None
     model = unwrap(model)
     params = dict(model.named_parameters())
     with torch.no_grad():

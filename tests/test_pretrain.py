@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import pretrain
 from gpt import GPT, GPTConfig, cross_entropy_loss, read_safetensors
@@ -75,8 +76,8 @@ def test_resume_from_mid_run_ends_at_the_same_loss(tmp_path, text_file):
     full = pretrain.main(tiny_args(tmp_path, text_file, out="full"))
     # stop after 6 steps (the state saved at eval step 6), then resume to 12
     pretrain.main(tiny_args(tmp_path, text_file, out="half", **{"--max-iters": "12", "--stop-at": "6"}))
-    state = json.load(open(tmp_path / "half" / "resume" / "state.json"))
-    assert state["step"] == 6
+    with safe_open(str(tmp_path / "half" / "resume" / "state.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 6
     resumed = pretrain.main(tiny_args(tmp_path, text_file, out="half", **{"--resume": ""}))
     assert resumed["train_loss"] == full["train_loss"]
     assert resumed["val_loss"] == full["val_loss"]
