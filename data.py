@@ -910,6 +910,19 @@ def get_batch(tokens, batch_size, block_size, seed, step, micro):
 
 # ----------------------------------------------------------------------------- files of the default world
 
+def split_documents(docs, val_fraction=0.05):
+    """-> (train, val): the last val_fraction of the documents (at least one) are held out; a single
+    document is cut at 1 - val_fraction of its length. Pre-training, SFT's forgetting check and the
+    report all use this split, so "validation loss on pre-training text" means one thing."""
+    if not docs:
+        raise UserError("no documents to split")
+    if len(docs) < 2:
+        cut = int(len(docs[0]) * (1 - val_fraction))
+        return [docs[0][:cut]], [docs[0][cut:]]
+    n_val = max(1, int(len(docs) * val_fraction))
+    return docs[:-n_val], docs[-n_val:]
+
+
 def default_data_paths(out_dir="out/data"):
     names = {"corpus": "corpus.txt", "domain_train": "domain_train.txt", "domain_val": "domain_val.txt",
              "cloze": "cloze.jsonl", "domain_cloze": "domain_cloze.jsonl", "world": "world.json"}

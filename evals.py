@@ -5,6 +5,7 @@ figures of DPO and PPO (gold reward, win rate against a reference policy, sequen
 
 import math
 
+import numpy as np
 import torch
 
 import data
@@ -15,6 +16,45 @@ from tokenizer import eos_id, pad_id
 def batched(items, n):
     for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+# ----------------------------------------------------------------------------- language modelling
+
+def token_bytes(enc):
+    """Bytes of each token id, to turn nats per token into bits per byte."""
+    table = torch.zeros(enc.n_vocab)
+    for i in range(enc.n_vocab):
+        try:
+            table[i] = len(enc.decode_single_token_bytes(i))
+        except KeyError:  # an id that is no token (gaps in some vocabularies)
+            pass
+    return table
+
+
+@torch.no_grad()
+def text_loss(model, enc, tokens, block_size, max_tokens=65536, batch_size=16, device="cpu", autocast=None):
+    """Mean next-token cross-entropy on held-out text, in nats per token, over fixed contiguous windows
+    of block_size; and bits per byte = sum of nats / (ln 2 * bytes those tokens decode to), which does
+    not depend on the tokenizer. Perplexity = exp(nats per token)."""
+    import contextlib
+    from gpt import cross_entropy_loss
+    was_training = model.training
+    model.eval()
+    T = block_size
+    n = min(len(tokens) - 1, max_tokens) // T * T
+    if n == 0:
+        raise data.UserError(f"held-out text has {len(tokens)} tokens, fewer than one block of {T}")
+    x = torch.as_tensor(np.asarray(tokens[:n], dtype=np.int64)).view(-1, T)
+    y = torch.as_tensor(np.asarray(tokens[1:n + 1], dtype=np.int64)).view(-1, T)
+    nats = 0.0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        with (autocast or contextlib.nullcontext)():
+            logits = model(xb)
+        nats += cross_entropy_loss(logits.float(), yb).item() * yb.numel()
+    model.train(was_training)
+    nbytes = token_bytes(enc)
+    return nats / n, nats / (math.log(2) * nbytes[y.flatten()].sum().item())
 
 
 # ----------------------------------------------------------------------------- knowledge

@@ -20,7 +20,7 @@ import time
 import torch
 
 import data
-from evals import fact_recall
+from evals import fact_recall, text_loss
 from gpt import GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
@@ -65,48 +65,15 @@ def load_corpus(args):
     else:
         world = data.make_world(args.world_seed)
         docs, cloze = data.pretrain_docs(world), data.fact_cloze(world)
-    n_val = max(1, int(len(docs) * args.val_fraction))
-    if len(docs) < 2:
-        # one long file: hold out its tail
-        text = docs[0]
-        cut = int(len(text) * (1 - args.val_fraction))
-        return [text[:cut]], [text[cut:]], cloze
-    return docs[:-n_val], docs[-n_val:], cloze
-
-
-def token_bytes(enc):
-    """Bytes of each token id, to turn nats per token into bits per byte."""
-    table = torch.zeros(enc.n_vocab)
-    for i in range(enc.n_vocab):
-        try:
-            table[i] = len(enc.decode_single_token_bytes(i))
-        except KeyError:
-            pass
-    return table
+    train_docs, val_docs = data.split_documents(docs, args.val_fraction)
+    return train_docs, val_docs, cloze
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def evaluate(model, val_tokens, args, ctx, nbytes):
-    """Mean validation cross-entropy (nats per token) over fixed, contiguous windows, and bits
-    per byte = sum of nats / (ln 2 * bytes those tokens decode to), comparable across tokenizers."""
-    model.eval()
-    T = args.block_size
-    n = min(len(val_tokens) - 1, args.eval_tokens) // T * T
-    if n == 0:
-        raise data.UserError(f"validation text has {len(val_tokens)} tokens, fewer than one block of {T}")
-    x = torch.from_numpy(val_tokens[:n].astype("int64")).view(-1, T)
-    y = torch.from_numpy(val_tokens[1:n + 1].astype("int64")).view(-1, T)
-    nats, count = 0.0, 0
-    for i in range(0, len(x), args.batch_size):
-        xb, yb = x[i:i + args.batch_size].to(ctx.device), y[i:i + args.batch_size].to(ctx.device)
-        with ctx.autocast():
-            logits = model(xb)
-        nats += cross_entropy_loss(logits, yb).item() * yb.numel()
-        count += yb.numel()
-    model.train()
-    return nats / count, nats / (math.log(2) * nbytes[y.flatten()].sum().item())
+def evaluate(model, enc, val_tokens, args, ctx):
+    """Validation loss in nats per token and bits per byte (see evals.text_loss)."""
+    return text_loss(model, enc, val_tokens, args.block_size, args.eval_tokens, args.batch_size, ctx.device, ctx.autocast)
 
 
 # ----------------------------------------------------------------------------- main
@@ -135,7 +102,6 @@ def main(argv=None):
     fp = tokenizer_fingerprint(enc)
     train_tokens = data.tokenize_corpus(train_docs, enc, os.path.join(args.out, "train.bin"), fingerprint=fp)
     val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
-    nbytes = token_bytes(enc)
     if ctx.master:
         print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {enc.n_vocab}; "
               f"model: {model.num_params() / 1e6:.2f}M parameters")
@@ -182,7 +148,7 @@ def main(argv=None):
             log.log(done, loss=loss_avg, grad_norm=grad_norm.item(), lr=lr,
                     tok_per_s=round(tokens_per_step * args.log_interval / max(dt, 1e-9)))
         if done % args.eval_interval == 0 and done < args.max_iters:
-            val_loss, bpb = evaluate(train_model, val_tokens, args, ctx, nbytes)
+            val_loss, bpb = evaluate(train_model, enc, val_tokens, args, ctx)
             log.log(done, val_loss=val_loss, val_bpb=bpb)
             save(done, {"val_loss": val_loss, "val_bpb": bpb})
         if stop.requested or done == args.stop_at:
@@ -191,7 +157,7 @@ def main(argv=None):
             return
 
     # final evaluation, samples, save
-    val_loss, bpb = evaluate(train_model, val_tokens, args, ctx, nbytes)
+    val_loss, bpb = evaluate(train_model, enc, val_tokens, args, ctx)
     metrics = {"val_loss": val_loss, "val_bpb": bpb, "train_loss": loss.item(), "tokens": args.max_iters * tokens_per_step}
     if ctx.master:
         recall_set = cloze[:args.recall_limit] if args.recall_limit else []

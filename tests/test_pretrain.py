@@ -1,6 +1,7 @@
 """Pre-training: the schedule, gradient accumulation, exact resume, DDP, and a loss that falls."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -86,7 +87,10 @@ def test_resume_from_mid_run_ends_at_the_same_loss(tmp_path, text_file):
 def test_two_process_torchrun_matches_one_process(tmp_path, text_file):
     common = {"--grad-accum": "2", "--max-iters": "4", "--eval-interval": "100"}
     one = pretrain.main(tiny_args(tmp_path, text_file, out="one", **common))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as sock:  # a free port, so parallel test runs never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "pretrain.py")] + tiny_args(tmp_path, text_file, out="two", **common)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
