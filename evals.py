@@ -151,7 +151,8 @@ def sample_completions(model, enc, prompt_ids, max_new_tokens, seed, temperature
     return outs
 
 
-def alignment_eval(policy, ref, enc, prompts, judge, max_new_tokens=48, seed=0, ref_completions=None):
+def alignment_eval(policy, ref, enc, prompts, judge, max_new_tokens=48, seed=0, ref_completions=None,
+                   return_completions=False):
     """The figures by which DPO and PPO are judged, on held-out prompts (strings):
     gold reward of the policy's samples (mean and 95% interval), win rate against the reference
     policy's samples for the same prompts, sequence KL(pi || pi_ref), EOS rate, mean length.
@@ -165,9 +166,12 @@ def alignment_eval(policy, ref, enc, prompts, judge, max_new_tokens=48, seed=0, 
     scores = [judge(t) for t in texts]
     ref_scores = [judge(enc.decode(strip_eos(c, enc)).strip()) for c in ref_completions]
     mean, ci = mean_ci95(scores)
-    return {"gold_reward": mean, "gold_reward_ci95": ci, "ref_gold_reward": sum(ref_scores) / len(ref_scores),
+    out = {"gold_reward": mean, "gold_reward_ci95": ci, "ref_gold_reward": sum(ref_scores) / len(ref_scores),
             "win_rate": win_rate(scores, ref_scores),
             "kl": sequence_kl(policy, ref, prompt_ids, completions, enc, device),
             "eos_rate": sum(bool(c) and c[-1] == eos_id(enc) for c in completions) / len(completions),
             "mean_len": sum(len(c) for c in completions) / len(completions),
             "samples": [{"prompt": p, "completion": t, "score": s} for p, t, s in list(zip(prompts, texts, scores))[:8]]}
+    if return_completions:  # token ids, for further judges (e.g. a reward model)
+        out["completions"] = completions
+    return out

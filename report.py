@@ -1,0 +1,305 @@
+"""The report card: every checkpoint in out/ measured the same way, on the same held-out sets.
+
+    python report.py                 # after `bash run.sh` (or any subset of the stages)
+    python report.py --n 200         # more held-out examples per task (slower, tighter intervals)
+
+For each policy checkpoint (a directory of out/ with model.safetensors and config.json) it measures:
+  val loss      nats per token on the held-out pre-training text (data.split_documents)
+  fact recall   greedy cloze completion of facts of the world ("The flag of X is" -> colour)
+  facts/sentiment/addition/story   exact-match accuracy on the TEST splits, greedy decoding
+  format        share of those answers that end with EOS and have the task's form
+  gold reward   the lexicon judge's score of sampled reviews for held-out prompts, mean ± 95% interval
+  win vs SFT    share of prompts where the checkpoint's review beats the SFT model's (ties half)
+  KL vs SFT     sequence-level KL(pi || pi_SFT) on the checkpoint's own samples
+  RM score      the trained reward model's mean score of those samples (the proxy the policy optimised)
+  time          wall time of the stage that made it
+and for reward models: pairwise accuracy on held-out preference pairs. It writes out/report.md,
+out/report/results.json, and, when matplotlib is installed, loss curves and the gold reward-KL
+frontier of the DPO and PPO sweeps (out/report/*.png). Results are cached per checkpoint (keyed
+by the weights' size and modification time), so a second run takes seconds.
+"""
+
+import argparse
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import data
+import evals
+from gpt import load_checkpoint, read_config
+from training import run_cli
+
+TASKS = ("facts", "sentiment", "addition", "story")
+ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="out", help="where the stages wrote their checkpoints")
+    p.add_argument("--sft", default=None, help="the reference policy for win rate and KL (default OUT_DIR/sft)")
+    p.add_argument("--reward", default=None, help="reward model for the RM score (default OUT_DIR/reward)")
+    p.add_argument("--n", type=int, default=100, help="held-out examples per task and cloze prompts")
+    p.add_argument("--prompts", type=int, default=64, help="held-out review prompts for the alignment figures")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--world-seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="re-evaluate even when a cached result exists")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def sort_key(name):
+    base = name.split("_beta")[0].split("_kl")[0]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), name)
+
+
+def find_checkpoints(out_dir):
+    """-> ([(name, path, config)] of policies, [(name, path, config)] of reward models)."""
+    policies, rewards = [], []
+    for cfg_path in glob.glob(os.path.join(out_dir, "*", "config.json")):
+        path = os.path.dirname(cfg_path)
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            continue
+        config = read_config(path)
+        kind = rewards if config.get("stage") == "reward" else policies if "model" in config else None
+        if kind is not None:
+            kind.append((os.path.basename(path), path, config))
+    return sorted(policies, key=lambda c: sort_key(c[0])), sorted(rewards, key=lambda c: sort_key(c[0]))
+
+
+def stage_time(path, config):
+    t = config.get("metrics", {}).get("time_s")
+    if t is None and os.path.exists(os.path.join(path, "metrics.jsonl")):
+        lines = open(os.path.join(path, "metrics.jsonl")).read().splitlines()
+        t = json.loads(lines[-1]).get("elapsed") if lines else None
+    return t
+
+
+def cache_key(path, args, extra=""):
+    st = os.stat(os.path.join(path, "model.safetensors"))
+    return f"{st.st_size}:{st.st_mtime_ns}:{args.n}:{args.prompts}:{args.max_new_tokens}:{args.seed}:{extra}"
+
+
+# ----------------------------------------------------------------------------- held-out sets
+
+def held_out_sets(args):
+    world = data.make_world(args.world_seed)
+    tasks = data.task_sets(world)
+    _, val_docs = data.split_documents(data.pretrain_docs(world))
+    review_prompts = sorted({data.format_prompt(e["instruction"], e["input"]) for e in tasks["review"]["test"]})
+    return {"val_docs": val_docs, "cloze": data.fact_cloze(world)[:args.n],
+            "tasks": {t: tasks[t]["test"][:args.n] for t in TASKS}, "review_prompts": review_prompts[:args.prompts]}
+
+
+def val_tokens(enc, docs):
+    ids = [enc.eot_token]
+    for d in enc.encode_ordinary_batch(docs):
+        ids += d + [enc.eot_token]
+    return np.array(ids, dtype=np.int64)
+
+
+def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
+    """One row of the table (see the module docstring for each figure)."""
+    row = {}
+    row["val_loss"], row["val_bpb"] = evals.text_loss(model, enc, val_tokens(enc, sets["val_docs"]),
+                                                      model.config.block_size, device=args.device)
+    row["fact_recall"] = evals.fact_recall(model, enc, sets["cloze"])
+    formats = []
+    for task, examples in sets["tasks"].items():
+        acc, fmt, _ = evals.task_accuracy(model, enc, examples, task)
+        row[task], _ = acc, formats.append(fmt)
+    row["format"] = sum(formats) / len(formats)
+    if sft is not None:
+        al = evals.alignment_eval(model, sft, enc, sets["review_prompts"], data.sentiment_score,
+                                  args.max_new_tokens, seed=args.seed, ref_completions=sft_samples,
+                                  return_completions=True)
+        row.update({k: al[k] for k in ("gold_reward", "gold_reward_ci95", "win_rate", "kl", "eos_rate", "mean_len")})
+        row["samples"] = al["samples"]
+        if rm is not None:
+            from reward import reward_scores
+            prompt_ids = [enc.encode_ordinary(p) for p in sets["review_prompts"]]
+            row["rm_score"] = reward_scores(rm, enc, prompt_ids, al["completions"]).mean().item()
+    return row
+
+
+def evaluate_reward_model(path, args):
+    """Pairwise accuracy of a reward model on the held-out preference pairs."""
+    from reward import load_reward_model, reward_scores
+    pairs_path = os.path.join(args.out_dir, "preferences", "val.jsonl")
+    if not os.path.exists(pairs_path):
+        return {}
+    rm, enc, _ = load_reward_model(path, args.device)
+    pairs = data.load_preference_pairs(pairs_path)
+    prompt_ids = [enc.encode_ordinary(p["prompt"]) for p in pairs]
+    chosen = [enc.encode_ordinary(p["chosen"]) + [enc.eot_token] for p in pairs]
+    rejected = [enc.encode_ordinary(p["rejected"]) + [enc.eot_token] for p in pairs]
+    r_w, r_l = reward_scores(rm, enc, prompt_ids, chosen), reward_scores(rm, enc, prompt_ids, rejected)
+    return {"pairwise_accuracy": (r_w > r_l).float().mean().item(), "pairs": len(pairs)}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def write_markdown(rows, reward_rows, prompting, args, path):
+    lines = [f"# Report card ({time.strftime('%Y-%m-%d')})", "",
+             f"Every checkpoint in `{args.out_dir}/`, measured by `python report.py` on the same held-out sets: "
+             f"{args.n} test examples per task, {args.prompts} held-out review prompts (gold judge: lexicon "
+             "sentiment score in (-1, 1)); win rate and KL are against the SFT model's samples.", "",
+             "| checkpoint | val loss | fact recall | facts | sentiment | addition | story | format | "
+             "gold reward (95% CI) | win vs SFT | KL vs SFT | RM score | time |",
+             "|---|" + "---:|" * 12]
+    for name, r in rows:
+        gold = f"{r['gold_reward']:+.3f} ± {r['gold_reward_ci95']:.3f}" if "gold_reward" in r else "—"
+        t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
+        lines.append(f"| {name} | {fmt(r['val_loss'])} | {fmt(r['fact_recall'], '.0%')} | " +
+                     " | ".join(fmt(r[t_], ".0%") for t_ in TASKS) + f" | {fmt(r['format'], '.0%')} | {gold} | "
+                     f"{fmt(r.get('win_rate'), '.0%')} | {fmt(r.get('kl'), '.2f')} | {fmt(r.get('rm_score'), '+.2f')} | {t} |")
+    if reward_rows:
+        lines += ["", "| reward model | held-out pairwise accuracy | pairs | time |", "|---|---:|---:|---:|"]
+        for name, r in reward_rows:
+            t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
+            lines.append(f"| {name} | {fmt(r.get('pairwise_accuracy'), '.1%')} | {r.get('pairs', '—')} | {t} |")
+    if prompting:
+        lines += ["", "## Prompting the base model (out/prompting/results.json)", "", "```",
+                  json.dumps(prompting.get("summary", prompting), indent=1)[:3000], "```"]
+    lines += ["", "## Samples (same held-out prompts, temperature 1)", ""]
+    for name, r in rows:
+        if name in ("pretrain", "sft", "dpo", "ppo") and r.get("samples"):
+            lines.append(f"**{name}**")
+            lines += [f"- `{s['prompt'].splitlines()[0][13:]}` → {s['completion'][:200]!r} (score {s['score']:+.2f})"
+                      for s in r["samples"][:3]]
+            lines.append("")
+    for png in ("loss_curves.png", "frontier.png"):
+        if os.path.exists(os.path.join(args.out_dir, "report", png)):
+            lines += [f"![{png}](report/{png})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(rows, args):
+    """Loss curves of every stage; gold reward against KL for the DPO and PPO sweeps (the analogue of
+    the DPO paper's sentiment frontier). Skipped with a note when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    out = os.path.join(args.out_dir, "report")
+    curves = {}
+    for path in sorted(glob.glob(os.path.join(args.out_dir, "*", "metrics.jsonl"))):
+        recs = [json.loads(line) for line in open(path)]
+        pts = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+        if pts:
+            curves[os.path.basename(os.path.dirname(path))] = pts
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, pts in curves.items():
+            ax.plot(*zip(*pts), label=name, lw=1)
+        ax.set(xlabel="step", ylabel="training loss", yscale="symlog", title="training loss of every stage")
+        ax.legend(fontsize=7, ncol=2)
+        fig.savefig(os.path.join(out, "loss_curves.png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    sweeps = {family: sorted((r["kl"], r["gold_reward"], n) for n, r in rows
+                             if n.split("_")[0] == family and n != "dpo_from_base" and "kl" in r)
+              for family in ("dpo", "ppo")}
+    if not any(sweeps.values()):
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for family, marker in (("dpo", "o"), ("ppo", "s")):
+        pts = sweeps[family]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family.upper())
+            for kl, g, n in pts:
+                ax.annotate(n.split("_", 1)[1] if "_" in n else "default", (kl, g), fontsize=6)
+    sft = dict(rows).get("sft")
+    if sft and "gold_reward" in sft:
+        ax.scatter([0], [sft["gold_reward"]], color="k", label="SFT", zorder=3)
+    ax.set(xlabel="sequence KL(pi || pi_SFT) (nats)", ylabel="gold reward (lexicon sentiment)",
+           title="reward-KL frontier on held-out prompts")
+    ax.legend()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    policies, reward_models = find_checkpoints(args.out_dir)
+    if not policies:
+        raise data.UserError(f"no checkpoints in {args.out_dir}/; run `bash run.sh` or `python pretrain.py` first")
+    report_dir = os.path.join(args.out_dir, "report")
+    os.makedirs(report_dir, exist_ok=True)
+    cache_path = os.path.join(report_dir, "cache.json")
+    cache = {} if args.force or not os.path.exists(cache_path) else json.load(open(cache_path))
+    sets = held_out_sets(args)
+
+    sft_path = args.sft or os.path.join(args.out_dir, "sft")
+    sft = sft_samples = None
+    if os.path.exists(os.path.join(sft_path, "config.json")):
+        sft, sft_enc, _ = load_checkpoint(sft_path, args.device)
+        sft.eval()
+        prompt_ids = [sft_enc.encode_ordinary(p) for p in sets["review_prompts"]]
+        sft_samples = evals.sample_completions(sft, sft_enc, prompt_ids, args.max_new_tokens, args.seed)
+    rm_path = args.reward or os.path.join(args.out_dir, "reward")
+    rm = None
+    if os.path.exists(os.path.join(rm_path, "config.json")):
+        from reward import load_reward_model
+        rm = load_reward_model(rm_path, args.device)[0]
+    ref_key = cache_key(sft_path, args) if sft is not None else "no-sft"
+    rm_key = cache_key(rm_path, args) if rm is not None else "no-rm"
+
+    rows = []
+    for name, path, config in policies:
+        key = cache_key(path, args, ref_key + rm_key)
+        if cache.get(name, {}).get("key") != key:
+            t = time.time()
+            model, enc, _ = load_checkpoint(path, args.device)
+            model.eval()
+            same = sft is not None and evals_same_tokenizer(enc, sft_enc)
+            row = evaluate_policy(model, enc, sets, sft if same else None, sft_samples, rm if same else None, args)
+            cache[name] = {"key": key, "row": row}
+            print(f"{name}: evaluated in {time.time() - t:.0f}s")
+        row = dict(cache[name]["row"], time_s=stage_time(path, config))
+        rows.append((name, row))
+    reward_rows = []
+    for name, path, config in reward_models:
+        key = cache_key(path, args)
+        if cache.get(name, {}).get("key") != key:
+            cache[name] = {"key": key, "row": evaluate_reward_model(path, args)}
+        reward_rows.append((name, dict(cache[name]["row"], time_s=stage_time(path, config))))
+    with open(cache_path, "w") as f:
+        json.dump(cache, f)
+
+    prompting_path = os.path.join(args.out_dir, "prompting", "results.json")
+    prompting = json.load(open(prompting_path)) if os.path.exists(prompting_path) else None
+    plot(rows, args)
+    results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args)}
+    with open(os.path.join(report_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = os.path.join(args.out_dir, "report.md")
+    write_markdown(rows, reward_rows, prompting, args, md)
+    print(open(md).read().split("## Samples")[0])
+    print(f"wrote {md} in {time.time() - t0:.0f}s")
+    return results
+
+
+def evals_same_tokenizer(enc_a, enc_b):
+    from tokenizer import tokenizer_fingerprint
+    return tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
+
+
+if __name__ == "__main__":
+    run_cli(main)
