@@ -1,0 +1,418 @@
+"""Stage 6, DPO (Direct Preference Optimization): train the policy straight on preference pairs
+(prompt x, chosen y_w, rejected y_l) against a frozen reference model; no reward model, no sampling.
+
+    python dpo.py                          # policy = reference = out/sft, pairs out/preferences/train.jsonl
+    python dpo.py --beta 0.5 --out out/dpo_beta0.5
+    python dpo.py --init out/pretrain --ref out/pretrain --out out/dpo_from_base   # base -> DPO, no SFT
+    python dpo.py --data world             # pairs from the world's review train split (no preferences.py)
+    python dpo.py --data pairs.jsonl --eval-prompts none   # your prompt/chosen/rejected JSONL or Anthropic HH
+    python dpo.py --toy                    # exact check: DPO on a tabular policy reaches pi_ref * exp(r / beta)
+
+log pi(y|x) is the sum of the completion tokens' log-probs (prompt and padding masked out); chosen
+and rejected rows go through the model in one padded batch. Every log interval prints the loss and
+the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers, their accuracy and
+margin; held-out pairs are scored every --eval-interval steps. At the end the policy and the
+reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
+(data.sentiment_score) scores them: mean gold reward, win rate against the reference, and the
+sequence KL(pi || pi_ref) the policy paid, all in OUT/config.json.
+"""
+
+import argparse
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from evals import alignment_eval
+from gpt import GPT, check_same_tokenizer, completion_logprobs, load_checkpoint, save_checkpoint
+from tokenizer import pad_id
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
+                      lr_at, make_optimizer, run_cli, save_train_state, set_lr, setup, wrap_model)
+
+
+DEFAULT_PAIRS = "out/preferences/train.jsonl"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
+    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    p.add_argument("--data", default=DEFAULT_PAIRS,
+                   help="preference pairs (.jsonl/.json: prompt/chosen/rejected or Anthropic HH), or 'world' "
+                        "for the default world's review pairs")
+    p.add_argument("--val-data", default=None, help="held-out pairs (default: val.jsonl beside a train.jsonl "
+                   "--data, else the last --val-fraction of the pairs)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the KL constraint to the reference")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="assumed share of flipped labels (conservative DPO), in [0, 0.5)")
+    p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
+    p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the reference log-probs of every pair once, before training")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-iters", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's "
+                   "review test prompts, judged by data.sentiment_score), a prompts .jsonl, or 'none'")
+    p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
+    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
+    add_common_args(p, out="out/dpo")
+    args = p.parse_args(argv)
+    args.ref = args.ref or args.init
+    if args.beta <= 0:
+        raise data.UserError(f"--beta must be positive, not {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise data.UserError(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+def world_pairs(seed):
+    """The default world's review train split has two reviews of different sentiment for each prompt:
+    the one with the higher gold score is chosen."""
+    by_prompt = {}
+    for e in data.task_sets(data.make_world(seed))["review"]["train"]:
+        by_prompt.setdefault(e["instruction"], []).append(e)
+    pairs = []
+    for instruction, (a, b) in by_prompt.items():
+        if a["score"] != b["score"]:
+            w, l = (a, b) if a["score"] > b["score"] else (b, a)
+            pairs.append({"prompt": data.format_prompt(instruction), "chosen": data.format_completion(w["output"]),
+                          "rejected": data.format_completion(l["output"]),
+                          "score_chosen": w["score"], "score_rejected": l["score"]})
+    return pairs
+
+
+def load_pairs(args):
+    """-> (train pairs, held-out pairs)."""
+    if args.data == "world":
+        pairs = world_pairs(args.world_seed)
+    elif not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
+        raise data.UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`, "
+                             f"or train on the world's review pairs with --data world")
+    else:
+        pairs = data.load_preference_pairs(args.data)
+    val_path = args.val_data
+    if val_path is None and args.data.endswith("train.jsonl"):
+        sibling = args.data[:-len("train.jsonl")] + "val.jsonl"
+        val_path = sibling if os.path.exists(sibling) else None
+    if val_path:
+        return pairs, data.load_preference_pairs(val_path)
+    n_val = int(len(pairs) * args.val_fraction)
+    return pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
+
+
+def tokenize_pairs(pairs, enc, block_size, source):
+    """Prompt and answers are encoded separately and joined as ids: (x, y_w + [EOS], y_l + [EOS])."""
+    out = []
+    for i, pair in enumerate(pairs):
+        where = f"{source}: pair {i + 1}"
+        x, y_w = data.encode_example(enc, pair["prompt"], pair["chosen"], block_size, where)
+        _, y_l = data.encode_example(enc, pair["prompt"], pair["rejected"], block_size, where)
+        out.append((x, y_w, y_l))
+    return out
+
+
+def pair_batch(pairs, pad):
+    """One padded batch: rows 0..B-1 are x + y_w, rows B..2B-1 are x + y_l (data.completion_batch)."""
+    prompts = [x for x, _, _ in pairs] * 2
+    return data.completion_batch(prompts, [y for _, y, _ in pairs] + [y for _, _, y in pairs], pad)
+
+
+def step_indices(n, per_step, seed, step):
+    """The pairs of optimizer step `step`: a slice of the permutation of epoch step // steps_per_epoch,
+    a pure function of (seed, step), so --resume continues with the very same batches."""
+    steps_per_epoch = n // per_step
+    epoch, k = divmod(step, steps_per_epoch)
+    return np.random.default_rng([seed, epoch]).permutation(n)[k * per_step:(k + 1) * per_step]
+
+
+# ----------------------------------------------------------------------------- policy and reference
+
+def frozen_copy(model):
+    """The reference pi_ref: the same weights and dtype, eval mode, no gradient, never updated."""
+    ref = GPT(model.config).to(next(model.parameters()).device, next(model.parameters()).dtype)
+    ref.load_state_dict(model.state_dict())
+    return ref.eval().requires_grad_(False)
+
+
+def pair_logps(model, batch):
+    """(log pi(y_w|x), log pi(y_l|x)), each the sum over the answer's tokens of log p(y_t | x, y_<t):
+    the log of the guide's product pi(y|x) = p(y1|x) * p(y2|x,y<2) * ... * p(yn|x,y<n)."""
+    logps = completion_logprobs(model, batch).sum(-1)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(ref, pairs, pad, batch_size, device, autocast):
+    """(N, 2) table of log pi_ref(y_w|x), log pi_ref(y_l|x), computed once before training."""
+    rows = []
+    for i in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in pair_batch(pairs[i:i + batch_size], pad).items()}
+        with autocast():
+            rows.append(torch.stack(pair_logps(ref, batch), -1).float())
+    return torch.cat(rows) if rows else torch.zeros(0, 2, device=device)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, beta, label_smoothing=0.0,
+             loss_type="sigmoid"):
+    """DPO: L = -mean log sigmoid(beta * log(pi(y_w|x) / pi_ref(y_w|x)) - beta * log(pi(y_l|x) / pi_ref(y_l|x))).
+
+    With h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)):
+      sigmoid: L = -mean[(1 - eps) * log sigmoid(beta * h) + eps * log sigmoid(-beta * h)]
+               (eps = label_smoothing, the share of labels assumed flipped: conservative DPO; eps = 0 is DPO)
+      ipo:     L = mean[(1 - eps) * (h - 1 / (2 * beta))^2 + eps * (h + 1 / (2 * beta))^2]
+    dL/dlog pi(y_w|x) = -beta * sigmoid(-beta * h) for eps = 0: the push is strong while the policy
+    still prefers y_l more than the reference does, and fades as it learns.
+    Returns (L, rewards_chosen, rewards_rejected), the implicit rewards beta * log(pi(y|x) / pi_ref(y|x))."""
+    rewards_chosen = beta * (logp_chosen - ref_logp_chosen)
+    rewards_rejected = beta * (logp_rejected - ref_logp_rejected)
+    h = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (1 - eps) * (h - 1 / (2 * beta)) ** 2 + eps * (h + 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses.mean(), rewards_chosen.detach(), rewards_rejected.detach()
+
+
+def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected):
+    """What DPO runs log: mean implicit rewards, how often chosen out-rewards rejected, the margin, log-probs."""
+    return {"rewards/chosen": rewards_chosen.mean().item(), "rewards/rejected": rewards_rejected.mean().item(),
+            "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
+            "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
+            "logps/chosen": logp_chosen.detach().mean().item(), "logps/rejected": logp_rejected.detach().mean().item()}
+
+
+# ----------------------------------------------------------------------------- the exact check
+
+def toy_policy_logps(theta1, theta2):
+    """Answers y = (y1, y2) over two tokens {a, b}: aa, ab, ba, bb. A tabular autoregressive policy
+    log pi(y) = log softmax(theta1)[y1] + log softmax(theta2[y1])[y2] (a sum of token log-probs, as for the GPT)."""
+    return (F.log_softmax(theta1, -1)[:, None] + F.log_softmax(theta2, -1)).reshape(-1)
+
+
+def toy_exact_check(beta=0.5, n_pairs=0, steps=3000, seed=0):
+    """DPO on a toy problem whose optimum is known. Reward r of the four answers is known; pairs (i, j) are
+    drawn uniformly and labelled by Bradley-Terry, P(y_i preferred to y_j) = sigmoid(r_i - r_j). n_pairs = 0
+    minimises the expected (population) loss, mean over pairs i < j of
+    p_ij * l(i > j) + (1 - p_ij) * l(j > i) with p_ij = sigmoid(r_i - r_j): label smoothing eps = 1 - p_ij.
+    Its minimiser is beta * h_ij = r_i - r_j for every pair, i.e. pi* = pi_ref * exp(r / beta) / Z exactly
+    (no noise); with n_pairs sampled hard labels the optimum is close to it.
+    Returns (pi_ref, r, pi*, pi_dpo) as float64 tensors."""
+    g = torch.Generator().manual_seed(seed)
+    theta1_ref, theta2_ref = torch.randn(2, generator=g, dtype=torch.float64), \
+        torch.randn(2, 2, generator=g, dtype=torch.float64)
+    r = torch.tensor([1.0, 0.2, -0.5, 0.4], dtype=torch.float64)
+    ref_logps = toy_policy_logps(theta1_ref, theta2_ref)
+    pi_star = torch.softmax(ref_logps + r / beta, 0)  # the closed form pi_ref * exp(r / beta) / Z
+    i, j = torch.triu_indices(4, 4, 1)
+    if n_pairs:  # sampled preferences: chosen = i with probability sigmoid(r_i - r_j)
+        k = torch.randint(len(i), (n_pairs,), generator=g)
+        flip = torch.rand(n_pairs, generator=g, dtype=torch.float64) > torch.sigmoid(r[i[k]] - r[j[k]])
+        chosen, rejected, eps = torch.where(flip, j[k], i[k]), torch.where(flip, i[k], j[k]), 0.0
+    else:
+        chosen, rejected, eps = i, j, 1 - torch.sigmoid(r[i] - r[j])
+    theta1, theta2 = theta1_ref.clone().requires_grad_(), theta2_ref.clone().requires_grad_()
+    opt = torch.optim.LBFGS([theta1, theta2], lr=1, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logps = toy_policy_logps(theta1, theta2)
+        loss = dpo_loss(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected], beta, eps)[0]
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return ref_logps.exp(), r, pi_star, toy_policy_logps(theta1, theta2).exp()
+
+
+def toy_report():
+    print("DPO on a tabular policy over the answers aa ab ba bb; preferences from Bradley-Terry with reward r;\n"
+          "closed form pi* = pi_ref * exp(r / beta) / Z")
+    out = {}
+    for beta in (1.0, 0.5):
+        for n_pairs in (0, 20000):
+            pi_ref, r, pi_star, pi = toy_exact_check(beta, n_pairs)
+            tv = 0.5 * (pi - pi_star).abs().sum().item()
+            name = "expected data" if n_pairs == 0 else f"{n_pairs} sampled pairs"
+            print(f"\nbeta {beta}, {name}: total variation |pi_DPO - pi*| = {tv:.2e}")
+            print("answer   r      pi_ref   pi*      pi_DPO")
+            for k, y in enumerate(("aa", "ab", "ba", "bb")):
+                print(f"{y:6s} {r[k]:5.2f}   {pi_ref[k]:.4f}   {pi_star[k]:.4f}   {pi[k]:.4f}")
+            out[f"tv_beta{beta}_{'expected' if n_pairs == 0 else n_pairs}"] = tv
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.toy:
+        return toy_report()
+    t0 = time.time()
+    ctx = setup(args)
+    if args.grad_accum % ctx.world:
+        raise data.UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
+    accum = args.grad_accum // ctx.world
+    os.makedirs(args.out, exist_ok=True)
+
+    # the policy pi_theta (trained) and the frozen reference pi_ref
+    policy, enc, _ = load_checkpoint(args.init, hint="python sft.py")
+    if os.path.abspath(args.ref) == os.path.abspath(args.init):
+        ref = frozen_copy(policy)
+    else:
+        ref, ref_enc, _ = load_checkpoint(args.ref, hint="python sft.py")
+        check_same_tokenizer(enc, ref_enc, f"--init {args.init}", f"--ref {args.ref}")
+        ref.eval().requires_grad_(False)
+    policy.to(ctx.device), ref.to(ctx.device)
+    pad = pad_id(enc)
+
+    # preference pairs
+    train_pairs, val_pairs = load_pairs(args)
+    train = tokenize_pairs(train_pairs, enc, policy.config.block_size, args.data)
+    val = tokenize_pairs(val_pairs, enc, policy.config.block_size, args.val_data or args.data)
+    per_step = args.batch_size * args.grad_accum
+    if len(train) < per_step:
+        raise data.UserError(f"{args.data}: {len(train)} training pairs, fewer than one step of {per_step} "
+                             f"(--batch-size x --grad-accum); add pairs or lower --batch-size")
+    max_iters = args.max_iters or args.epochs * (len(train) // per_step)
+    if ctx.master:
+        scored = [p for p in train_pairs if "score_chosen" in p]
+        gap = sum(p["score_chosen"] - p["score_rejected"] for p in scored) / max(1, len(scored))
+        print(f"pairs: {len(train)} train / {len(val)} held-out" + (f", mean score gap {gap:.3f}" if scored else "")
+              + f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters")
+    ref_train = ref_val = None
+    if args.precompute_ref:
+        ref_train = reference_logps(ref, train, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
+        ref_val = reference_logps(ref, val, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
+
+    def pairs_loss(model, pairs, idx, ref_table):
+        """DPO loss and stats of the pairs idx: chosen and rejected in one forward of the model."""
+        batch = {k: v.to(ctx.device) for k, v in pair_batch([pairs[i] for i in idx], pad).items()}
+        with ctx.autocast():
+            logp_chosen, logp_rejected = pair_logps(model, batch)
+            if ref_table is not None:
+                ref_logp_chosen, ref_logp_rejected = ref_table[torch.as_tensor(idx)].unbind(-1)
+            else:
+                with torch.no_grad():
+                    ref_logp_chosen, ref_logp_rejected = pair_logps(ref, batch)
+        loss, rewards_chosen, rewards_rejected = dpo_loss(
+            logp_chosen.float(), logp_rejected.float(), ref_logp_chosen.float(), ref_logp_rejected.float(),
+            args.beta, args.label_smoothing, args.loss_type)
+        return loss, preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected)
+
+    @torch.no_grad()
+    def evaluate():
+        """Loss, reward accuracy and margin on the held-out pairs."""
+        policy.eval()
+        sums, n = {}, 0
+        for i in range(0, len(val), 2 * args.batch_size):
+            idx = list(range(i, min(i + 2 * args.batch_size, len(val))))
+            loss, stats = pairs_loss(policy, val, idx, ref_val)
+            for k, v in {"loss": loss.item(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            n += len(idx)
+        policy.train()
+        return {"eval_loss": sums["loss"] / n, "eval_accuracy": sums["rewards/accuracies"] / n,
+                "eval_margin": sums["rewards/margins"] / n} if n else {}
+
+    # optimizer, resume, loop
+    optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
+    start = 0
+    if args.resume:
+        start, _ = load_train_state(args.out, policy, optimizer)
+    train_model = wrap_model(policy, ctx)
+    policy.train()
+    stop = StopFlag()
+    log = MetricsLog(args.out, max_iters, ctx.master, resume=args.resume)
+
+    def save(step, metrics):
+        if ctx.master:
+            save_train_state(args.out, policy, optimizer, step)
+            save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": step,
+                                                    "metrics": metrics})
+
+    sums, n_logged, t_last = {}, 0, time.time()
+    for step in range(start, max_iters):
+        lr = lr_at(step, args.lr, args.warmup, max_iters, args.min_lr)
+        set_lr(optimizer, lr)
+        idx = step_indices(len(train), per_step, args.seed, step)
+        for micro in range(accum):
+            k = ctx.rank + ctx.world * micro
+            sync = ctx.ddp and micro < accum - 1
+            with train_model.no_sync() if sync else contextlib.nullcontext():
+                loss, stats = pairs_loss(train_model, train, idx[k * args.batch_size:(k + 1) * args.batch_size],
+                                         ref_train)
+                (loss / accum).backward()
+            for key, v in {"loss": loss.item(), **stats}.items():
+                sums[key] = sums.get(key, 0.0) + v / accum
+        check_finite(loss, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done, n_logged = step + 1, n_logged + 1
+        if done % args.log_interval == 0 or done == max_iters:
+            means = {k: all_reduce_mean(torch.tensor(v / n_logged), ctx).item() for k, v in sums.items()}
+            dt, t_last = time.time() - t_last, time.time()
+            log.log(done, **means, grad_norm=grad_norm.item(), lr=lr,
+                    pairs_per_s=round(per_step * n_logged / max(dt, 1e-9), 1))
+            sums, n_logged = {}, 0
+        if val and done % args.eval_interval == 0 and done < max_iters:
+            ev = evaluate()
+            log.log(done, **ev)
+            save(done, ev)
+        if stop.requested or done == args.stop_at:
+            save(done, {})
+            print(f"stopped at step {done}; continue with: python dpo.py --resume --out {args.out}")
+            return
+
+    # final evaluation: held-out pairs, then the gold judge on held-out prompts, policy vs reference
+    metrics = {"train_loss": loss.item() if max_iters > start else float("nan"), **(evaluate() if val else {})}
+    samples = []
+    if ctx.master and args.eval_prompts != "none":
+        if args.eval_prompts == "review":
+            tests = data.task_sets(data.make_world(args.world_seed))["review"]["test"]
+            prompts = [data.format_prompt(e["instruction"], e["input"]) for e in tests]
+        else:
+            prompts = data.load_prompts(args.eval_prompts)
+        prompts = prompts[:args.eval_limit] if args.eval_limit else prompts
+        policy.eval()
+        with ctx.autocast():
+            al = alignment_eval(policy, ref, enc, prompts, data.sentiment_score, args.max_new_tokens, seed=args.seed)
+        samples = al.pop("samples")
+        metrics.update(al)
+    metrics["time_s"] = round(time.time() - t0, 1)
+    if ctx.master:
+        for s in samples[:3]:
+            print(f"sample ({s['score']:+.2f}): {s['completion']}")
+        save_train_state(args.out, policy, optimizer, max_iters)
+        save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": max_iters,
+                                                "metrics": metrics, "samples": samples})
+        print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)
