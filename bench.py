@@ -1,0 +1,580 @@
+"""Benchmarks: training throughput and MFU, KV-cached sampling, the cost of DPO and PPO steps, memory.
+
+    python bench.py                                    # 4 layers, 4 heads, 256 wide, ctx 256, vocab 4096, batch 8
+    python bench.py --vs hf                            # + Hugging Face GPT2LMHeadModel, same config, side by side
+    python bench.py --preset gpt2 --device cuda --compile --json out/bench/gpt2.json   # GPT-2 124M on a GPU
+    python bench.py --only train,sample --repeats 7    # some sections, more repeats
+
+Everything runs the project's own pieces: gpt.GPT, gpt.cross_entropy_loss, gpt.generate,
+gpt.completion_logprobs, data.completion_batch, training.setup / make_optimizer / wrap_model
+(so on CUDA: bf16 autocast, TF32, fused AdamW, torch.compile by default), lora.inject_lora and
+quant4.quantize_model. Models are randomly initialised: speed and memory do not depend on the
+weights, and sampling always runs the full length (no EOS can stop it).
+
+Timing: warm-up first, then `--repeats` timed runs; with --vs hf the two models alternate run
+by run (and swap order every repeat) so a noisy shared machine slows both alike; figures are
+medians. Speed lives here, never in tests.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from gpt import GPT, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
+from training import make_optimizer, run_cli, setup, wrap_model
+
+PRESETS = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)}
+# dense bf16 peak of one GPU (tensor cores, no sparsity), in FLOP/s; matched against the device name
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SECTIONS = ("train", "sample", "rl", "memory")
+NO_EOS = -1  # an id no model emits: every sample runs its full length
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["none", *PRESETS], default="none", help="gpt2 = GPT-2 124M (12/12/768, ctx 1024, vocab 50257); overrides the shape options")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    p.add_argument("--vs", choices=["none", "hf"], default="none", help="hf: also time transformers' GPT2LMHeadModel")
+    p.add_argument("--steps", type=int, default=3, help="training steps per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s for MFU (default: known GPUs; CPU: n/a)")
+    p.add_argument("--new-tokens", default="128,240", help="sampling lengths")
+    p.add_argument("--sample-batches", default="1,16", help="sampling batch sizes")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens for sampling")
+    p.add_argument("--sample-repeats", type=int, default=3, help="timed runs per sampling figure")
+    p.add_argument("--rl-prompt-len", type=int, default=32)
+    p.add_argument("--rl-completion-len", type=int, default=64)
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--ppo-minibatches", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--json", default="", help="write every figure to this JSON file")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training models (default: on for CUDA, off elsewhere)")
+    args = p.parse_args(argv)
+    if args.preset != "none":
+        for k, v in PRESETS[args.preset].items():
+            setattr(args, k.replace("-", "_"), v)
+    bad = set(args.only.split(",")) - set(SECTIONS)
+    if bad:
+        raise data.UserError(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    return args
+
+
+# ----------------------------------------------------------------------------- FLOPs and timing
+
+def flops_per_token(n_params, n_layer, n_head, head_dim, context):
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu):
+    6N + 12 * L * H * Q * T, with N the non-embedding parameters (forward 2N + backward 4N for the
+    matmuls with weights) and 12*L*H*Q*T for attention's two T-long matmuls per layer (QK^T and AV,
+    2 FLOPs per multiply-add, times 3 for forward + backward)."""
+    return 6 * n_params + 12 * n_layer * n_head * head_dim * context
+
+
+def mfu(tokens_per_s, flops_per_tok, peak):
+    """Model FLOPs utilisation = achieved FLOP/s / peak FLOP/s (None when the peak is unknown)."""
+    return tokens_per_s * flops_per_tok / peak if peak else None
+
+
+def device_peak_flops(device, override=0.0):
+    if override:
+        return override
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def interleaved(runs, repeats, warmup, device):
+    """{name: fn} -> {name: [seconds per run]}: warm-up runs, then the runs alternate, order swapped
+    each repeat, so a slow moment of a shared machine falls on every contender alike."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ----------------------------------------------------------------------------- models
+
+def gpt_config(args):
+    return GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+
+
+def hf_model_from(model):
+    """transformers' GPT2LMHeadModel with the same config and weights as our GPT (its Conv1D layers store
+    W transposed), or None when transformers is not installed. Same weights -> same logits."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    c = model.config
+    hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                        n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                        activation_function="gelu_new", bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf_cfg._attn_implementation = "sdpa"
+    hf = GPT2LMHeadModel(hf_cfg)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    sd = {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all(not k.endswith(".weight") or k == "lm_head.weight" for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf.to(next(model.parameters()).device)
+
+
+def ours_logits(model, x):
+    return model(x)
+
+
+def hf_logits(model, x):
+    return model(input_ids=x, use_cache=False).logits
+
+
+# ----------------------------------------------------------------------------- 1. training throughput
+
+def train_step_fn(model, logits_fn, x, y, ctx):
+    """One optimizer step of next-token training, as pretrain.py does it: autocast forward,
+    cross_entropy_loss, backward, clip, AdamW (fused on CUDA)."""
+    optimizer = make_optimizer(model, 1e-4, ctx=ctx)
+    run_model = wrap_model(model, ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with ctx.autocast():
+            loss = cross_entropy_loss(logits_fn(run_model, x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def bench_train(args, ctx, model, hf=None):
+    """Tokens per second of full training steps (median over repeats) and MFU; with hf, the same for
+    GPT2LMHeadModel, interleaved."""
+    g = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(ctx.device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    steps = {"ours": train_step_fn(model, ours_logits, x, y, ctx)}
+    if hf is not None:
+        steps["hf"] = train_step_fn(hf, hf_logits, x, y, ctx)
+    runs = {name: (lambda s=s: [s() for _ in range(args.steps)]) for name, s in steps.items()}
+    times = interleaved(runs, args.repeats, args.warmup, ctx.device)
+    c = model.config
+    fpt = flops_per_token(model.num_params(), c.n_layer, c.n_head, c.n_embd // c.n_head, c.block_size)
+    peak = device_peak_flops(ctx.device, args.peak_flops)
+    tok = args.batch_size * args.block_size * args.steps
+    out = {"flops_per_token": fpt, "peak_flops": peak, "tokens_per_step": args.batch_size * args.block_size,
+           "non_embedding_params": model.num_params()}
+    for name, ts in times.items():
+        tps = tok / median(ts)
+        out[name] = {"tokens_per_s": tps, "step_ms": 1e3 * median(ts) / args.steps, "mfu": mfu(tps, fpt, peak),
+                     "runs_tokens_per_s": [tok / t for t in ts]}
+    if "hf" in out:
+        out["ours_over_hf"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. sampling
+
+def sample_prompts(batch, length, vocab, seed):
+    """Random prompts, lengths length, length-1, ... (so batched rows are left-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (max(1, length - b % 4),), generator=g).tolist() for b in range(batch)]
+
+
+def hf_generate(hf, prompts, new_tokens, use_cache):
+    P = max(len(p) for p in prompts)
+    device = next(hf.parameters()).device
+    ids = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, use_cache=use_cache, pad_token_id=0)
+    return out[:, P:].tolist()
+
+
+def bench_sample(args, ctx, model, hf=None):
+    """Greedy sampling tokens/s with and without the KV cache, for each batch size and length;
+    checks cached == recompute token for token (and reports agreement with HF's greedy tokens)."""
+    model.eval()
+    rows = []
+    for B in [int(b) for b in args.sample_batches.split(",")]:
+        for n in [int(n) for n in args.new_tokens.split(",")]:
+            if args.prompt_len + n > args.block_size:
+                raise data.UserError(f"--prompt-len {args.prompt_len} + {n} new tokens exceed the context {args.block_size}")
+            prompts = sample_prompts(B, args.prompt_len, args.vocab_size, args.seed + B)
+            outs = {}
+
+            def ours(use_cache):
+                def run():
+                    outs[("ours", use_cache)] = generate(model, prompts, n, eos_id=NO_EOS, pad_id=0, greedy=True,
+                                                         use_cache=use_cache)
+                return run
+            runs = {"ours_cache": ours(True), "ours_recompute": ours(False)}
+            if hf is not None:
+                def hfrun(use_cache):
+                    def run():
+                        outs[("hf", use_cache)] = hf_generate(hf, prompts, n, use_cache)
+                    return run
+                runs |= {"hf_cache": hfrun(True), "hf_recompute": hfrun(False)}
+            times = interleaved(runs, args.sample_repeats, 1, ctx.device)
+            row = {"batch": B, "new_tokens": n, "prompt_len": args.prompt_len}
+            for name, ts in times.items():
+                row[f"{name}_tokens_per_s"] = B * n / median(ts)
+            row["cache_speedup"] = row["ours_cache_tokens_per_s"] / row["ours_recompute_tokens_per_s"]
+            row["identical"] = outs[("ours", True)] == outs[("ours", False)]
+            if hf is not None:
+                row["hf_cache_speedup"] = row["hf_cache_tokens_per_s"] / row["hf_recompute_tokens_per_s"]
+                row["ours_over_hf_cache"] = row["ours_cache_tokens_per_s"] / row["hf_cache_tokens_per_s"]
+                mine, theirs = outs[("ours", True)], outs[("hf", True)]
+                row["hf_token_agreement"] = sum(a == b for r, s in zip(mine, theirs) for a, b in zip(r, s)) / (B * n)
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. DPO and PPO against SFT
+
+def dpo_loss_for_cost(pc, pr, rc, rr, beta=0.1):
+    """The DPO objective (timed here only; dpo.py owns the real one):
+    L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])."""
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+
+
+def ppo_loss_for_cost(logp, old_logp, adv, values, returns, mask, clip=0.2):
+    """PPO's clipped surrogate + value loss (timed here only; ppo.py owns the real one):
+    L = -min(r A, clip(r, 1-eps, 1+eps) A) + 0.5 (V - R)^2, r = exp(log pi - log pi_old), mean over completion tokens."""
+    ratio = torch.exp(logp - old_logp)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    vf = 0.5 * (values - returns) ** 2
+    return ((pg + vf) * mask).sum() / mask.sum()
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def slice_batch(batch, rows):
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def bench_rl(args, ctx):
+    """Seconds per SFT step, DPO step and PPO iteration on the same rows (B prompts of --rl-prompt-len
+    tokens, completions of --rl-completion-len), and the share of PPO's time spent generating."""
+    torch.manual_seed(args.seed)
+    cfg = gpt_config(args)
+    policy = GPT(cfg).to(ctx.device)
+    value_head = nn.Linear(cfg.n_embd, 1).to(ctx.device)    # shared-trunk critic
+    actor_critic = nn.ModuleDict({"policy": policy, "value": value_head})
+    ref = GPT(cfg).to(ctx.device).eval().requires_grad_(False)
+    reward_trunk = GPT(cfg).to(ctx.device).eval().requires_grad_(False)
+    reward_head = nn.Linear(cfg.n_embd, 1).to(ctx.device).requires_grad_(False)
+    optimizer = make_optimizer(actor_critic, 1e-5, ctx=ctx)
+    B, P, C = args.batch_size, args.rl_prompt_len, args.rl_completion_len
+    if P + C > cfg.block_size:
+        raise data.UserError(f"--rl-prompt-len {P} + --rl-completion-len {C} exceed the context {cfg.block_size}")
+    g = torch.Generator().manual_seed(args.seed)
+    rand = lambda n: torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [rand(P - b % 4) for b in range(B)]
+    chosen, rejected = [rand(C - b % 3) for b in range(B)], [rand(C - b % 5) for b in range(B)]
+    sft_batch = to_device(data.completion_batch(prompts, chosen, pad_id=0), ctx.device)
+    pair_batch = to_device(data.completion_batch(prompts + prompts, chosen + rejected, pad_id=0), ctx.device)
+
+    def update(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(actor_critic.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sft_step():
+        with ctx.autocast():
+            loss = cross_entropy_loss(policy(sft_batch["input_ids"], sft_batch["attention_mask"],
+                                             sft_batch["position_ids"]), sft_batch["targets"])
+        update(loss)
+
+    def dpo_step():
+        with ctx.autocast():
+            with torch.no_grad():
+                ref_lp = completion_logprobs(ref, pair_batch).sum(-1)
+            lp = completion_logprobs(policy, pair_batch).sum(-1)
+            loss = dpo_loss_for_cost(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:])
+        update(loss)
+
+    gen_time = []
+
+    def ppo_iteration():
+        sync(ctx.device)
+        t = time.perf_counter()
+        with ctx.autocast():
+            completions = generate(policy, prompts, C, eos_id=NO_EOS, pad_id=0, temperature=1.0,
+                                   generator=torch.Generator(device=ctx.device).manual_seed(args.seed))
+        sync(ctx.device)
+        gen_time.append(time.perf_counter() - t)
+        policy.train()
+        batch = to_device(data.completion_batch(prompts, completions, pad_id=0), ctx.device)
+        args3 = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        mask = (batch["targets"] != -1).float()
+        with torch.no_grad(), ctx.autocast():
+            h = policy.hidden_states(*args3)
+            old_lp = token_logprobs(policy.lm_head(h), batch["targets"])
+            values = value_head(h).squeeze(-1).float() * mask
+            ref_lp = completion_logprobs(ref, batch)
+            score = reward_head(reward_trunk.hidden_states(*args3)[torch.arange(B), batch["last_index"]]).squeeze(-1)
+            rewards = -0.05 * (old_lp - ref_lp) * mask            # per-token KL penalty
+            rewards[torch.arange(B), batch["last_index"] - 1] += score.float()
+            returns = rewards.flip(-1).cumsum(-1).flip(-1)        # gamma = lambda = 1
+            adv = returns - values
+        for _ in range(args.ppo_epochs):
+            for rows in torch.arange(B).chunk(args.ppo_minibatches):
+                mb = slice_batch(batch, rows)
+                with ctx.autocast():
+                    h = policy.hidden_states(mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+                    lp = token_logprobs(policy.lm_head(h), mb["targets"])
+                    loss = ppo_loss_for_cost(lp, old_lp[rows], adv[rows], value_head(h).squeeze(-1).float(),
+                                             returns[rows], mask[rows])
+                update(loss)
+
+    times = interleaved({"sft": sft_step, "dpo": dpo_step, "ppo": ppo_iteration}, args.repeats, args.warmup, ctx.device)
+    sft, dpo, ppo = (median(times[k]) for k in ("sft", "dpo", "ppo"))
+    gen = median(gen_time[args.warmup:])
+    return {"sft_step_s": sft, "dpo_step_s": dpo, "ppo_iteration_s": ppo, "dpo_over_sft": dpo / sft,
+            "ppo_over_sft": ppo / sft, "ppo_generation_s": gen, "ppo_generation_share": gen / ppo,
+            "rows": B, "prompt_len": P, "completion_len": C, "ppo_updates": args.ppo_epochs * args.ppo_minibatches}
+
+
+# ----------------------------------------------------------------------------- 4. memory
+
+def tensor_bytes(tensors):
+    """Bytes of distinct storages (a tied weight counts once)."""
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_bytes(optimizer):
+    return tensor_bytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def saved_activation_bytes(model, loss_fn):
+    """Bytes autograd keeps for the backward pass (every tensor saved by a forward op, distinct storages,
+    the model's own parameters and buffers excluded): the activation memory of one training step,
+    measured the same way on every device. Returns (loss, bytes)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return loss, sum(seen.values())
+
+
+def bench_memory(args, ctx):
+    """Full fine-tuning vs LoRA vs QLoRA (NF4 base + LoRA): parameter, gradient, optimizer and
+    activation bytes of one training step (eager, no torch.compile), peak CUDA memory on a GPU, and
+    tokens/s of the step."""
+    from lora import inject_lora
+    from quant4 import quantize_model
+    g = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(ctx.device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    cuda = ctx.cuda
+    out = {}
+    for mode in ("full", "lora", "qlora"):
+        torch.manual_seed(args.seed)
+        if cuda:
+            torch.cuda.empty_cache()
+        model = GPT(gpt_config(args))
+        if mode == "qlora":
+            quantize_model(model)
+        if mode != "full":
+            inject_lora(model, args.lora_r)
+        model.to(ctx.device).train()
+        optimizer = make_optimizer(model, 1e-4, ctx=ctx)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            before = torch.cuda.memory_allocated(ctx.device) if cuda else 0
+            with ctx.autocast():
+                loss, act = saved_activation_bytes(model, lambda: cross_entropy_loss(model(x), y))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            peak = torch.cuda.max_memory_allocated(ctx.device) - before if cuda else None
+            return act, peak
+        step()  # creates the optimizer state
+        times = interleaved({"step": step}, args.repeats, 0, ctx.device)["step"]
+        act, peak_step = step()
+        row = {"params_bytes": tensor_bytes([*model.parameters(), *model.buffers()]),
+               "trainable_params": sum(p.numel() for p in trainable),
+               "grad_bytes": tensor_bytes(trainable), "optimizer_bytes": optimizer_bytes(optimizer),
+               "activation_bytes_saved": act, "tokens_per_s": x.numel() / median(times)}
+        if cuda:
+            row["cuda_step_peak_over_state_bytes"] = peak_step
+            row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
+        out[mode] = row
+        del model, optimizer, trainable
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(v, unit=""):
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:,.3g}{unit}" if abs(v) < 100 else f"{v:,.0f}{unit}"
+    return f"{v:,}{unit}"
+
+
+def mib(n):
+    return None if n is None else n / 2 ** 20
+
+
+def table(title, header, rows):
+    cells = [header] + [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [f"\n{title}", "  ".join(h.rjust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+    print("\n".join(lines), flush=True)
+
+
+def machine(ctx):
+    m = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": ctx.device,
+         "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+         "platform": platform.platform()}
+    if ctx.cuda:
+        m["gpu"] = torch.cuda.get_device_name(ctx.device)
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = setup(args)
+    sections = args.only.split(",")
+    results = {"machine": machine(ctx), "config": {k: getattr(args, k) for k in
+               ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size")}, "args": vars(args)}
+    cfg = results["config"]
+    print(f"bench: {cfg} on {results['machine'].get('gpu', ctx.device)}, {torch.get_num_threads()} CPU threads, "
+          f"compile {ctx.compile}, {results['machine']['date_utc']} UTC", flush=True)
+    torch.manual_seed(args.seed)
+    model = GPT(gpt_config(args)).to(ctx.device)
+    hf = None
+    if args.vs == "hf" and {"train", "sample"} & set(sections):
+        hf = hf_model_from(model)
+        if hf is None:
+            print("--vs hf: transformers is not installed (pip install transformers); HF columns skipped")
+            results["hf"] = "transformers not installed"
+        else:
+            import transformers
+            results["machine"]["transformers"] = transformers.__version__
+
+    if "sample" in sections:  # before training touches the weights, so ours and HF's stay equal
+        rows = results["sample"] = bench_sample(args, ctx, model, hf)
+        hdr = ["batch", "new", "cached tok/s", "recompute tok/s", "speedup", "identical"]
+        if hf is not None:
+            hdr += ["HF cached tok/s", "HF recompute tok/s", "HF speedup", "ours/HF cached", "= HF tokens"]
+        table("greedy sampling (gpt.generate, KV cache vs full recompute)", hdr,
+              [[r["batch"], r["new_tokens"], r["ours_cache_tokens_per_s"], r["ours_recompute_tokens_per_s"],
+                r["cache_speedup"], r["identical"]] + ([r["hf_cache_tokens_per_s"], r["hf_recompute_tokens_per_s"],
+                r["hf_cache_speedup"], r["ours_over_hf_cache"], f"{100 * r['hf_token_agreement']:.0f}%"] if hf else [])
+               for r in rows])
+        if not all(r["identical"] for r in rows):
+            raise AssertionError("KV-cached and recomputed greedy samples differ")
+
+    if "train" in sections:
+        tr = results["train"] = bench_train(args, ctx, model, hf)
+        table(f"training throughput (batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps per run, "
+              f"median of {args.repeats}; FLOPs/token = 6N + 12LHQT = {tr['flops_per_token']:,})",
+              ["model", "tokens/s", "ms/step", "MFU"],
+              [[name, tr[name]["tokens_per_s"], tr[name]["step_ms"],
+                "n/a (no peak known; --peak-flops)" if tr[name]["mfu"] is None else f"{100 * tr[name]['mfu']:.1f}%"]
+               for name in ("ours", "hf") if name in tr])
+        if "ours_over_hf" in tr:
+            print(f"ours / HF training tokens/s: {tr['ours_over_hf']:.3f}")
+
+    if "rl" in sections:
+        rl = results["rl"] = bench_rl(args, ctx)
+        table(f"alignment step costs ({rl['rows']} prompts x {rl['prompt_len']} tokens, completions of "
+              f"{rl['completion_len']}; PPO: generate + ref/value/reward forwards + {rl['ppo_updates']} minibatch updates)",
+              ["step", "seconds", "x SFT step"],
+              [["SFT step", rl["sft_step_s"], 1.0], ["DPO step", rl["dpo_step_s"], rl["dpo_over_sft"]],
+               ["PPO iteration", rl["ppo_iteration_s"], rl["ppo_over_sft"]],
+               ["  of which generation", rl["ppo_generation_s"], rl["ppo_generation_s"] / rl["sft_step_s"]]])
+        print(f"PPO time spent generating: {100 * rl['ppo_generation_share']:.0f}%")
+
+    if "memory" in sections:
+        mem = results["memory"] = bench_memory(args, ctx)
+        hdr = ["mode", "trainable", "params MiB", "grads MiB", "AdamW MiB", "activations MiB", "tokens/s"]
+        if ctx.cuda:
+            hdr += ["CUDA peak MiB"]
+        table(f"memory per training step (batch {args.batch_size} x {args.block_size}; activations = tensors "
+              f"saved for backward; LoRA r={args.lora_r}, QLoRA = NF4 base + LoRA)", hdr,
+              [[m, r["trainable_params"], mib(r["params_bytes"]), mib(r["grad_bytes"]), mib(r["optimizer_bytes"]),
+                mib(r["activation_bytes_saved"]), r["tokens_per_s"]] + ([mib(r["cuda_peak_bytes"])] if ctx.cuda else [])
+               for m, r in mem.items()])
+        if not ctx.cuda:
+            print("(CPU: no peak-memory counter; activations are the bytes autograd saved, measured by hooks)")
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
