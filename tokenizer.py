@@ -169,10 +169,18 @@ def gpt2_tokenizer(model_dir=None):
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     if model_dir and all(os.path.exists(os.path.join(model_dir, f)) for f in ("vocab.json", "merges.txt")):
-        ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(model_dir, "merges.txt"),
-                                                os.path.join(model_dir, "vocab.json"))
-        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={EOS: len(ranks)})  # 50256 for GPT-2
+        files = tuple(os.path.join(model_dir, f) for f in ("merges.txt", "vocab.json"))
+        # tiktoken caches local files by path; passing their hashes makes a changed file be read again
+        hashes = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(*files, *hashes)
+        except (AssertionError, KeyError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{model_dir}: vocab.json and merges.txt are not a matching GPT-2 byte-level BPE "
+                            f"({type(e).__name__}); take both files from the same Hugging Face repository") from None
+        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                special_tokens={EOS: len(ranks)})  # 50256 for GPT-2
+        enc._hf_files = files  # gpt.save_checkpoint copies them beside every checkpoint made from this model
+        return enc
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
         os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
     cached = [os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest())) for u in GPT2_URLS]
