@@ -1,0 +1,505 @@
+"""Stage 7, RLHF with PPO (Proximal Policy Optimization): the policy samples answers to prompts, a frozen
+reward model scores them, a per-token KL penalty keeps the policy near the frozen reference, and the
+clipped surrogate objective moves it towards higher reward; a value head on the same trunk is the critic.
+
+    python ppo.py                               # policy = reference = out/sft, reward model out/reward
+    python ppo.py --kl-coef 0.2 --out out/ppo_kl0.2
+    python ppo.py --target-kl 6 --horizon 10000 # adaptive KL coefficient (Ziegler et al. 2019)
+    python ppo.py --reward gold                 # PPO against the gold judge (data.sentiment_score) itself
+    python ppo.py --prompts my_prompts.jsonl    # your prompts ('prompt', Alpaca fields or 'messages')
+    python ppo.py --toy                         # exact check: a tabular policy reaches pi_ref * exp(r / beta)
+
+One iteration: sample a completion for each of --rollout-batch prompts with the KV cache (left-padded
+prompts, so every completion starts in the same column); score it (reward model, or the gold judge);
+compute log pi_old, log pi_ref and V_old for every completion token in one forward each; build the
+per-token rewards r_t = -beta * KL_t, plus the score at the last token (or spread as r_T * gamma^(T-t));
+advantages by GAE, whitened; then --ppo-epochs passes over shuffled minibatches with the clipped
+policy loss + vf_coef * the clipped value loss. Padding after EOS gets no reward, advantage or loss.
+
+State s_t = prompt x + y_1..y_t, action a_t = the next token, reward from the frozen reward model for the
+whole completion. At the end the policy and the reference each answer held-out prompts (temperature 1)
+and the gold judge scores them: mean gold reward +- 95% interval, win rate, sequence KL, EOS rate.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from evals import alignment_eval, strip_eos
+from gpt import (GPT, atomic_save_safetensors, check_same_tokenizer, generate, load_checkpoint, read_safetensors,
+                 save_checkpoint, token_logprobs)
+from tokenizer import eos_id, pad_id
+from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at,
+                      make_optimizer, run_cli, save_train_state, set_lr, setup)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
+    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    p.add_argument("--reward", default="out/reward", help="frozen reward model (reward.py), or 'gold': "
+                   "PPO against the gold judge data.sentiment_score of the decoded text")
+    p.add_argument("--critic-init", choices=("zero", "reward"), default="zero",
+                   help="value head: zeros, or a copy of the reward model's scalar head")
+    p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train prompts)")
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    p.add_argument("--iters", type=int, default=40, help="PPO iterations (rollout + update)")
+    p.add_argument("--rollout-batch", type=int, default=32, help="prompts sampled per iteration")
+    p.add_argument("--minibatch", type=int, default=8, help="completions per optimizer step")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in every log-prob")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--min-lr", type=float, default=5e-5)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--kl-coef", type=float, default=0.05, help="beta of the KL penalty (initial value if adaptive)")
+    p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1",
+                   help="per-token KL: k1 = log pi - log pi_ref; k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi")
+    p.add_argument("--target-kl", type=float, default=0.0, help="adaptive beta aiming at this sequence KL (0 = fixed beta)")
+    p.add_argument("--horizon", type=int, default=10000, help="adaptive KL controller horizon, in samples")
+    p.add_argument("--reward-shape", choices=("terminal", "discounted"), default="terminal",
+                   help="score at the last token, or spread as r_t = r_T * gamma^(T - t) over all tokens")
+    p.add_argument("--shape-gamma", type=float, default=0.9, help="gamma of the discounted reward shape")
+    p.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of a completion "
+                   "that never emits EOS (0 = none)")
+    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
+    p.add_argument("--cliprange-value", type=float, default=0.2, help="value clip around the old values")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
+                   "test prompts, judged by data.sentiment_score), a prompts file, or 'none'")
+    p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this iteration")
+    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
+    add_common_args(p, out="out/ppo")
+    args = p.parse_args(argv)
+    args.ref = args.ref or args.init
+    if args.rollout_batch % args.minibatch:
+        raise data.UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
+    if args.kl_coef < 0 or args.temperature <= 0:
+        raise data.UserError("--kl-coef must be >= 0 and --temperature > 0")
+    if args.critic_init == "reward" and args.reward == "gold":
+        raise data.UserError("--critic-init reward needs a reward model, not --reward gold")
+    return args
+
+
+# ----------------------------------------------------------------------------- the equations
+
+def masked_mean(x, mask):
+    """Mean of x over real tokens: sum_t x_t * m_t / sum_t m_t (m may also be float weights)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+
+
+def whiten(x, mask, shift_mean=True):
+    """Whitening over real tokens: (x - mean) / sqrt(var + 1e-8), mean and (unbiased) var over mask = 1;
+    padding stays 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_per_token(logp, ref_logp, estimator="k1"):
+    """Per-token estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta:
+    k1 = log pi(a_t|s_t) - log pi_ref(a_t|s_t)  (unbiased, can be negative);
+    k3 = (rho - 1) - log rho with rho = pi_ref(a_t|s_t) / pi(a_t|s_t)  (unbiased, always >= 0)."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_rho = ref_logp - logp
+    return torch.expm1(log_rho) - log_rho
+
+
+def shape_reward(score, mask, shape="terminal", gamma=1.0):
+    """Puts the sequence score r_T on the completion tokens (B, T), T = the last real token:
+    terminal:   r_T at t = T, 0 elsewhere;
+    discounted: r_t = r_T * gamma^(T - t) for every real t (the guide's spread of the reward)."""
+    last = (mask.sum(-1).long() - 1).clamp(min=0)                     # completions are a prefix of the row
+    t = torch.arange(mask.size(-1), device=mask.device)[None, :]
+    if shape == "terminal":
+        out = (t == last[:, None]).to(score.dtype) * score[:, None]
+    else:
+        out = score[:, None] * gamma ** (last[:, None] - t).clamp(min=0).to(score.dtype)
+    return out * mask
+
+
+def kl_penalty_rewards(score, logp, ref_logp, mask, beta, estimator="k1", shape="terminal", gamma=1.0):
+    """R_total = RM(x, y) - beta * KL(pi_theta(.|x) || pi_ref(.|x)), per token:
+    r_t = shaped score_t - beta * KL_t, with KL_t = kl_per_token(log pi, log pi_ref), so that
+    sum_t r_t = RM(x, y) - beta * (log pi(y|x) - log pi_ref(y|x)) for the terminal shape and k1.
+    Returns (r, KL_t); both 0 on padding."""
+    kl = kl_per_token(logp, ref_logp, estimator) * mask
+    return shape_reward(score, mask, shape, gamma) - beta * kl, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized Advantage Estimation of A_t = Q(s_t, a_t) - V(s_t):
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)   (V = 0 after the last real token),
+    A_t = delta_t + gamma * lam * A_{t+1}  =  sum_l (gamma * lam)^l * delta_{t+l};
+    returns R_t = A_t + V(s_t), the value targets. rewards, values, mask: (B, T); 0 on padding."""
+    rewards, values = rewards * mask, values * mask
+    T = rewards.size(-1)
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv[:, t] = next_adv
+        next_value = values[:, t]
+    return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, cliprange=0.2):
+    """Clipped surrogate objective, as a loss to minimise, averaged over real tokens:
+    ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) = exp(log pi - log pi_old),
+    L = -mean_t min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t).
+    Returns (L, share of tokens clipped, approx KL(pi_old || pi) = mean 0.5 * (log ratio)^2)."""
+    log_ratio = torch.where(mask > 0, logp - old_logp, 0.0)          # padding: ratio 1, weight 0
+    ratio = torch.exp(log_ratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(loss1, loss2), mask)
+    clipfrac = masked_mean((loss2 > loss1).float(), mask)
+    return loss, clipfrac.detach(), masked_mean(0.5 * log_ratio ** 2, mask).detach()
+
+
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value=0.2):
+    """Clipped value loss: V_clip = V_old + clip(V - V_old, -eps_v, eps_v),
+    L_V = 0.5 * mean_t max((V - R_t)^2, (V_clip - R_t)^2). Returns (L_V, share clipped)."""
+    v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    l1, l2 = (values - returns) ** 2, (v_clip - returns) ** 2
+    return 0.5 * masked_mean(torch.max(l1, l2), mask), masked_mean((l2 > l1).float(), mask).detach()
+
+
+def adaptive_kl_coef(beta, kl, target, n_samples, horizon):
+    """Adaptive KL controller (Ziegler et al. 2019): e = clip(KL / KL_target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n_samples / horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_samples / horizon)
+
+
+# ----------------------------------------------------------------------------- actor-critic
+
+class ActorCritic(nn.Module):
+    """The policy pi_theta (the GPT and its LM head) and the value function V_phi (a scalar head on the
+    same final hidden states): one shared trunk, two heads."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.v_head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.v_head.weight), nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, batch, start, n, temperature=1.0):
+        """Per completion token t (columns start..start+n-1 predict it): (log pi(a_t|s_t), V(s_t))."""
+        h = self.gpt.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        h = h[:, start:start + n]
+        logp = token_logprobs(self.gpt.lm_head(h), batch["actions"], temperature)
+        return logp, self.v_head(h).squeeze(-1).float() * batch["mask"]
+
+
+def rollout_batch(prompts, completions, pad):
+    """Prompts left-padded to P, completions right-padded to T: row = [pad.. x | y pad..], so completion
+    token t sits in column P + t for every row and is predicted by column P - 1 + t.
+    actions = the completion tokens (-1 on padding), mask = 1 on real completion tokens."""
+    B, P, T = len(prompts), max(map(len, prompts)), max(1, max(map(len, completions)))
+    ids = torch.full((B, P + T), pad, dtype=torch.long)
+    real = torch.zeros(B, P + T, dtype=torch.bool)
+    for b, (x, y) in enumerate(zip(prompts, completions)):
+        ids[b, P - len(x):P + len(y)] = torch.tensor(list(x) + list(y))
+        real[b, P - len(x):P + len(y)] = True
+    mask = real[:, P:].float()
+    return {"input_ids": ids, "attention_mask": real, "position_ids": (real.long().cumsum(1) - 1).clamp(min=0),
+            "actions": torch.where(real[:, P:], ids[:, P:], -1), "mask": mask}, P - 1, T
+
+
+def frozen(model):
+    return model.eval().requires_grad_(False)
+
+
+def sequence_scores(reward, enc, prompts, completions, texts):
+    """Reward of each whole completion: the reward model's score at its last real token, or the gold judge."""
+    if reward is None:
+        return torch.tensor([data.sentiment_score(t) for t in texts], dtype=torch.float32)
+    from reward import reward_scores
+    return reward_scores(reward, enc, prompts, completions).float().cpu()
+
+
+@torch.no_grad()
+def make_rollout(policy, ref, reward, enc, prompts, args, generator, beta):
+    """Sample, score and evaluate one batch of completions; everything PPO needs, as tensors."""
+    policy.eval()
+    completions = generate(policy.gpt, prompts, args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                           temperature=args.temperature, generator=generator)
+    completions = [c if c else [eos_id(enc)] for c in completions]
+    texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
+    ended = torch.tensor([c[-1] == eos_id(enc) for c in completions])
+    score = sequence_scores(reward, enc, prompts, completions, texts)
+    score = score - args.no_eos_penalty * (~ended).float()
+    device = next(policy.parameters()).device
+    batch, start, n = rollout_batch(prompts, completions, pad_id(enc))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    old_logp, old_values = policy(batch, start, n, args.temperature)
+    h = ref.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
+    ref_logp = token_logprobs(ref.lm_head(h), batch["actions"], args.temperature)
+    mask = batch["mask"]
+    rewards, kl = kl_penalty_rewards(score.to(device), old_logp, ref_logp, mask, beta, args.kl_estimator,
+                                     args.reward_shape, args.shape_gamma)
+    adv, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+    policy.train()
+    return {"batch": batch, "start": start, "n": n, "old_logp": old_logp, "old_values": old_values,
+            "ref_logp": ref_logp, "advantages": whiten(adv, mask), "returns": returns, "mask": mask,
+            "score": score, "kl": kl.sum(-1), "ended": ended.float(), "texts": texts,
+            "gold": torch.tensor([data.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
+
+
+def ppo_update(policy, optimizer, ro, args, rng):
+    """--ppo-epochs passes over the rollout in shuffled minibatches of the clipped losses; mean stats."""
+    stats, B = {}, ro["mask"].size(0)
+    for _ in range(args.ppo_epochs):
+        order = rng.permutation(B)
+        for i in range(0, B, args.minibatch):
+            idx = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
+            mb = {k: v[idx] for k, v in ro["batch"].items()}
+            logp, values = policy(mb, ro["start"], ro["n"], args.temperature)
+            mask = ro["mask"][idx]
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, ro["old_logp"][idx], ro["advantages"][idx], mask,
+                                                           args.cliprange)
+            vf_loss, vf_clipfrac = ppo_value_loss(values, ro["old_values"][idx], ro["returns"][idx], mask,
+                                                  args.cliprange_value)
+            loss = pg_loss + args.vf_coef * vf_loss
+            check_finite(loss, len(stats))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
+                         ("vf_clipfrac", vf_clipfrac), ("grad_norm", grad_norm)):
+                stats.setdefault(k, []).append(v.item())
+            stats.setdefault("ratio_first", [math.exp((logp - ro["old_logp"][idx]).abs().max().item()) - 1])
+    return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------- the exact check
+
+TOY_Y1, TOY_Y2 = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+
+
+def toy_token_logps(theta1, theta2):
+    """Answers y = (y1, y2) over two tokens {a, b}: aa, ab, ba, bb. A tabular autoregressive policy:
+    per-token log pi(y1) = log softmax(theta1)[y1], log pi(y2|y1) = log softmax(theta2[y1])[y2]; (4, 2)."""
+    return torch.stack([F.log_softmax(theta1, -1)[TOY_Y1], F.log_softmax(theta2, -1)[TOY_Y1, TOY_Y2]], -1)
+
+
+def toy_exact_check(beta=0.5, iters=300, epochs=4, lr=2.0, seed=0):
+    """PPO with the per-token KL penalty on a problem small enough to enumerate: every expectation over
+    answers is the exact sum weighted by pi_old(y) (no sampling noise). The KL-regularised objective
+    E_pi[r] - beta * KL(pi || pi_ref) has its maximum at pi* = pi_ref * exp(r / beta) / Z; PPO's fixed point
+    (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*.
+    Returns (pi_ref, r, pi*, pi_ppo) as float64 tensors over aa, ab, ba, bb."""
+    g = torch.Generator().manual_seed(seed)
+    t1_ref, t2_ref = torch.randn(2, generator=g, dtype=torch.float64), torch.randn(2, 2, generator=g, dtype=torch.float64)
+    r = torch.tensor([1.0, 0.2, -0.5, 0.4], dtype=torch.float64)
+    ref_logp = toy_token_logps(t1_ref, t2_ref)
+    pi_star = torch.softmax(ref_logp.sum(-1) + r / beta, 0)
+    theta1, theta2 = t1_ref.clone().requires_grad_(), t2_ref.clone().requires_grad_()
+    v0, v1 = torch.zeros(1, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    values = lambda: torch.stack([v0.expand(4), v1[TOY_Y1]], -1)     # V(s_0 = x), V(s_1 = x + y1)
+    opt = torch.optim.SGD([theta1, theta2, v0, v1], lr=lr)
+    ones = torch.ones(4, 2, dtype=torch.float64)
+    for _ in range(iters):
+        with torch.no_grad():  # the "rollout": all four answers, weighted by pi_old
+            old_logp, old_values = toy_token_logps(theta1, theta2), values()
+            weight = old_logp.sum(-1).exp()[:, None] * ones
+            rewards, _ = kl_penalty_rewards(r, old_logp, ref_logp, ones, beta)
+            adv, returns = gae(rewards, old_values, ones, gamma=1.0, lam=1.0)
+        for _ in range(epochs):
+            pg, _, _ = ppo_policy_loss(toy_token_logps(theta1, theta2), old_logp, adv, weight, 0.2)
+            vf, _ = ppo_value_loss(values(), old_values, returns, weight, 0.2)
+            opt.zero_grad()
+            (pg + vf).backward()
+            opt.step()
+    with torch.no_grad():
+        return ref_logp.sum(-1).exp(), r, pi_star, toy_token_logps(theta1, theta2).sum(-1).exp()
+
+
+def toy_report():
+    print("PPO with a per-token KL penalty on a tabular policy over the answers aa ab ba bb (exact expectations);\n"
+          "closed form of the KL-regularised optimum: pi* = pi_ref * exp(r / beta) / Z")
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
+    for beta in (1.0, 0.5, 0.2):
+        pi_ref, r, pi_star, pi = toy_exact_check(beta)
+        err, kl = (pi - pi_star).abs().max().item(), (pi * (pi / pi_star).log()).sum().item()
+        print(f"\nbeta {beta}: max |pi_PPO - pi*| = {err:.2e}, KL(pi_PPO || pi*) = {kl:.2e}")
+        print("answer   r      pi_ref   pi*      pi_PPO")
+        for k, y in enumerate(("aa", "ab", "ba", "bb")):
+            print(f"{y:6s} {r[k]:5.2f}   {pi_ref[k]:.4f}   {pi_star[k]:.4f}   {pi[k]:.4f}")
+        out[f"max_err_beta{beta}"], out[f"kl_beta{beta}"] = err, kl
+    torch.set_num_threads(threads)
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+def value_head_from_reward(v_head, rm):
+    """--critic-init reward: V starts as the reward model's head, r = w . LayerNorm(h) + b, with the
+    LayerNorm's gain and shift folded into the linear layer (w' = w * g, b' = b + w . s); its normalisation is
+    dropped, as the policy's hidden states already come out of ln_f."""
+    with torch.no_grad():
+        w, g = rm.head.weight, rm.ln.weight
+        s = rm.ln.bias if rm.ln.bias is not None else torch.zeros_like(g)
+        v_head.weight.copy_(w * g)
+        v_head.bias.copy_(rm.head.bias + (w * s).sum(-1))
+
+
+def training_prompts(args, enc, block_size):
+    """-> prompt strings and token ids: --prompts FILE, or the world's review train prompts (deduplicated)."""
+    if args.prompts:
+        prompts, source = data.load_prompts(args.prompts), args.prompts
+    else:
+        tasks = data.task_sets(data.make_world(args.world_seed))["review"]["train"]
+        prompts, source = list(dict.fromkeys(data.format_prompt(e["instruction"], e["input"]) for e in tasks)), "review"
+    ids = [enc.encode_ordinary(p) for p in prompts]
+    for i, x in enumerate(ids):
+        if not x or len(x) >= block_size:
+            raise data.UserError(f"{source}: prompt {i + 1} has {len(x)} tokens; it needs 1 to {block_size - 1} "
+                                 f"(the model's context) to leave room for an answer")
+    if len(ids) < args.rollout_batch:
+        raise data.UserError(f"{source}: {len(ids)} prompts, fewer than one rollout of {args.rollout_batch}; "
+                             f"add prompts or lower --rollout-batch")
+    return prompts, ids
+
+
+def prompt_indices(n, per_iter, seed, it):
+    """The prompts of iteration `it`: a slice of epoch it // (n // per_iter)'s permutation, a pure function of
+    (seed, it), so --resume samples the very same prompts."""
+    epoch, k = divmod(it, n // per_iter)
+    return np.random.default_rng([seed, epoch]).permutation(n)[k * per_iter:(k + 1) * per_iter]
+
+
+def save_value_head(out_dir, v_head):
+    atomic_save_safetensors({"weight": v_head.weight, "bias": v_head.bias}, os.path.join(out_dir, "value_head.safetensors"))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.toy:
+        return toy_report()
+    t0 = time.time()
+    ctx = setup(args)
+    if ctx.ddp:
+        raise data.UserError("ppo.py runs in one process; start it with python, not torchrun")
+    os.makedirs(args.out, exist_ok=True)
+
+    # policy + value head (trained), reference and reward model (frozen)
+    gpt, enc, _ = load_checkpoint(args.init, hint="python sft.py")
+    if os.path.abspath(args.ref) == os.path.abspath(args.init):
+        ref = GPT(gpt.config)
+        ref.load_state_dict(gpt.state_dict())
+    else:
+        ref, ref_enc, _ = load_checkpoint(args.ref, hint="python sft.py")
+        check_same_tokenizer(enc, ref_enc, f"--init {args.init}", f"--ref {args.ref}")
+    ref = frozen(ref.to(ctx.device))
+    rm = None
+    if args.reward != "gold":
+        from reward import load_reward_model
+        rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
+        check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
+        rm = frozen(rm)
+    policy = ActorCritic(gpt)
+    if args.critic_init == "reward":
+        value_head_from_reward(policy.v_head, rm)
+    policy.to(ctx.device).train()
+    prompts, prompt_ids = training_prompts(args, enc, gpt.config.block_size)
+    print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
+          f"{'gold judge' if rm is None else args.reward}; model {gpt.num_params() / 1e6:.2f}M parameters")
+
+    optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
+    start, beta = 0, args.kl_coef
+    if args.resume:
+        start, extra = load_train_state(args.out, policy, optimizer)
+        beta = extra["kl_coef"]
+    stop = StopFlag()
+    log = MetricsLog(args.out, args.iters, resume=args.resume)
+
+    def save(it, metrics, samples=()):
+        save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta})
+        save_checkpoint(args.out, policy.gpt, enc, {"stage": "ppo", "args": vars(args), "step": it,
+                                                    "metrics": metrics, "samples": list(samples)})
+        save_value_head(args.out, policy.v_head)
+
+    t_last, sums, n_logged = time.time(), {}, 0
+    for it in range(start, args.iters):
+        lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
+        set_lr(optimizer, lr)
+        idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
+        gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
+        with ctx.autocast():
+            ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
+            stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]))
+        kl = ro["kl"].mean().item()
+        row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": kl, "beta": beta,
+               "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
+        for k, v in row.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_logged += 1
+        if args.target_kl:
+            beta = adaptive_kl_coef(beta, kl, args.target_kl, args.rollout_batch, args.horizon)
+        done = it + 1
+        if done % args.log_interval == 0 or done == args.iters:
+            dt, t_last = time.time() - t_last, time.time()
+            log.log(done, **{k: v / n_logged for k, v in sums.items()}, lr=lr,
+                    samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
+            print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
+            sums, n_logged = {}, 0
+        if stop.requested or done == args.stop_at:
+            save(done, {})
+            print(f"stopped at iteration {done}; continue with: python ppo.py --resume --out {args.out}")
+            return {"stopped_at": done, **row}
+
+    # final evaluation: the gold judge on held-out prompts, policy vs reference (the SFT model)
+    metrics = {f"train_{k}": v for k, v in row.items()} if args.iters > start else {}
+    metrics["kl_coef_final"] = beta
+    samples = []
+    if args.eval_prompts != "none":
+        if args.eval_prompts == "review":
+            tests = data.task_sets(data.make_world(args.world_seed))["review"]["test"]
+            eval_prompts = [data.format_prompt(e["instruction"], e["input"]) for e in tests]
+        else:
+            eval_prompts = data.load_prompts(args.eval_prompts)
+        eval_prompts = eval_prompts[:args.eval_limit] if args.eval_limit else eval_prompts
+        policy.eval()
+        with ctx.autocast():
+            al = alignment_eval(policy.gpt, ref, enc, eval_prompts, data.sentiment_score, args.max_new_tokens,
+                                seed=args.seed, return_completions=rm is not None)
+        if rm is not None:  # the reward model's view of the same samples
+            from reward import reward_scores
+            ids = [enc.encode_ordinary(p) for p in eval_prompts]
+            metrics["rm_reward"] = reward_scores(rm, enc, ids, al.pop("completions")).mean().item()
+        samples = al.pop("samples")
+        metrics.update(al)
+    metrics["time_s"] = round(time.time() - t0, 1)
+    for s in samples[:3]:
+        print(f"sample ({s['score']:+.2f}): {s['completion']}")
+    save(args.iters, metrics, samples)
+    print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
+
+if __name__ == "__main__":
+    run_cli(main)
