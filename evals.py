@@ -85,6 +85,8 @@ def strip_eos(ids, enc):
 def format_ok(task, answer):
     """The expected form of an answer, per task: one label, one number, one short phrase."""
     answer = answer.strip()
+    if task == "custom":  # user data: any non-empty answer (that ends with EOS, checked by the caller)
+        return bool(answer)
     if not answer or "\n" in answer:
         return False
     if task == "sentiment":
@@ -102,7 +104,8 @@ def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64):
     correct = formatted = 0
     preds = []
     for chunk in batched(examples, batch):
-        prompts = [enc.encode_ordinary(data.format_prompt(e["instruction"], e.get("input", ""))) for e in chunk]
+        prompts = [enc.encode_ordinary(e["prompt"] if "prompt" in e else data.format_prompt(e["instruction"], e.get("input", "")))
+                   for e in chunk]
         outs = generate(model, prompts, max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc), greedy=True)
         for e, out in zip(chunk, outs):
             text = enc.decode(strip_eos(out, enc)).strip()

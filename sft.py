@@ -1,0 +1,311 @@
+"""Stage 3, supervised fine-tuning (SFT), in the guide's two flavours:
+
+  instruction fine-tuning (--mode instruct, default): (prompt, response) pairs rendered in the one
+      template "Instruction: ...\\nInput: ...\\nOutput: <response><EOS>"; the loss counts only the
+      response tokens and the EOS that ends them, never the prompt or the padding;
+  domain adaptation (--mode domain): the pre-training objective (next-token prediction on every
+      token) on domain text, with its held-out perplexity before and after.
+
+Full fine-tuning by default (every weight, a low learning rate); --lora R trains only low-rank
+adapters on a frozen base (lora.py); --qlora R does the same on a 4-bit NF4 base (quant4.py).
+
+    python sft.py                                      # out/pretrain -> out/sft, the world's task mixture
+    python sft.py --lora 8 --out out/sft_lora          # adapters only (~2% of the weights)
+    python sft.py --qlora 8 --out out/sft_qlora        # adapters on a 4-bit base
+    python sft.py --mode domain --out out/domain       # read the held-out region's text
+    python sft.py --init out/domain --out out/domain_sft   # then instruction-tune it
+    python sft.py --data my_alpaca.jsonl --val-data my_val.jsonl   # your Alpaca / messages JSONL
+    python sft.py --mode domain --data notes/*.txt     # your domain text
+    torchrun --nproc_per_node=2 sft.py                 # DistributedDataParallel
+
+At the end: held-out task accuracy by greedy decoding (exact match) with format adherence (the
+answer ends with EOS and has the task's form), and the guide's catastrophic-forgetting check: the
+validation loss and fact recall of the pre-training text, before and after. All figures go to
+OUT/config.json. LoRA runs also write the adapters (PEFT layout) and save the merged model.
+"""
+
+import argparse
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import data
+from evals import fact_recall, task_accuracy, text_loss
+from gpt import cross_entropy_loss, load_checkpoint, save_checkpoint
+from lora import format_parameter_table, inject_lora, merge_lora, parameter_counts, save_adapter
+from quant4 import Linear4bit, dequantize_model, quantize_model
+from tokenizer import pad_id, tokenizer_fingerprint
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
+                      lr_at, make_optimizer, run_cli, save_train_state, set_lr, setup, wrap_model)
+
+TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
+EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("instruct", "domain"), default="instruct")
+    p.add_argument("--init", default="out/pretrain", help="checkpoint to fine-tune (ours or a Hugging Face GPT-2 dir)")
+    p.add_argument("--data", nargs="*", default=None, help="instruct: Alpaca/messages JSONL files; domain: .txt "
+                   "files (default: the embedded world's task train splits / held-out region's text)")
+    p.add_argument("--val-data", nargs="*", default=None, help="held-out files of the same kind (default: the world's "
+                   "test splits / held-out domain text; with --data and no --val-data, the last --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="world tasks to train on (instruct mode)")
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters only")
+    p.add_argument("--qlora", type=int, default=0, metavar="R", help="rank-R LoRA adapters on a 4-bit base")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2r: scale 2)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--quant", choices=("nf4", "fp4", "int4"), default="nf4", help="4-bit code of --qlora")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process")
+    p.add_argument("--block-size", type=int, default=0, help="domain mode window (default: the model's context)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
+    p.add_argument("--max-iters", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full, 2e-3 LoRA)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-n", type=int, default=100, help="held-out examples per task in the final evaluation")
+    p.add_argument("--recall-limit", type=int, default=400, help="fact-recall prompts for the forgetting check")
+    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
+    add_common_args(p, out="out/sft")
+    args = p.parse_args(argv)
+    if args.lora and args.qlora:
+        raise data.UserError("choose --lora R or --qlora R, not both")
+    if args.lr is None:
+        args.lr = 2e-3 if (args.lora or args.qlora) else 3e-4
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+def instruct_data(args, enc, block_size):
+    """-> (train [(prompt_ids, completion_ids + EOS)], {task: held-out Alpaca examples})."""
+    if args.data:
+        pairs = [ex for path in args.data for ex in data.load_sft_examples(path)]
+        if args.val_data:
+            val = [ex for path in args.val_data for ex in data.load_sft_examples(path)]
+        else:
+            n_val = max(1, int(len(pairs) * args.val_fraction))
+            pairs, val = pairs[:-n_val], pairs[-n_val:]
+        held_out = {"custom": [{"prompt": p, "output": c} for p, c in val]}
+    else:
+        tasks = data.task_sets(data.make_world(args.world_seed))
+        wanted = [t for t in args.tasks.split(",") if t]
+        unknown = set(wanted) - set(tasks)
+        if unknown:
+            raise data.UserError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {sorted(tasks)}")
+        pairs = [(data.format_prompt(e["instruction"], e["input"]), data.format_completion(e["output"]))
+                 for t in wanted for e in tasks[t]["train"]]
+        held_out = {t: tasks[t]["test"][:args.eval_n] for t in EVAL_TASKS}
+    train = [data.encode_example(enc, p, c, block_size, where=f"example {i}") for i, (p, c) in enumerate(pairs)]
+    return train, held_out
+
+
+def domain_data(args, enc):
+    """-> (train token array, held-out token array) of the domain text, cached in OUT."""
+    if args.data:
+        docs = data.read_text(args.data, split_blank_lines=True)
+        train, val = (docs, data.read_text(args.val_data, split_blank_lines=True)) if args.val_data else \
+            data.split_documents(docs, args.val_fraction)
+    else:
+        train, val = data.domain_docs(data.make_world(args.world_seed))
+    fp = tokenizer_fingerprint(enc)
+    return (data.tokenize_corpus(train, enc, os.path.join(args.out, "train.bin"), fingerprint=fp),
+            data.tokenize_corpus(val, enc, os.path.join(args.out, "val.bin"), fingerprint=fp))
+
+
+def step_examples(n, batch, seed, step):
+    """Indices of the examples in `step`'s batch: consecutive slices of one shuffled permutation per
+    epoch (default_rng([seed, epoch])), a pure function of its arguments so --resume is exact."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch:(k + 1) * batch]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def sft_loss(logits, targets):
+    """Instruction fine-tuning: L_SFT = -1/|Y| * sum_{t in Y} log p(y_t | x, y_<t), where Y are the
+    response tokens and the EOS that ends them. data.completion_batch sets every other target
+    (prompt, padding) to -1, so the same cross-entropy as pre-training counts only Y."""
+    return cross_entropy_loss(logits, targets)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(model, enc, args, held_out, domain_val, forget):
+    """Held-out figures of the current model; `forget` = (pre-training val tokens, cloze) or None."""
+    m = {}
+    if domain_val is not None:
+        m["domain_val_loss"], _ = text_loss(model, enc, domain_val, model.config.block_size)
+        m["domain_ppl"] = math.exp(m["domain_val_loss"])
+    if held_out is not None:
+        for task, examples in held_out.items():  # "custom" (user data): exact match, any non-empty answer
+            acc, fmt, _ = task_accuracy(model, enc, examples, task)
+            m[f"{task}_acc"], m[f"{task}_format"] = acc, fmt
+    if forget is not None:
+        tokens, cloze = forget
+        m["pretrain_val_loss"], _ = text_loss(model, enc, tokens, model.config.block_size)
+        if cloze:
+            m["fact_recall"] = fact_recall(model, enc, cloze)
+    return m
+
+
+def forgetting_set(args, enc):
+    """The pre-training validation text and cloze prompts of the default world (None for user data)."""
+    if args.data or not args.recall_limit:
+        return None
+    world = data.make_world(args.world_seed)
+    _, val_docs = data.split_documents(data.pretrain_docs(world))
+    tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "pretrain_val.bin"),
+                                  fingerprint=tokenizer_fingerprint(enc))
+    return tokens, data.fact_cloze(world)[:args.recall_limit]
+
+
+def frozen_base_bytes(model):
+    """Bytes of the frozen linear weights as stored (4-bit codes + scales), against bf16."""
+    q = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    return sum(m.weight_nbytes() for m in q), sum(2 * m.in_features * m.out_features for m in q)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = setup(args)
+    if args.grad_accum % ctx.world:
+        raise data.UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
+    accum = args.grad_accum // ctx.world
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+
+    # model and data
+    model, enc, init_config = load_checkpoint(args.init, hint="python pretrain.py")
+    block_size = args.block_size or model.config.block_size
+    if args.mode == "instruct":
+        train, held_out = instruct_data(args, enc, model.config.block_size)
+        domain_val = None
+        if not args.data:  # the held-out region's text, to show what instruction tuning alone does to it
+            domain_val = domain_data(argparse.Namespace(**{**vars(args), "data": None}), enc)[1]
+        n_train = f"{len(train):,} examples"
+    else:
+        train_tokens, domain_val = domain_data(args, enc)
+        held_out = None if args.data else {"domain_facts": data.task_sets(data.make_world(args.world_seed))
+                                           ["domain_facts"]["test"][:args.eval_n]}
+        n_train = f"{len(train_tokens):,} tokens"
+    forget = forgetting_set(args, enc)
+    model.to(ctx.device)
+    before = evaluate(model, enc, args, None, domain_val, forget) if ctx.master else {}
+    if ctx.master and args.mode == "domain":
+        before.update(evaluate(model, enc, args, held_out, None, None))
+
+    # full fine-tuning, LoRA, or QLoRA (4-bit base quantized before the adapters go in)
+    rank = args.lora or args.qlora
+    if args.qlora:
+        quantize_model(model, code=args.quant)
+    if rank:
+        inject_lora(model, rank, args.lora_alpha, args.lora_dropout)
+    trainable, total = parameter_counts(model)
+    if ctx.master:
+        print(f"{args.mode}: {n_train} from {args.init}; model {total / 1e6:.2f}M parameters, "
+              f"training {trainable:,} ({trainable / total:.2%})")
+        if rank:
+            print(format_parameter_table(model))
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)
+    start = 0
+    if args.resume:
+        start, _ = load_train_state(args.out, model, optimizer)
+    train_model = wrap_model(model, ctx)
+    stop = StopFlag()
+    log = MetricsLog(args.out, args.max_iters, ctx.master, resume=args.resume)
+    pad = pad_id(enc)
+    min_lr = args.lr / 10
+
+    def micro_batch(step, micro):
+        """(input ids, attention mask, position ids, targets) of one micro-batch."""
+        shard = ctx.rank + ctx.world * micro
+        if args.mode == "domain":
+            x, y = data.get_batch(train_tokens, args.batch_size, block_size, args.seed, step, shard)
+            return x, None, None, y
+        idx = step_examples(len(train), args.batch_size * args.grad_accum, args.seed, step)
+        idx = idx[shard * args.batch_size:(shard + 1) * args.batch_size]
+        b = data.completion_batch([train[i][0] for i in idx], [train[i][1] for i in idx], pad)
+        return b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"]
+
+    def save(step, metrics):
+        if not ctx.master:
+            return
+        save_train_state(args.out, model, optimizer, step)
+        if not metrics:  # an interrupted run keeps only its resumable state
+            return
+        meta = {"stage": "domain" if args.mode == "domain" else "sft", "mode": args.mode, "init": args.init,
+                "args": vars(args), "step": step, "metrics": metrics}
+        if rank:  # adapters in PEFT's layout, then the merged model as an ordinary checkpoint
+            save_adapter(model, args.out, base_model_path=args.init)
+            if args.qlora:
+                dequantize_model(model)  # W_hat: the 4-bit base the adapters were trained on
+            merge_lora(model)
+        save_checkpoint(args.out, model, enc, meta)
+
+    # the loop
+    t_last, n_tokens = time.time(), 0
+    loss = torch.zeros(())
+    for step in range(start, args.max_iters):
+        lr = lr_at(step, args.lr, args.warmup, args.max_iters, min_lr)
+        set_lr(optimizer, lr)
+        for micro in range(accum):
+            x, mask, pos, y = (t if t is None else t.to(ctx.device) for t in micro_batch(step, micro))
+            n_tokens += int((y != -1).sum())
+            sync = ctx.ddp and micro < accum - 1
+            with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
+                loss = sft_loss(train_model(x, mask, pos), y)
+                (loss / accum).backward()
+        check_finite(loss, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_interval == 0 or done == args.max_iters:
+            dt, t_last = time.time() - t_last, time.time()
+            log.log(done, loss=all_reduce_mean(loss, ctx).item(), grad_norm=grad_norm.item(), lr=lr,
+                    tok_per_s=round(n_tokens * ctx.world / max(dt, 1e-9)))
+            n_tokens = 0
+        if stop.requested or done == args.stop_at:
+            save(done, {})
+            print(f"stopped at step {done}; continue with: python sft.py --resume --out {args.out} (same options)")
+            return
+
+    # final evaluation: held-out tasks, domain perplexity, forgetting; then save
+    metrics = {"train_loss": loss.item(), "trainable_params": trainable, "total_params": total}
+    if ctx.master:
+        after = evaluate(model, enc, args, held_out, domain_val, forget)
+        metrics.update(after)
+        metrics.update({f"before_{k}": v for k, v in before.items()})
+        if args.qlora:
+            q_bytes, bf16_bytes = frozen_base_bytes(model)
+            metrics.update(frozen_base_bytes_4bit=q_bytes, frozen_base_bytes_bf16=bf16_bytes,
+                           frozen_base_memory_ratio=bf16_bytes / q_bytes)
+        metrics["time_s"] = time.time() - t0
+        save(args.max_iters, metrics)
+        print_summary(metrics, before)
+    return metrics
+
+
+def print_summary(m, before):
+    print("held-out results (before -> after where measured before):")
+    for k, v in m.items():
+        if k.startswith("before_") or not isinstance(v, float):
+            continue
+        b = before.get(k)
+        print(f"  {k:<26} " + (f"{b:.4f} -> " if b is not None else "") + f"{v:.4f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
