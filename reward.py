@@ -1,0 +1,394 @@
+"""Stage 4b, the reward model: a scalar score r(x, y) of a completion y to a prompt x, trained on
+preference pairs (x, y_w, y_l) with the Bradley-Terry loss.
+
+    python reward.py                       # out/sft trunk, out/preferences/{train,val}.jsonl, --train all
+    python reward.py --train head          # trunk frozen, only LayerNorm + head train (parameter-efficient)
+    python reward.py --train lora 8        # LoRA adapters of rank 8 on the trunk + the head
+    python reward.py --data pairs.jsonl --val-data held_out.jsonl   # your prompt/chosen/rejected JSONL
+
+Architecture: the SFT model's transformer (a gpt.GPT, language-model head unused) is the trunk;
+gpt.GPT.hidden_states ends in the trunk's final LayerNorm ln_f, and on top of it sit two new modules,
+a LayerNorm and a Linear(n_embd, 1) head:
+
+    r(x, y) = head(LayerNorm(h_last)),   h_last = hidden state at the last real token of concat(x, y)
+
+The last real token is the EOS that ends the completion, so the score has read the whole answer.
+Chosen and rejected rows go through the model in one padded batch; padding never changes a score.
+
+Evaluation on held-out pairs: pairwise accuracy 1/N sum 1[r_w > r_l], and, where preferences.py kept
+every scored completion of each held-out prompt (val_groups.jsonl), the mean Kendall's tau between the
+reward model's ranking and the gold judge's ranking of those completions.
+
+Saved to OUT: model.safetensors (the trunk, GPT keys only: LoRA adapters are merged in), config.json
+({"stage": "reward", "model": ..., "metrics": {pairwise_accuracy, kendall_tau, time_s, ...}}),
+tokenizer.json, and reward_head.safetensors (ln.weight, ln.bias, head.weight, head.bias).
+ppo.py and report.py use load_reward_model and reward_scores.
+"""
+
+import argparse
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from gpt import (atomic_save_safetensors, check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config,
+                 read_safetensors, save_checkpoint)
+from tokenizer import pad_id
+from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
+                      run_cli, save_train_state, set_lr, setup, unwrap, wrap_model)
+
+HEAD_FILE = "reward_head.safetensors"
+DEFAULT_PAIRS = "out/preferences/train.jsonl"
+DEFAULT_LR = {"all": 3e-5, "lora": 1e-3, "head": 3e-3}
+__all__ = ["RewardModel", "bradley_terry_loss", "kendall_tau", "load_reward_model", "reward_scores",
+           "check_same_tokenizer"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="out/sft", help="checkpoint whose transformer becomes the trunk")
+    p.add_argument("--data", default=DEFAULT_PAIRS, help="training pairs (prompt/chosen/rejected JSONL, Anthropic HH)")
+    p.add_argument("--val-data", default=None, help="held-out pairs (default: val.jsonl beside --data)")
+    p.add_argument("--val-groups", default=None, help="held-out prompts with all their scored completions, for "
+                   "Kendall's tau (default: val_groups.jsonl beside --data; skipped when absent)")
+    p.add_argument("--train", nargs="+", default=["all"], metavar="MODE",
+                   help="what trains: 'all' (trunk + head), 'head' (trunk frozen), or 'lora R' (rank-R adapters + head)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2R)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (2x rows: chosen and rejected)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-iters", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULT_LR})")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = this x --lr (cosine decay)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=100)
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
+    add_common_args(p, out="out/reward")
+    args = p.parse_args(argv)
+    mode = args.train[0]
+    if mode not in ("all", "head", "lora") or (mode == "lora") != (len(args.train) == 2) or len(args.train) > 2:
+        raise data.UserError(f"--train {' '.join(args.train)}: use 'all', 'head' or 'lora R' (R a positive integer)")
+    args.lora_r = 0
+    if mode == "lora":
+        if not args.train[1].isdigit() or int(args.train[1]) < 1:
+            raise data.UserError(f"--train lora {args.train[1]}: the rank R must be a positive integer")
+        args.lora_r = int(args.train[1])
+    args.mode = mode
+    args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
+    base = os.path.dirname(args.data)
+    for attr, name in (("val_data", "val.jsonl"), ("val_groups", "val_groups.jsonl")):
+        if getattr(args, attr) is None and os.path.basename(args.data) == "train.jsonl":
+            sibling = os.path.join(base, name)
+            setattr(args, attr, sibling if os.path.exists(sibling) else None)
+    return args
+
+
+# ----------------------------------------------------------------------------- the model
+
+class RewardModel(nn.Module):
+    """trunk (gpt.GPT) -> hidden state at the last real token -> LayerNorm -> Linear(n_embd, 1) -> r."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        C = trunk.config.n_embd
+        self.trunk = trunk
+        self.ln = nn.LayerNorm(C, bias=trunk.config.bias)
+        self.head = nn.Linear(C, 1)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.config = trunk.config
+
+    def features(self, batch):
+        """h_last (B, C): the trunk's hidden state (after its ln_f) at each row's last real token."""
+        h = self.trunk.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return h[torch.arange(h.size(0), device=h.device), batch["last_index"]]
+
+    def score(self, h_last):
+        """r = head(LayerNorm(h_last)), (B, C) -> (B,)."""
+        return self.head(self.ln(h_last)).squeeze(-1).float()
+
+    def forward(self, batch):
+        """A data.completion_batch (with last_index) -> rewards (B,)."""
+        return self.score(self.features(batch))
+
+
+def head_state(rm):
+    return {f"ln.{k}": v for k, v in rm.ln.state_dict().items()} | {f"head.{k}": v for k, v in rm.head.state_dict().items()}
+
+
+def load_reward_model(path, device="cpu", policy_enc=None):
+    """-> (rm, enc, config) from a directory reward.py wrote; rm in eval mode. With policy_enc, refuse a reward
+    model whose tokenizer differs from the policy's (its scores of the policy's token ids would be meaningless)."""
+    config = read_config(path, hint="python reward.py")
+    if config.get("stage") != "reward":
+        raise data.UserError(f"{path} is a {config.get('stage')!r} checkpoint, not a reward model; make one with "
+                             f"`python reward.py`")
+    trunk, enc, config = load_checkpoint(path, device, hint="python reward.py")
+    rm = RewardModel(trunk)
+    head_path = os.path.join(path, HEAD_FILE)
+    tensors = read_safetensors(head_path)
+    for name, module in (("ln.", rm.ln), ("head.", rm.head)):
+        load_tensors_strict(module, {k[len(name):]: v for k, v in tensors.items() if k.startswith(name)}, head_path)
+    if policy_enc is not None:
+        check_same_tokenizer(enc, policy_enc, f"the reward model {path}", "the policy")
+    return rm.to(device).eval(), enc, config
+
+
+@torch.no_grad()
+def reward_scores(rm, enc, prompt_ids, completion_ids, batch=32):
+    """r(x, y) for lists of token ids -> FloatTensor (B,) on the CPU. completion_ids end with EOS when the
+    completion ended; the score is read at the last real token. Eval mode (no dropout), no gradients:
+    the same input always gets the same score, whatever else is in the batch."""
+    was_training = rm.training
+    rm.eval()
+    device = next(rm.parameters()).device
+    out = torch.zeros(len(prompt_ids))
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))  # less padding
+    for k in range(0, len(order), batch):
+        idx = order[k:k + batch]
+        b = data.completion_batch([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id(enc))
+        out[idx] = rm({key: v.to(device) for key, v in b.items()}).float().cpu()
+    rm.train(was_training)
+    return out
+
+
+def unique_scores(rm, enc, prompt_ids, completion_ids, batch=32):
+    """reward_scores, computing each distinct (prompt, completion) once (a completion sits in several pairs)."""
+    keys = [(tuple(p), tuple(c)) for p, c in zip(prompt_ids, completion_ids)]
+    distinct = list(dict.fromkeys(keys))
+    scores = reward_scores(rm, enc, [list(p) for p, _ in distinct], [list(c) for _, c in distinct], batch)
+    at = {k: i for i, k in enumerate(distinct)}
+    return scores[[at[k] for k in keys]] if keys else scores
+
+
+def set_trainable(rm, mode, lora_r=0, lora_alpha=None):
+    """all: every parameter; head: only ln + head (trunk frozen); lora: adapters on the trunk + ln + head."""
+    if mode == "lora":
+        from lora import inject_lora
+        inject_lora(rm.trunk, lora_r, lora_alpha)
+    else:
+        rm.trunk.requires_grad_(mode == "all")
+    rm.ln.requires_grad_(True)
+    rm.head.requires_grad_(True)
+    return rm
+
+
+# ----------------------------------------------------------------------------- the loss and the metrics
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """Bradley-Terry negative log-likelihood of the preferences:
+        L = -1/N * sum_i log sigma(r(x_i, y_w_i) - r(x_i, y_l_i)) = -mean log sigma(delta),  delta = r_w - r_l
+    (P(y_w preferred to y_l) = sigma(r_w - r_l)). logsigmoid keeps it finite for any delta; adding the
+    same constant to every reward changes nothing."""
+    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+
+
+def pairwise_accuracy(r_chosen, r_rejected):
+    """1/N * sum_i 1[r_w_i > r_l_i]; a tie counts as a miss."""
+    return (r_chosen > r_rejected).float().mean().item()
+
+
+def kendall_tau(a, b):
+    """Kendall's tau-b between two scorings of the same n items (rank correlation, ties handled):
+        tau_b = (C - D) / sqrt((n0 - n1) * (n0 - n2)),   n0 = n (n - 1) / 2
+    C (D) = pairs i < j ordered the same (opposite) way by a and b, n1 (n2) = pairs tied in a (b); a pair
+    tied in either counts in neither C nor D. Without ties it is the guide's tau-a, (C - D) / (n choose 2).
+    NaN when a or b is constant (every pair tied: no ranking to compare)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"kendall_tau needs two 1-D scorings of equal length, got {a.shape} and {b.shape}")
+    n = len(a)
+    i, j = np.triu_indices(n, k=1)
+    sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    n0 = n * (n - 1) / 2
+    n1, n2 = float((sa == 0).sum()), float((sb == 0).sum())
+    if n0 - n1 == 0 or n0 - n2 == 0:
+        return float("nan")
+    return float((sa * sb).sum() / math.sqrt((n0 - n1) * (n0 - n2)))
+
+
+# ----------------------------------------------------------------------------- data
+
+def encode_pairs(pairs, enc, block_size, where):
+    """-> (prompt ids, chosen ids + EOS, rejected ids + EOS) lists."""
+    P, W, L = [], [], []
+    for i, p in enumerate(pairs):
+        x, yw = data.encode_example(enc, p["prompt"], p["chosen"], block_size, f"{where}: pair {i + 1}")
+        _, yl = data.encode_example(enc, p["prompt"], p["rejected"], block_size, f"{where}: pair {i + 1}")
+        P.append(x), W.append(yw), L.append(yl)
+    return P, W, L
+
+
+def load_groups(path):
+    """val_groups.jsonl -> [(prompt, [completion texts], [gold scores])]."""
+    out = []
+    for where, r in data.records_with_lines(path):
+        comps, scores = r.get("completions"), r.get("scores")
+        if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores):
+            raise data.UserError(f"{where}: needs 'completions' and 'scores', two lists of equal length")
+        out.append((data.field(r, "prompt", where), comps, [float(s) for s in scores]))
+    return out
+
+
+def pair_rows(P, W, L, idx):
+    """Pairs idx -> one batch of 2B rows: the chosen completions, then the rejected ones."""
+    return [P[i] for i in idx] * 2, [W[i] for i in idx] + [L[i] for i in idx]
+
+
+def step_indices(n_pairs, batch_size, seed, step):
+    """The pairs of optimizer step `step`: epoch e = step // steps_per_epoch walks a permutation seeded by
+    (seed, e), so the order depends only on the step (what --resume needs)."""
+    per_epoch = max(1, n_pairs // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(rm, enc, val, groups, batch):
+    """Held-out loss, pairwise accuracy, mean margin r_w - r_l, and mean Kendall's tau over the groups."""
+    P, W, L = val or ([], [], [])
+    gp = [enc.encode_ordinary(p) for p, cs, _ in groups for _ in cs]
+    gc = [enc.encode_ordinary(c) + [enc.eot_token] for _, cs, _ in groups for c in cs]
+    r = unique_scores(rm, enc, P + P + gp, W + L + gc, batch)  # a completion is scored once, however often it recurs
+    out = {}
+    if P:
+        r_w, r_l = r[:len(P)], r[len(P):2 * len(P)]
+        out.update(val_loss=bradley_terry_loss(r_w, r_l).item(), pairwise_accuracy=pairwise_accuracy(r_w, r_l),
+                   margin=(r_w - r_l).mean().item())
+    if groups:
+        taus, k = [], 2 * len(P)
+        for _, cs, gold in groups:
+            taus.append(kendall_tau(r[k:k + len(cs)].tolist(), gold))
+            k += len(cs)
+        valid = [t for t in taus if not math.isnan(t)]
+        out.update(kendall_tau=sum(valid) / max(1, len(valid)), kendall_groups=len(valid),
+                   kendall_skipped=len(taus) - len(valid))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    ctx = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+
+    # the model: SFT trunk + new LayerNorm and head
+    trunk, enc, init_config = load_checkpoint(args.init, hint="python sft.py")
+    rm = set_trainable(RewardModel(trunk), args.mode, args.lora_r, args.lora_alpha).to(ctx.device)
+    block = trunk.config.block_size
+    n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in rm.parameters())
+
+    # data
+    if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
+        raise data.UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
+    train_pairs = data.load_preference_pairs(args.data)
+    P, W, L = encode_pairs(train_pairs, enc, block, args.data)
+    val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
+    groups = load_groups(args.val_groups) if args.val_groups else []
+    per_epoch = max(1, len(P) // args.batch_size)
+    total = args.max_iters or args.epochs * per_epoch
+    print(f"pairs: {len(P)} train, {len(val[0]) if val else 0} val, {len(groups)} val groups | trunk {args.init} "
+          f"| --train {' '.join(args.train)}: {n_train:,} of {n_all:,} parameters train | {total} steps")
+
+    # the trunk is frozen under --train head: its features are computed once, the head trains on them
+    features = None
+    if args.mode == "head":
+        rm.trunk.eval()
+        with torch.no_grad():
+            keys = [(tuple(x), tuple(y)) for x, y in zip(P + P, W + L)]  # rows 0..n-1 chosen, n..2n-1 rejected
+            distinct = list(dict.fromkeys(keys))
+            feats = []
+            for i in range(0, len(distinct), args.eval_batch):
+                chunk = distinct[i:i + args.eval_batch]
+                b = data.completion_batch([x for x, _ in chunk], [y for _, y in chunk], pad_id(enc))
+                feats.append(rm.features({k: v.to(ctx.device) for k, v in b.items()}))
+            at = {k: i for i, k in enumerate(distinct)}
+            features = torch.cat(feats)[[at[k] for k in keys]]
+        print(f"trunk frozen: features of the {len(distinct)} distinct rows computed once")
+
+    optimizer = make_optimizer(rm, args.lr, args.weight_decay, ctx=ctx)
+    start = 0
+    if args.resume:
+        start, _ = load_train_state(args.out, rm, optimizer)
+    train_rm = wrap_model(rm, ctx) if features is None else rm
+    init_metrics = evaluate(rm, enc, val, [], args.eval_batch) if start == 0 else {}
+    if init_metrics:
+        print(f"before training: val pairwise accuracy {init_metrics['pairwise_accuracy']:.3f}")
+    stop = StopFlag()
+    log = MetricsLog(args.out, total, ctx.master, resume=args.resume)
+
+    def save(step, metrics):
+        save_train_state(args.out, rm, optimizer, step)
+        atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
+        trunk_out = rm.trunk
+        if args.mode == "lora":  # GPT keys only on disk: a merged copy of the trunk, adapters folded in
+            from lora import merge_lora
+            trunk_out = merge_lora(copy.deepcopy(rm.trunk))
+        save_checkpoint(args.out, trunk_out, enc, {"stage": "reward", "args": vars(args), "step": step,
+                                                   "init": args.init, "metrics": metrics})
+
+    # the loop
+    rm.train()
+    if features is not None:
+        rm.trunk.eval()
+    loss = torch.zeros(())
+    t_last = time.time()
+    for step in range(start, total):
+        lr = lr_at(step, args.lr, args.warmup, total, args.lr * args.min_lr_ratio)
+        set_lr(optimizer, lr)
+        idx = step_indices(len(P), args.batch_size, args.seed, step)
+        if features is not None:
+            r_w, r_l = rm.score(features[idx]), rm.score(features[[i + len(P) for i in idx]])
+        else:
+            b = data.completion_batch(*pair_rows(P, W, L, idx), pad_id(enc))
+            with ctx.autocast():
+                r = train_rm({k: v.to(ctx.device) for k, v in b.items()})
+            r_w, r_l = r[:len(idx)], r[len(idx):]
+        loss = bradley_terry_loss(r_w, r_l)
+        loss.backward()
+        check_finite(loss, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_interval == 0 or done == total:
+            dt, t_last = time.time() - t_last, time.time()
+            log.log(done, loss=loss.item(), acc=pairwise_accuracy(r_w, r_l), margin=(r_w - r_l).mean().item(),
+                    grad_norm=grad_norm.item(), lr=lr, pairs_per_s=round(len(idx) * args.log_interval / max(dt, 1e-9), 1))
+        if val and done % args.eval_interval == 0 and done < total:
+            m = evaluate(rm, enc, val, [], args.eval_batch)
+            log.log(done, val_loss=m["val_loss"], val_accuracy=m["pairwise_accuracy"])
+            rm.train()
+            if features is not None:
+                rm.trunk.eval()
+        if stop.requested or done == args.stop_at:
+            save(done, {})
+            print(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
+                  f"(and the same options)")
+            return {"train_loss": loss.item(), "step": done}
+
+    # final evaluation and save
+    metrics = {"train_loss": loss.item(), **evaluate(rm, enc, val, groups, args.eval_batch),
+               "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"), "train_pairs": len(P),
+               "trainable_params": n_train, "train_mode": " ".join(args.train)}
+    metrics["time_s"] = round(time.time() - t0, 2)
+    save(total, metrics)
+    print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

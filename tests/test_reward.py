@@ -1,0 +1,212 @@
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import data
+import reward
+from gpt import GPT, GPTConfig, load_checkpoint, read_safetensors, save_checkpoint
+from reward import (RewardModel, bradley_terry_loss, kendall_tau, load_reward_model, pairwise_accuracy, reward_scores,
+                    set_trainable)
+from tokenizer import pad_id, train_tokenizer
+
+PROMPTS = ["Instruction: Review the kettle.\nOutput:", "Instruction: Review the inn.\nOutput:",
+           "Instruction: Review the pie.\nOutput:", "Instruction: What is the flag of belmora?\nOutput:"]
+GOOD = [" a good kettle , an excellent pie .", " the inn is good .", " an excellent pie", " green , a good flag ."]
+BAD = [" a bad inn .", " the inn is bad , a bad kettle .", " a bad pie", " the river of tosk is wide ."]
+
+
+def tiny_rm_config(enc, dropout=0.0):
+    return GPTConfig(vocab_size=enc.n_vocab, block_size=96, n_layer=2, n_head=2, n_embd=32, dropout=dropout)
+
+
+@pytest.fixture
+def ckpt(tmp_path, small_enc):
+    torch.manual_seed(0)
+    path = tmp_path / "init"
+    save_checkpoint(str(path), GPT(tiny_rm_config(small_enc)), small_enc, {"stage": "sft", "args": {}, "metrics": {}})
+    return str(path)
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    d = tmp_path / "prefs"
+    d.mkdir()
+    train = [{"prompt": PROMPTS[i % 4], "chosen": GOOD[i % 4], "rejected": BAD[(i + i // 4) % 4],
+              "score_chosen": 1.0, "score_rejected": 0.0} for i in range(12)]
+    val = [{"prompt": PROMPTS[i], "chosen": GOOD[i], "rejected": BAD[i]} for i in range(4)]
+    groups = [{"prompt": PROMPTS[i], "completions": [GOOD[i], BAD[i], BAD[(i + 1) % 4]], "scores": [1.0, 0.0, -0.5]}
+              for i in range(4)]
+    for name, rows in (("train", train), ("val", val), ("val_groups", groups)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def run(ckpt, pairs_dir, out, *extra):
+    return reward.main(["--init", ckpt, "--data", str(pairs_dir / "train.jsonl"), "--out", str(out), "--device", "cpu",
+                        "--batch-size", "4", "--max-iters", "6", "--warmup", "2", "--log-interval", "3", *extra])
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def test_bradley_terry_by_hand():
+    one = lambda w, l: bradley_terry_loss(torch.tensor([w]), torch.tensor([l])).item()
+    assert one(1.0, 0.0) == pytest.approx(0.3132616875, abs=1e-7)  # -log sigma(1) = log(1 + e^-1)
+    assert one(0.0, 0.0) == pytest.approx(math.log(2))
+    both = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])).item()
+    assert both == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2, rel=1e-6)
+    assert math.isfinite(one(0.0, 200.0)) and one(0.0, 200.0) == pytest.approx(200.0)
+
+
+def test_bradley_terry_against_loop_and_shift():
+    g = torch.Generator().manual_seed(0)
+    r_w, r_l = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    slow = -sum(math.log(1 / (1 + math.exp(-(w - l)))) for w, l in zip(r_w.tolist(), r_l.tolist())) / 50
+    assert bradley_terry_loss(r_w, r_l).item() == pytest.approx(slow, rel=1e-6)
+    for c in (-3.0, 0.5, 10.0):
+        assert bradley_terry_loss(r_w + c, r_l + c).item() == pytest.approx(bradley_terry_loss(r_w, r_l).item(), abs=1e-6)
+
+
+def test_swapping_chosen_and_rejected_gives_one_minus_accuracy():
+    g = torch.Generator().manual_seed(1)
+    r_w, r_l = torch.randn(101, generator=g), torch.randn(101, generator=g)
+    assert pairwise_accuracy(r_l, r_w) == pytest.approx(1 - pairwise_accuracy(r_w, r_l))
+    assert pairwise_accuracy(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == 0.0  # a tie is a miss
+
+
+# ----------------------------------------------------------------------------- Kendall's tau
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # C = 5, D = 1, n choose 2 = 6
+    # ties (tau-b): a ties items 0 and 1; C = 2, D = 0, n0 = 3, n1 = 1, n2 = 0 -> 2 / sqrt(2 * 3)
+    assert kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(6))
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3])) and math.isnan(kendall_tau([5], [2]))
+
+
+def brute_tau_b(a, b):
+    C = D = ta = tb = 0
+    n = len(a)
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            ta += da == 0
+            tb += db == 0
+            if da * db > 0:
+                C += 1
+            elif da * db < 0:
+                D += 1
+    n0 = n * (n - 1) / 2
+    return (C - D) / math.sqrt((n0 - ta) * (n0 - tb))
+
+
+def test_kendall_tau_against_brute_force():
+    rng = random.Random(0)
+    for trial in range(40):
+        n = rng.randint(2, 9)
+        a = [rng.randint(0, 3) if trial % 2 else rng.random() for _ in range(n)]
+        b = [rng.randint(0, 3) for _ in range(n)]
+        if len(set(a)) == 1 or len(set(b)) == 1:
+            continue
+        assert kendall_tau(a, b) == pytest.approx(brute_tau_b(a, b), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def rows(enc):
+    return [enc.encode_ordinary(p) for p in PROMPTS], [enc.encode_ordinary(c) + [enc.eot_token] for c in GOOD]
+
+
+def test_score_ignores_padding_and_other_rows(small_enc):
+    torch.manual_seed(0)
+    rm = RewardModel(GPT(tiny_rm_config(small_enc))).eval()
+    P, Y = rows(small_enc)
+    alone = torch.cat([reward_scores(rm, small_enc, [p], [y]) for p, y in zip(P, Y)])
+    together = reward_scores(rm, small_enc, P, Y)
+    assert torch.allclose(alone, together, atol=1e-5)
+    assert torch.allclose(reward_scores(rm, small_enc, P[::-1], Y[::-1]), together.flip(0), atol=1e-5)
+    with torch.no_grad():  # left padding, and a row padded far past its end by a long neighbour
+        left = rm(data.completion_batch(P, Y, pad_id(small_enc), side="left"))
+        long = rm(data.completion_batch([P[0], P[1]], [Y[0], Y[1] * 3], pad_id(small_enc)))
+    assert torch.allclose(left, together, atol=1e-5) and abs(long[0] - together[0]) < 1e-5
+    # the score is read at the last real token: changing the EOS changes it, padding after it does not
+    assert abs(reward_scores(rm, small_enc, P[:1], [Y[0][:-1]])[0] - together[0]) > 1e-6
+
+
+def test_scoring_is_deterministic_with_dropout(small_enc):
+    torch.manual_seed(0)
+    rm = RewardModel(GPT(tiny_rm_config(small_enc, dropout=0.3))).train()
+    P, Y = rows(small_enc)
+    a, b = reward_scores(rm, small_enc, P, Y), reward_scores(rm, small_enc, P, Y)
+    assert torch.equal(a, b) and rm.training  # eval inside, training mode given back
+    batch = data.completion_batch(P, Y, pad_id(small_enc))
+    assert not torch.equal(rm(batch), rm(batch))  # (dropout is really on in training mode)
+
+
+def test_train_head_changes_only_head(small_enc):
+    torch.manual_seed(0)
+    rm = set_trainable(RewardModel(GPT(tiny_rm_config(small_enc))), "head")
+    before = {k: v.clone() for k, v in rm.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    P, Y = rows(small_enc)
+    Z = [small_enc.encode_ordinary(c) + [small_enc.eot_token] for c in BAD]
+    for _ in range(3):
+        r = rm(data.completion_batch(P + P, Y + Z, pad_id(small_enc)))
+        bradley_terry_loss(r[:4], r[4:]).backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {k for k, v in rm.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"ln.weight", "ln.bias", "head.weight", "head.bias"}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def test_train_head_run_keeps_trunk_and_loads_back(ckpt, pairs_dir, tmp_path):
+    m = run(ckpt, pairs_dir, tmp_path / "rm", "--train", "head")
+    assert 0 <= m["pairwise_accuracy"] <= 1 and -1 <= m["kendall_tau"] <= 1 and m["time_s"] >= 0
+    init = read_safetensors(f"{ckpt}/model.safetensors")
+    saved = read_safetensors(str(tmp_path / "rm" / "model.safetensors"))
+    assert init.keys() == saved.keys() and all(torch.equal(init[k], saved[k]) for k in init)
+    rm, enc, config = load_reward_model(str(tmp_path / "rm"))
+    assert config["stage"] == "reward" and "pairwise_accuracy" in config["metrics"] and not rm.training
+    load_checkpoint(str(tmp_path / "rm"))  # the trunk alone is an ordinary GPT checkpoint
+    pairs = data.load_preference_pairs(str(pairs_dir / "val.jsonl"))
+    P = [enc.encode_ordinary(p["prompt"]) for p in pairs]
+    r_w = reward_scores(rm, enc, P, [enc.encode_ordinary(p["chosen"]) + [enc.eot_token] for p in pairs])
+    r_l = reward_scores(rm, enc, P, [enc.encode_ordinary(p["rejected"]) + [enc.eot_token] for p in pairs])
+    assert pairwise_accuracy(r_w, r_l) == pytest.approx(m["pairwise_accuracy"])
+
+
+def test_lora_run_saves_a_merged_trunk(ckpt, pairs_dir, tmp_path):
+    run(ckpt, pairs_dir, tmp_path / "rm", "--train", "lora", "2", "--lr", "1e-2")
+    init = read_safetensors(f"{ckpt}/model.safetensors")
+    saved = read_safetensors(str(tmp_path / "rm" / "model.safetensors"))
+    assert init.keys() == saved.keys()
+    assert not torch.equal(init["transformer.h.0.attn.c_attn.weight"], saved["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(init["transformer.wte.weight"], saved["transformer.wte.weight"])
+    load_reward_model(str(tmp_path / "rm"))
+
+
+def test_resume_is_exact(ckpt, pairs_dir, tmp_path):
+    full = run(ckpt, pairs_dir, tmp_path / "a")
+    run(ckpt, pairs_dir, tmp_path / "b", "--stop-at", "3")
+    resumed = run(ckpt, pairs_dir, tmp_path / "b", "--resume")
+    assert resumed["train_loss"] == full["train_loss"]
+    assert resumed["pairwise_accuracy"] == full["pairwise_accuracy"]
+    a, b = (read_safetensors(str(tmp_path / d / "reward_head.safetensors")) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_is_one_line(ckpt, pairs_dir, tmp_path, small_enc):
+    with pytest.raises(data.UserError, match="--train"):
+        run(ckpt, pairs_dir, tmp_path / "x", "--train", "lora")
+    with pytest.raises(data.UserError, match="not a reward model"):
+        load_reward_model(ckpt)
+    run(ckpt, pairs_dir, tmp_path / "rm", "--train", "head", "--max-iters", "1")
+    other = train_tokenizer("completely different text " * 50, 270)
+    with pytest.raises(data.UserError, match="different tokenizers"):
+        load_reward_model(str(tmp_path / "rm"), policy_enc=other)
+    reward.check_same_tokenizer(small_enc, load_reward_model(str(tmp_path / "rm"))[1], "rm", "policy")
