@@ -7,7 +7,11 @@
 Module names are GPT-2's (transformer.h.0.attn.c_attn, ...) so that Hugging Face weights
 and PEFT adapters map onto it one to one. Besides the model this file holds what every
 stage needs from a language model: per-token log-probabilities, the cross-entropy loss,
-batched KV-cached sampling, and checkpoints (safetensors + JSON, never pickle).
+batched KV-cached sampling, and checkpoints (safetensors + JSON, never pickle), which may also
+be Hugging Face GPT-2 directories:
+
+    python gpt.py import HF_GPT2_DIR out/gpt2     # or simply pass HF_GPT2_DIR to any --init
+    python gpt.py export out/sft hf/sft           # transformers.GPT2LMHeadModel.from_pretrained("hf/sft")
 
 Padding. Stages batch sequences of different lengths. `attention_mask` (True = real token)
 keeps real tokens from attending to padding, and the position ids count real tokens only,
