@@ -387,7 +387,7 @@ def check_same_tokenizer(enc_a, enc_b, what_a, what_b):
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = ("bias", "masked_bias")  # h.N.attn.bias / h.N.attn.masked_bias
 HF_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-OUR_TOKENIZER_FILE = "pipeline_tokenizer.json"  # our BPE beside an exported model (HF's tokenizer.json is another format)
+OUR_TOKENIZER_FILE = "pipeline_tokenizer.json"  # our BPE beside an exported model (HF's tokenizer.json differs)
 
 
 def is_hf_config(config):
@@ -408,7 +408,8 @@ def config_from_hf(hf, where):
         "activation_function": (hf.get("activation_function", "gelu_new") in HF_TANH_GELU,
                                 f"use one of {list(HF_TANH_GELU)} (our MLP's tanh GELU)"),
         "n_inner": (hf.get("n_inner") in (None, 4 * n_embd), f"must be null or 4 * n_embd = {4 * n_embd}"),
-        "layer_norm_epsilon": (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "must be 1e-5"),
+        "layer_norm_epsilon": (isinstance(eps := hf.get("layer_norm_epsilon", 1e-5), (int, float))
+                               and abs(eps - 1e-5) < 1e-12, "must be 1e-5"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True) is True, "must be true"),
         "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "must be false"),
         "add_cross_attention": (not hf.get("add_cross_attention", False), "must be false"),
@@ -471,7 +472,8 @@ def import_hf(path, device="cpu", hf=None):
     model = GPT(config_from_hf(hf, where))
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
-        other = [f for f in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if os.path.exists(os.path.join(path, f))]
+        other = [f for f in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+                 if os.path.exists(os.path.join(path, f))]
         raise UserError(f"{path}: no model.safetensors" + (f" (only {other[0]}, a pickle/foreign format this project "
                         "never loads; download the repository's model.safetensors)" if other else ""))
     load_tensors_strict(model, tensors_from_hf(read_safetensors(weights), weights), weights)
@@ -515,9 +517,10 @@ def copy_gpt2_vocab(enc, out_dir):
 def main(argv=None):
     import argparse
     import time
-    p = argparse.ArgumentParser(description="Convert between Hugging Face GPT-2 directories and this project's "
-                                "checkpoints.\n  python gpt.py export CKPT_DIR OUT_DIR   # ours -> HF (transformers, PEFT)"
-                                "\n  python gpt.py import HF_DIR OUT_DIR     # HF GPT-2 -> ours (or pass HF_DIR to --init)",
+    p = argparse.ArgumentParser(description=(
+        "Convert between Hugging Face GPT-2 directories and this project's checkpoints.\n"
+        "  python gpt.py export CKPT_DIR OUT_DIR   # ours -> HF (transformers, PEFT)\n"
+        "  python gpt.py import HF_DIR OUT_DIR     # HF GPT-2 -> ours (or pass HF_DIR to --init)"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("export", "import"))
     p.add_argument("src", help="checkpoint directory to read")
