@@ -451,6 +451,7 @@ def main(argv=None):
         with ctx.autocast():
             ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
             stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]))
+        stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
         kl = ro["kl"].mean().item()
         row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": kl, "beta": beta,
                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}

@@ -277,3 +277,19 @@ def test_refuses_a_reward_model_with_another_tokenizer(ckpt, tiny):
     args[args.index("--reward") + 1] = str(ckpt / "rm")
     with pytest.raises(data.UserError, match="different tokenizers"):
         ppo.main(args)
+
+
+def test_runs_with_a_reward_model_and_critic_from_its_head(ckpt, tiny):
+    reward = pytest.importorskip("reward")
+    model, enc = tiny
+    torch.manual_seed(7)
+    trunk = GPT(model.config)
+    rm = reward.RewardModel(trunk)
+    save_checkpoint(str(ckpt / "rm"), trunk, enc, {"stage": "reward"})
+    from gpt import atomic_save_safetensors
+    atomic_save_safetensors(reward.head_state(rm), str(ckpt / "rm" / reward.HEAD_FILE))
+    args = run_args(ckpt, "with_rm", "--critic-init", "reward", "--kl-estimator", "k3", "--reward-shape", "discounted")
+    args[args.index("--reward") + 1] = str(ckpt / "rm")
+    args[args.index("--iters") + 1] = "1"
+    out = ppo.main(args)
+    assert math.isfinite(out["rm_reward"]) and math.isfinite(out["gold_reward"])
