@@ -240,7 +240,7 @@ def bench_sample(args, ctx, model, hf=None):
     """Greedy sampling tokens/s with and without the KV cache, for each batch size and length;
     checks cached == recompute token for token (and reports agreement with HF's greedy tokens)."""
     model.eval()
-    rows = []
+    rows, warmed = [], False
     for B in [int(b) for b in args.sample_batches.split(",")]:
         for n in [int(n) for n in args.new_tokens.split(",")]:
             if args.prompt_len + n > args.block_size:
@@ -249,18 +249,23 @@ def bench_sample(args, ctx, model, hf=None):
             outs = {}
 
             def ours(use_cache):
-                def run():
-                    outs[("ours", use_cache)] = generate(model, prompts, n, eos_id=NO_EOS, pad_id=0, greedy=True,
+                def run(new=n):
+                    outs[("ours", use_cache)] = generate(model, prompts, new, eos_id=NO_EOS, pad_id=0, greedy=True,
                                                          use_cache=use_cache)
                 return run
             runs = {"ours_cache": ours(True), "ours_recompute": ours(False)}
+
+            def hfrun(use_cache):
+                def run(new=n):
+                    outs[("hf", use_cache)] = hf_generate(hf, prompts, new, use_cache)
+                return run
             if hf is not None:
-                def hfrun(use_cache):
-                    def run():
-                        outs[("hf", use_cache)] = hf_generate(hf, prompts, n, use_cache)
-                    return run
                 runs |= {"hf_cache": hfrun(True), "hf_recompute": hfrun(False)}
-            times = interleaved(runs, args.sample_repeats, 1, ctx.device)
+            if not warmed:  # a short untimed generation per contender, not a full-length one
+                for fn in (ours(True), ours(False)) + ((hfrun(True), hfrun(False)) if hf is not None else ()):
+                    fn(min(8, n))
+                warmed = True
+            times = interleaved(runs, args.sample_repeats, 0, ctx.device)
             row = {"batch": B, "new_tokens": n, "prompt_len": args.prompt_len}
             for name, ts in times.items():
                 row[f"{name}_tokens_per_s"] = B * n / median(ts)
