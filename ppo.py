@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 import data
 from evals import alignment_eval, strip_eos
-from gpt import (GPT, atomic_save_safetensors, check_same_tokenizer, generate, load_checkpoint, read_safetensors,
-                 save_checkpoint, token_logprobs)
+from gpt import (GPT, atomic_save_safetensors, check_same_tokenizer, generate, load_checkpoint, save_checkpoint,
+                 token_logprobs)
 from tokenizer import eos_id, pad_id
 from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at,
                       make_optimizer, run_cli, save_train_state, set_lr, setup)
@@ -84,6 +84,8 @@ def parse_args(argv=None):
     add_common_args(p, out="out/ppo")
     args = p.parse_args(argv)
     args.ref = args.ref or args.init
+    if min(args.minibatch, args.ppo_epochs, args.rollout_batch, args.max_new_tokens) < 1:
+        raise data.UserError("--minibatch, --ppo-epochs, --rollout-batch and --max-new-tokens must be at least 1")
     if args.rollout_batch % args.minibatch:
         raise data.UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
     if args.kl_coef < 0 or args.temperature <= 0:

@@ -2,8 +2,6 @@
 the first ratio and KL, frozen reference and reward models, the exact tabular check, and exact resume."""
 import json
 import math
-import os
-import random
 
 import numpy as np
 import pytest
