@@ -137,8 +137,8 @@ def tiny_args(**over):
     return args
 
 
-def likes_eos(model, enc, logit=5.0):
-    """Make EOS likely (logit about +5) so that some completions end early and padding follows them."""
+def likes_eos(model, enc, logit=4.0):
+    """Make EOS likely (logit about +4) so that some completions end early and padding follows them."""
     with torch.no_grad():
         v = torch.full((model.config.n_embd,), 0.5)
         model.transformer.ln_f.bias.copy_(v)
@@ -179,6 +179,9 @@ def test_kl_zero_at_start_ratio_one_on_first_minibatch_padding_ignored(tiny):
     assert ro["kl"].abs().max().item() < 1e-6                        # policy = reference
     mask = ro["mask"]
     assert (mask == 0).any(), "some completion must end early for this test"
+    # a completion that never emits EOS pays --no-eos-penalty
+    assert 0 < ro["ended"].sum() < len(ro["ended"])
+    assert torch.allclose(ro["score"], ro["gold"] - args.no_eos_penalty * (1 - ro["ended"]))
     pad = ~mask.bool()
     for k in ("advantages", "returns", "old_values"):
         assert torch.equal(ro[k][pad], torch.zeros_like(ro[k][pad])), k
