@@ -741,9 +741,10 @@ def field(r, key, where, optional=False):
     return v
 
 
-def load_sft_examples(path):
+def load_sft_examples(path, with_where=False):
     """[(prompt, completion)] from Alpaca records (instruction, optional input, output), chat records
-    ("messages", rendered by render_messages) or raw prompt/completion records (used verbatim)."""
+    ("messages", rendered by render_messages) or raw prompt/completion records (used verbatim).
+    with_where=True gives (prompt, completion, "path:line") so later errors can name the record."""
     out = []
     for where, r in records_with_lines(path):
         if "messages" in r:
@@ -758,7 +759,7 @@ def load_sft_examples(path):
         else:
             raise UserError(f"{where}: needs 'instruction' and 'output' (Alpaca), 'messages' (chat) or 'prompt' and "
                             f"'completion'; found {', '.join(sorted(r)) or 'no fields'}")
-        out.append((prompt, completion))
+        out.append((prompt, completion, where) if with_where else (prompt, completion))
     return out
 
 

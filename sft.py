@@ -87,23 +87,23 @@ def parse_args(argv=None):
 def instruct_data(args, enc, block_size):
     """-> (train [(prompt_ids, completion_ids + EOS)], {task: held-out Alpaca examples})."""
     if args.data:
-        pairs = [ex for path in args.data for ex in data.load_sft_examples(path)]
+        pairs = [ex for path in args.data for ex in data.load_sft_examples(path, with_where=True)]
         if args.val_data:
-            val = [ex for path in args.val_data for ex in data.load_sft_examples(path)]
+            val = [ex for path in args.val_data for ex in data.load_sft_examples(path, with_where=True)]
         else:
             n_val = max(1, int(len(pairs) * args.val_fraction))
             pairs, val = pairs[:-n_val], pairs[-n_val:]
-        held_out = {"custom": [{"prompt": p, "output": c} for p, c in val]}
+        held_out = {"custom": [{"prompt": p, "output": c} for p, c, _ in val]}
     else:
         tasks = data.task_sets(data.make_world(args.world_seed))
         wanted = [t for t in args.tasks.split(",") if t]
         unknown = set(wanted) - set(tasks)
         if unknown:
             raise data.UserError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {sorted(tasks)}")
-        pairs = [(data.format_prompt(e["instruction"], e["input"]), data.format_completion(e["output"]))
-                 for t in wanted for e in tasks[t]["train"]]
+        pairs = [(data.format_prompt(e["instruction"], e["input"]), data.format_completion(e["output"]),
+                  f"{t} train example {i}") for t in wanted for i, e in enumerate(tasks[t]["train"])]
         held_out = {t: tasks[t]["test"][:args.eval_n] for t in EVAL_TASKS}
-    train = [data.encode_example(enc, p, c, block_size, where=f"example {i}") for i, (p, c) in enumerate(pairs)]
+    train = [data.encode_example(enc, p, c, block_size, where=where) for p, c, where in pairs]
     return train, held_out
 
 

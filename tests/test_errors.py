@@ -127,3 +127,86 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert saved["step"] == 3  # the checkpoint of step 3 is intact and loadable
     w = read_safetensors(out / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in w.values())
+
+
+# ----------------------------------------------------------------------------- instruction and preference data
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory, small_enc):
+    """A tiny checkpoint with room for real examples (context 128)."""
+    d = tmp_path_factory.mktemp("wide") / "base"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(str(d), model, small_enc, {"stage": "sft"})
+    return d
+
+
+def jsonl_file(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+SFT_TINY = ["--max-iters", "1", "--batch-size", "2", "--eval-n", "1", "--recall-limit", "0"]
+GOOD = {"instruction": "Say red.", "input": "", "output": "red"}
+
+
+@pytest.mark.parametrize("bad_line, needle", [
+    ('{"instruction": "Say red.", "output": ', "malformed JSON"),
+    ({"instruction": "Say red."}, "output"),                                 # missing field
+    ({"instruction": "Say red.", "output": 7}, "output"),                    # wrong type
+    ({"instruction": "Say red.", "output": ""}, "empty"),                    # empty completion
+    ({"instruction": "word " * 200, "output": "red"}, "longer than the context"),
+])
+def test_bad_sft_records(tmp_path, wide_ckpt, bad_line, needle):
+    f = jsonl_file(tmp_path / "train.jsonl", [GOOD, bad_line, GOOD])
+    code, err = cli("sft.py", "--init", str(wide_ckpt), "--data", str(f), "--val-data", str(f), *SFT_TINY,
+                    "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "train.jsonl:2", needle)
+
+
+def test_chosen_equal_to_rejected(tmp_path, wide_ckpt):
+    pair = {"prompt": "Instruction: Say a colour.\nOutput:", "chosen": " red", "rejected": " blue"}
+    f = jsonl_file(tmp_path / "pairs.jsonl", [pair, {**pair, "rejected": " red"}])
+    code, err = cli("dpo.py", "--init", str(wide_ckpt), "--data", str(f), "--val-data", str(f), "--max-iters", "1",
+                    "--eval-prompts", "none", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "pairs.jsonl:2", "identical")
+
+
+def test_reference_with_another_tokenizer(tmp_path, wide_ckpt, small_text):
+    from tokenizer import train_tokenizer
+    other = tmp_path / "other"
+    enc = train_tokenizer(small_text, 280)
+    save_checkpoint(str(other), GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=128, n_layer=1, n_head=2,
+                                              n_embd=32)), enc, {"stage": "sft"})
+    pair = {"prompt": "Instruction: Say a colour.\nOutput:", "chosen": " red", "rejected": " blue"}
+    f = jsonl_file(tmp_path / "pairs.jsonl", [pair, pair])
+    code, err = cli("dpo.py", "--init", str(wide_ckpt), "--ref", str(other), "--data", str(f), "--val-data", str(f),
+                    "--max-iters", "1", "--eval-prompts", "none", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "tokenizer")
+
+
+def test_reward_model_with_another_tokenizer(tmp_path, wide_ckpt, small_text):
+    from reward import HEAD_FILE, RewardModel, head_state
+    from gpt import atomic_save_safetensors
+    from tokenizer import train_tokenizer
+    enc = train_tokenizer(small_text, 280)
+    rm = RewardModel(GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32)))
+    d = tmp_path / "rm"
+    save_checkpoint(str(d), rm.trunk, enc, {"stage": "reward"})
+    atomic_save_safetensors(head_state(rm), str(d / HEAD_FILE))
+    prompts = jsonl_file(tmp_path / "prompts.jsonl", [{"prompt": "Instruction: Say a colour.\nOutput:"}] * 4)
+    code, err = cli("ppo.py", "--init", str(wide_ckpt), "--reward", str(d), "--prompts", str(prompts), "--iters", "1",
+                    "--rollout-batch", "2", "--minibatch", "2", "--eval-prompts", "none", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "tokenizer")
+
+
+def test_adapter_for_another_model(tmp_path, small_enc):
+    from lora import inject_lora, load_adapter, save_adapter
+    wide = inject_lora(GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)), 2)
+    save_adapter(wide, str(tmp_path / "adapter"))
+    narrow = GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(data.UserError, match="another model"):
+        load_adapter(narrow, str(tmp_path / "adapter"))
+    other_width = GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=48))
+    with pytest.raises(data.UserError, match="another model"):
+        load_adapter(other_width, str(tmp_path / "adapter"))
