@@ -444,7 +444,7 @@ def main(argv=None):
                                                     "metrics": metrics, "samples": list(samples)})
         save_value_head(args.out, policy.v_head)
 
-    t_last, sums, n_logged = time.time(), {}, 0
+    t_last, sums, n_logged, window = time.time(), {}, 0, {}
     for it in range(start, args.iters):
         lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
         set_lr(optimizer, lr)
@@ -465,7 +465,8 @@ def main(argv=None):
         done = it + 1
         if done % args.log_interval == 0 or done == args.iters:
             dt, t_last = time.time() - t_last, time.time()
-            log.log(done, **{k: v / n_logged for k, v in sums.items()}, lr=lr,
+            window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
+            log.log(done, **window, lr=lr,
                     samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
             print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
@@ -475,7 +476,7 @@ def main(argv=None):
             return {"stopped_at": done, **row}
 
     # final evaluation: the gold judge on held-out prompts, policy vs reference (the SFT model)
-    metrics = {f"train_{k}": v for k, v in row.items()} if args.iters > start else {}
+    metrics = {f"train_{k}": v for k, v in window.items()}
     metrics["kl_coef_final"] = beta
     samples = []
     if args.eval_prompts != "none":
