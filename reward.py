@@ -45,7 +45,8 @@ from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_
 
 HEAD_FILE = "reward_head.safetensors"
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
-DEFAULT_LR = {"all": 3e-5, "lora": 1e-3, "head": 3e-3}
+DEFAULT_LR = {"all": 1e-4, "lora": 1e-3, "head": 1e-2}
+DEFAULT_EPOCHS = {"all": 2, "lora": 2, "head": 50}  # a frozen trunk's features are computed once: epochs are cheap
 __all__ = ["RewardModel", "bradley_terry_loss", "kendall_tau", "load_reward_model", "reward_scores",
            "check_same_tokenizer"]
 
@@ -61,7 +62,7 @@ def parse_args(argv=None):
                    help="what trains: 'all' (trunk + head), 'head' (trunk frozen), or 'lora R' (rank-R adapters + head)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2R)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per step (2x rows: chosen and rejected)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the pairs (default {DEFAULT_EPOCHS})")
     p.add_argument("--max-iters", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULT_LR})")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = this x --lr (cosine decay)")
@@ -83,12 +84,50 @@ def parse_args(argv=None):
         args.lora_r = int(args.train[1])
     args.mode = mode
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
+    args.epochs = DEFAULT_EPOCHS[mode] if args.epochs is None else args.epochs
     base = os.path.dirname(args.data)
     for attr, name in (("val_data", "val.jsonl"), ("val_groups", "val_groups.jsonl")):
         if getattr(args, attr) is None and os.path.basename(args.data) == "train.jsonl":
             sibling = os.path.join(base, name)
             setattr(args, attr, sibling if os.path.exists(sibling) else None)
     return args
+
+
+# ----------------------------------------------------------------------------- data
+
+def encode_pairs(pairs, enc, block_size, where):
+    """-> (prompt ids, chosen ids + EOS, rejected ids + EOS) lists."""
+    P, W, L = [], [], []
+    for i, p in enumerate(pairs):
+        x, yw = data.encode_example(enc, p["prompt"], p["chosen"], block_size, f"{where}: pair {i + 1}")
+        _, yl = data.encode_example(enc, p["prompt"], p["rejected"], block_size, f"{where}: pair {i + 1}")
+        P.append(x), W.append(yw), L.append(yl)
+    return P, W, L
+
+
+def load_groups(path):
+    """val_groups.jsonl -> [(prompt, [completion texts], [gold scores])]."""
+    out = []
+    for where, r in data.records_with_lines(path):
+        comps, scores = r.get("completions"), r.get("scores")
+        if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores):
+            raise data.UserError(f"{where}: needs 'completions' and 'scores', two lists of equal length")
+        out.append((data.field(r, "prompt", where), comps, [float(s) for s in scores]))
+    return out
+
+
+def pair_rows(P, W, L, idx):
+    """Pairs idx -> one batch of 2B rows: the chosen completions, then the rejected ones."""
+    return [P[i] for i in idx] * 2, [W[i] for i in idx] + [L[i] for i in idx]
+
+
+def step_indices(n_pairs, batch_size, seed, step):
+    """The pairs of optimizer step `step`: epoch e = step // steps_per_epoch walks a permutation seeded by
+    (seed, e), so the order depends only on the step (what --resume needs)."""
+    per_epoch = max(1, n_pairs // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -213,43 +252,6 @@ def kendall_tau(a, b):
     if n0 - n1 == 0 or n0 - n2 == 0:
         return float("nan")
     return float((sa * sb).sum() / math.sqrt((n0 - n1) * (n0 - n2)))
-
-
-# ----------------------------------------------------------------------------- data
-
-def encode_pairs(pairs, enc, block_size, where):
-    """-> (prompt ids, chosen ids + EOS, rejected ids + EOS) lists."""
-    P, W, L = [], [], []
-    for i, p in enumerate(pairs):
-        x, yw = data.encode_example(enc, p["prompt"], p["chosen"], block_size, f"{where}: pair {i + 1}")
-        _, yl = data.encode_example(enc, p["prompt"], p["rejected"], block_size, f"{where}: pair {i + 1}")
-        P.append(x), W.append(yw), L.append(yl)
-    return P, W, L
-
-
-def load_groups(path):
-    """val_groups.jsonl -> [(prompt, [completion texts], [gold scores])]."""
-    out = []
-    for where, r in data.records_with_lines(path):
-        comps, scores = r.get("completions"), r.get("scores")
-        if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores):
-            raise data.UserError(f"{where}: needs 'completions' and 'scores', two lists of equal length")
-        out.append((data.field(r, "prompt", where), comps, [float(s) for s in scores]))
-    return out
-
-
-def pair_rows(P, W, L, idx):
-    """Pairs idx -> one batch of 2B rows: the chosen completions, then the rejected ones."""
-    return [P[i] for i in idx] * 2, [W[i] for i in idx] + [L[i] for i in idx]
-
-
-def step_indices(n_pairs, batch_size, seed, step):
-    """The pairs of optimizer step `step`: epoch e = step // steps_per_epoch walks a permutation seeded by
-    (seed, e), so the order depends only on the step (what --resume needs)."""
-    per_epoch = max(1, n_pairs // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
 # ----------------------------------------------------------------------------- evaluation
