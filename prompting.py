@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import random
+import re
 import statistics
 import time
 
@@ -238,6 +239,12 @@ def argmax_candidates(model, enc, prompt_ids, candidates, batch=50, autocast=Non
 
 # ----------------------------------------------------------------------------- evaluation
 
+def contains_answer(pred, ref):
+    """The reference occurs in the answer as whole words ("The flag of X is grey." contains "grey"):
+    knowledge without the format, reported beside exact match."""
+    return float(re.search(r"(?<!\w)" + re.escape(data.normalize(ref)) + r"(?!\w)", data.normalize(pred)) is not None)
+
+
 def correct(pred, ref, metric):
     if metric == "number":
         got = data.extract_answer_number(pred)
@@ -275,6 +282,8 @@ class Evaluator:
             preds = greedy_answers(self.model, self.enc, ids, budget, self.args.batch, multiline, self.ctx.autocast)
             res["acc"] = sum(correct(p, r, metric) for p, r in zip(preds, refs)) / len(refs)
             res["preds"] = preds[:3]
+            if metric == "exact" and not labels:
+                res["acc_contains"] = sum(contains_answer(p, r) for p, r in zip(preds, refs)) / len(refs)
         if labels:
             best = argmax_candidates(self.model, self.enc, ids, [c for c in cand], self.args.batch, self.ctx.autocast)
             res["acc_argmax"] = sum(correct(labels[j], r, metric) for j, r in zip(best, refs)) / len(refs)
@@ -430,6 +439,8 @@ def summarize(res):
             {k: acc_of(r) for k, r in rows.items()}
         if any("acc_argmax" in r for r in rows.values()):
             s["accuracy_by_k"][task + " (argmax over labels)"] = {k: acc_of(r, "acc_argmax") for k, r in rows.items()}
+        if any("acc_contains" in r for r in rows.values()):
+            s["accuracy_by_k"][task + " (answer contained)"] = {k: acc_of(r, "acc_contains") for k, r in rows.items()}
     if res.get("cot"):
         s["addition_with_carries"] = {f"{m} (k={k})": acc_of(r) for m in ("direct", "cot")
                                       for k, r in res["cot"][m].items()}
@@ -454,7 +465,7 @@ def table(summary):
         lines += ["", "additions with carries: " + ", ".join(f"{n} {fmt(v)}"
                                                             for n, v in summary["addition_with_carries"].items())]
     for t, o in summary.get("order_spread", {}).items():
-        lines.append(f"order, {o['orderings']} orderings of {o['k']} fixed examples, {t}: "
+        lines.append(f"order, {o['orderings']} orderings of {o['k']} fixed examples, {t} ({o['decoder']}): "
                      f"min {o['min']:.3f} max {o['max']:.3f} std {o['std']:.3f}")
     for t, c in summary.get("example_choice", {}).items():
         lines.append(f"example choice, {t}: " + ", ".join(f"{n} {fmt(v)}" for n, v in c.items()))

@@ -70,6 +70,8 @@ def test_prompts_look_like_the_pretraining_qa_pages():
 def test_answers_are_cut_where_the_next_example_begins():
     assert prompting.cut_answer(" green\nInput: What colour") == "green"
     assert prompting.cut_answer(" line one\nline two\nInput: q", multiline=True) == "line one\nline two"
+    assert prompting.contains_answer("The flag of Zowick is grey.", "grey") == 1.0
+    assert prompting.contains_answer("greyish", "grey") == 0.0
     assert prompting.carries(58, 7) == 1 and prompting.carries(12, 30) == 0 and prompting.carries(999, 1) == 3
 
 
@@ -127,7 +129,8 @@ def test_cli_end_to_end_on_the_default_world(tmp_path, tiny_ckpt):
                           "--study-k", "2", "--orderings", "2", "--device", "cpu"])
     saved = json.load(open(out / "results.json"))
     s = saved["summary"]
-    assert set(s["accuracy_by_k"]) == {"facts", "sentiment (greedy)", "sentiment (argmax over labels)", "addition"}
+    assert set(s["accuracy_by_k"]) == {"facts", "facts (answer contained)", "sentiment (greedy)",
+                                       "sentiment (argmax over labels)", "addition"}
     assert all(0 <= v <= 1 for rows in s["accuracy_by_k"].values() for v in rows.values())
     assert set(s["order_spread"]) == set(prompting.TASKS) and s["order_spread"]["facts"]["orderings"] == 2
     assert set(s["addition_with_carries"]) == {"direct (k=0)", "direct (k=1)", "cot (k=0)", "cot (k=1)"}
