@@ -547,8 +547,8 @@ def main(argv=None):
         tr = results["train"] = bench_train(args, ctx, model, hf)
         table(f"training throughput (batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps per run, "
               f"median of {args.repeats}; FLOPs/token = 6N + 12LHQT = {tr['flops_per_token']:,})",
-              ["model", "tokens/s", "ms/step", "MFU"],
-              [[name, tr[name]["tokens_per_s"], tr[name]["step_ms"],
+              ["model", "tokens/s", "ms/step", "GFLOP/s", "MFU"],
+              [[name, tr[name]["tokens_per_s"], tr[name]["step_ms"], tr[name]["tokens_per_s"] * tr["flops_per_token"] / 1e9,
                 "n/a (no peak known; --peak-flops)" if tr[name]["mfu"] is None else f"{100 * tr[name]['mfu']:.1f}%"]
                for name in ("ours", "hf") if name in tr])
         if "ours_over_hf" in tr:
