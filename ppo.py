@@ -4,7 +4,7 @@ clipped surrogate objective moves it towards higher reward; a value head on the 
 
     python ppo.py                               # policy = reference = out/sft, reward model out/reward
     python ppo.py --kl-coef 0.2 --out out/ppo_kl0.2
-    python ppo.py --target-kl 6 --horizon 10000 # adaptive KL coefficient (Ziegler et al. 2019)
+    python ppo.py --target-kl 3 --horizon 1000  # adaptive KL coefficient (Ziegler et al. 2019)
     python ppo.py --reward gold                 # PPO against the gold judge (data.sentiment_score) itself
     python ppo.py --prompts my_prompts.jsonl    # your prompts ('prompt', Alpaca fields or 'messages')
     python ppo.py --toy                         # exact check: a tabular policy reaches pi_ref * exp(r / beta)
@@ -266,7 +266,7 @@ def make_rollout(policy, ref, reward, enc, prompts, args, generator, beta):
             "gold": torch.tensor([data.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
 
 
-def ppo_update(policy, optimizer, ro, args, rng):
+def ppo_update(policy, optimizer, ro, args, rng, it=0):
     """--ppo-epochs passes over the rollout in shuffled minibatches of the clipped losses; mean stats."""
     stats, B = {}, ro["mask"].size(0)
     for _ in range(args.ppo_epochs):
@@ -281,7 +281,7 @@ def ppo_update(policy, optimizer, ro, args, rng):
             vf_loss, vf_clipfrac = ppo_value_loss(values, ro["old_values"][idx], ro["returns"][idx], mask,
                                                   args.cliprange_value)
             loss = pg_loss + args.vf_coef * vf_loss
-            check_finite(loss, len(stats))
+            check_finite(loss, it)  # a NaN/inf stops the run; the last checkpoint stays
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
             optimizer.step()
@@ -452,7 +452,7 @@ def main(argv=None):
         gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
         with ctx.autocast():
             ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
-            stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]))
+            stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
         stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
         kl = ro["kl"].mean().item()
         row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": kl, "beta": beta,
