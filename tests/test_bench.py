@@ -94,3 +94,8 @@ def test_unknown_section_is_a_clear_error():
     from data import UserError
     with pytest.raises(UserError, match="unknown section"):
         bench.parse_args(["--only", "train,speed"])
+
+
+def test_token_agreement_counts_up_to_the_first_difference():
+    assert bench.token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]]) == 4 / 5
+    assert bench.token_agreement([[1, 2, 3]], [[7, 2, 3]]) == 0
