@@ -3,7 +3,7 @@
 
     python dpo.py                          # policy = reference = out/sft, pairs out/preferences/train.jsonl
     python dpo.py --beta 0.5 --out out/dpo_beta0.5
-    python dpo.py --init out/pretrain --ref out/pretrain --out out/dpo_from_base   # base -> DPO, no SFT
+    python dpo.py --init out/pretrain --out out/dpo_from_base   # pre-trained model -> DPO, no SFT (ref = init)
     python dpo.py --data world             # pairs from the world's review train split (no preferences.py)
     python dpo.py --data pairs.jsonl --eval-prompts none   # your prompt/chosen/rejected JSONL or Anthropic HH
     python dpo.py --toy                    # exact check: DPO on a tabular policy reaches pi_ref * exp(r / beta)
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evals import alignment_eval
+from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
 from gpt import GPT, check_same_tokenizer, completion_logprobs, load_checkpoint, save_checkpoint
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
@@ -398,10 +398,15 @@ def main(argv=None):
             prompts = data.load_prompts(args.eval_prompts)
         prompts = prompts[:args.eval_limit] if args.eval_limit else prompts
         policy.eval()
-        with ctx.autocast():
-            al = alignment_eval(policy, ref, enc, prompts, data.sentiment_score, args.max_new_tokens, seed=args.seed)
+        with ctx.autocast():  # the reference's samples are drawn here too, to give their gold reward an interval
+            ref_out = sample_completions(ref, enc, [enc.encode_ordinary(p) for p in prompts], args.max_new_tokens,
+                                         args.seed)
+            al = alignment_eval(policy, ref, enc, prompts, data.sentiment_score, args.max_new_tokens, seed=args.seed,
+                                ref_completions=ref_out)
         samples = al.pop("samples")
         metrics.update(al)
+        metrics["ref_gold_reward_ci95"] = mean_ci95([data.sentiment_score(enc.decode(strip_eos(c, enc)).strip())
+                                                     for c in ref_out])[1]
     metrics["time_s"] = round(time.time() - t0, 1)
     if ctx.master:
         for s in samples[:3]:

@@ -173,7 +173,7 @@ def test_toy_dpo_reaches_the_closed_form_optimum(beta):
 def test_cli_end_to_end_on_a_tiny_checkpoint(tiny_setup):
     tmp, _, _ = tiny_setup
     metrics = dpo.main(cli(tmp, **{"--log-interval": "1"}))
-    for k in ("gold_reward", "gold_reward_ci95", "ref_gold_reward", "win_rate", "kl", "eval_loss",
+    for k in ("gold_reward", "gold_reward_ci95", "ref_gold_reward", "ref_gold_reward_ci95", "win_rate", "kl", "eval_loss",
               "eval_accuracy", "time_s"):
         assert k in metrics, k
     cfg = json.load(open(tmp / "dpo" / "config.json"))
