@@ -99,3 +99,15 @@ def test_unknown_section_is_a_clear_error():
 def test_token_agreement_counts_up_to_the_first_difference():
     assert bench.token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]]) == 4 / 5
     assert bench.token_agreement([[1, 2, 3]], [[7, 2, 3]]) == 0
+
+
+def test_dpo_and_ppo_cost_losses_by_hand():
+    import math
+    t = torch.tensor
+    # (log pi - log ref) is +1 on the chosen row and -1 on the rejected one: L = -log sigmoid(beta * 2)
+    got = bench.dpo_loss_for_cost(t([1.0]), t([-1.0]), t([0.0]), t([0.0]), beta=0.5)
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-1.0)))
+    # ratio 1.5 with A = 2 is clipped to 1.2 -> -min(3, 2.4) = -2.4; V = R adds nothing; the masked token is ignored
+    lp, old = t([[math.log(1.5), 0.0]]), t([[0.0, 0.0]])
+    loss = bench.ppo_loss_for_cost(lp, old, t([[2.0, 5.0]]), t([[1.0, 1.0]]), t([[1.0, 9.0]]), t([[1.0, 0.0]]))
+    assert loss.item() == pytest.approx(-2.4)
