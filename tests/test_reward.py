@@ -190,10 +190,11 @@ def test_lora_run_saves_a_merged_trunk(ckpt, pairs_dir, tmp_path):
     load_reward_model(str(tmp_path / "rm"))
 
 
-def test_resume_is_exact(ckpt, pairs_dir, tmp_path):
-    full = run(ckpt, pairs_dir, tmp_path / "a")
-    run(ckpt, pairs_dir, tmp_path / "b", "--stop-at", "3")
-    resumed = run(ckpt, pairs_dir, tmp_path / "b", "--resume")
+@pytest.mark.parametrize("mode", [["all"], ["head"], ["lora", "2"]])
+def test_resume_is_exact(ckpt, pairs_dir, tmp_path, mode):
+    full = run(ckpt, pairs_dir, tmp_path / "a", "--train", *mode)
+    run(ckpt, pairs_dir, tmp_path / "b", "--train", *mode, "--stop-at", "3")
+    resumed = run(ckpt, pairs_dir, tmp_path / "b", "--train", *mode, "--resume")
     assert resumed["train_loss"] == full["train_loss"]
     assert resumed["pairwise_accuracy"] == full["pairwise_accuracy"]
     a, b = (read_safetensors(str(tmp_path / d / "reward_head.safetensors")) for d in "ab")
