@@ -285,17 +285,17 @@ def main(argv=None):
     t0 = time.time()
     ctx = setup(args)
     os.makedirs(args.out, exist_ok=True)
+    if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
+        raise data.UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
 
     # the model: SFT trunk + new LayerNorm and head
-    trunk, enc, init_config = load_checkpoint(args.init, hint="python sft.py")
+    trunk, enc, _ = load_checkpoint(args.init, hint="python sft.py")
     rm = set_trainable(RewardModel(trunk), args.mode, args.lora_r, args.lora_alpha).to(ctx.device)
     block = trunk.config.block_size
     n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in rm.parameters())
 
     # data
-    if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
-        raise data.UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
     train_pairs = data.load_preference_pairs(args.data)
     P, W, L = encode_pairs(train_pairs, enc, block, args.data)
     val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
