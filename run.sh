@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The whole pipeline of the guide on the embedded default world, then the report card.
+#
+#   bash run.sh              every stage at its default size (about 45 minutes on 2 CPU cores)
+#   bash run.sh --quick      the same stages at toy size, a few minutes (tests/test_run.py runs it)
+#   bash run.sh --force      redo stages whose output already exists (default: skip them)
+#   bash run.sh --out DIR    write everything under DIR instead of out/
+#
+# Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
+# -> SFT on the adapted model -> preference pairs -> reward model -> DPO (sweep of beta) and PPO
+# (sweep of the KL coefficient) from the SFT model -> DPO straight from the base model -> report.py.
+# "SFT alone" is the out/sft row of the report. Any stage can be rerun by hand with the command it
+# prints. Stop with Ctrl-C: a stage interrupted mid-training can be continued with its --resume.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=out QUICK=0 FORCE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --force) FORCE=1 ;;
+    --out) OUT="$2"; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${PYTHON:-python3}
+START=$(date +%s)
+
+# stage NAME DONE_FILE command...: run unless DONE_FILE exists (and not --force)
+stage() {
+  local name=$1 done_file=$2; shift 2
+  if [ "$FORCE" = 0 ] && [ -e "$done_file" ]; then
+    echo "== $name: $done_file exists, skipped (--force to redo)"
+    return
+  fi
+  echo "== $name: $*"
+  local t0=$(date +%s)
+  "$@"
+  echo "== $name done in $(( $(date +%s) - t0 )) s"
+}
+
+if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be good
+  PRE="--n-layer 2 --n-head 2 --n-embd 64 --vocab-size 512 --max-iters 40 --eval-interval 1000 --recall-limit 20 --eval-tokens 4096"
+  PROMPT="--n 8 --ks 0,2 --cot-ks 0,1 --study-k 2 --orderings 2"
+  SFT="--max-iters 12 --eval-n 8 --recall-limit 20"
+  # a toy SFT model writes no real reviews (every sample ties), so quick mode takes pairs from the
+  # world's own review data (two reviews of different sentiment per prompt) through --labels
+  mkdir -p "$OUT"
+  $PY - "$OUT/world_pairs.jsonl" <<'PYEOF'
+import json, sys, data
+rows = {}
+for e in data.task_sets(data.make_world(1337))["review"]["train"]:
+    rows.setdefault(e["instruction"], []).append(e)
+with open(sys.argv[1], "w") as f:
+    for instruction, (a, b) in list((k, v) for k, v in rows.items() if len(v) == 2)[:80]:
+        if a["score"] != b["score"]:
+            hi, lo = (a, b) if a["score"] > b["score"] else (b, a)
+            f.write(json.dumps({"prompt": data.format_prompt(instruction), "chosen": data.format_completion(hi["output"]),
+                                "rejected": data.format_completion(lo["output"]), "score_chosen": hi["score"],
+                                "score_rejected": lo["score"]}) + "\n")
+PYEOF
+  PREF="--labels $OUT/world_pairs.jsonl"
+  RM="--max-iters 8 --eval-interval 1000"
+  DPO="--max-iters 6 --eval-limit 8 --eval-interval 1000"
+  PPO="--iters 2 --rollout-batch 8 --eval-limit 8"
+  REPORT="--n 8 --prompts 8"
+  BETAS="0.5" KLS="0.2"
+else
+  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" REPORT=""
+  BETAS="0.05 0.5 1" KLS="0.02 0.1 0.2"   # beta 0.1 is out/dpo, kl 0.05 is out/ppo
+fi
+
+stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
+stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
+stage sft        $OUT/sft/config.json        $PY sft.py --init $OUT/pretrain --out $OUT/sft $SFT
+stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --out $OUT/sft_lora --lora 8 $SFT
+stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
+stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
+stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
+stage preferences $OUT/preferences/val.jsonl $PY preferences.py --init $OUT/sft --out $OUT/preferences $PREF
+stage reward     $OUT/reward/config.json     $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/reward $RM
+stage dpo        $OUT/dpo/config.json        $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/dpo $DPO
+for b in $BETAS; do
+  stage dpo_beta$b $OUT/dpo_beta$b/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --beta $b --out $OUT/dpo_beta$b $DPO
+done
+stage ppo        $OUT/ppo/config.json        $PY ppo.py --init $OUT/sft --reward $OUT/reward --out $OUT/ppo $PPO
+for c in $KLS; do
+  stage ppo_kl$c $OUT/ppo_kl$c/config.json   $PY ppo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/ppo_kl$c $PPO
+done
+stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
+$PY report.py --out-dir $OUT $REPORT
+echo "== pipeline finished in $(( $(date +%s) - START )) s; report: $OUT/report.md"
