@@ -909,6 +909,15 @@ def get_batch(tokens, batch_size, block_size, seed, step, micro):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def step_indices(n, batch, seed, step):
+    """Indices of the examples in optimizer step `step`'s batch: consecutive slices of one shuffled
+    permutation per epoch (default_rng([seed, epoch])). A pure function of its arguments, so --resume
+    continues with the very same batches. SFT, reward and DPO all draw their batches with it."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    return np.random.default_rng([seed, epoch]).permutation(n)[k * batch:(k + 1) * batch].tolist()
+
+
 # ----------------------------------------------------------------------------- files of the default world
 
 def split_documents(docs, val_fraction=0.05):

@@ -121,15 +121,6 @@ def pair_rows(P, W, L, idx):
     return [P[i] for i in idx] * 2, [W[i] for i in idx] + [L[i] for i in idx]
 
 
-def step_indices(n_pairs, batch_size, seed, step):
-    """The pairs of optimizer step `step`: epoch e = step // steps_per_epoch walks a permutation seeded by
-    (seed, e), so the order depends only on the step (what --resume needs)."""
-    per_epoch = max(1, n_pairs // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
-
-
 # ----------------------------------------------------------------------------- the model
 
 class RewardModel(nn.Module):
@@ -351,7 +342,7 @@ def main(argv=None):
     for step in range(start, total):
         lr = lr_at(step, args.lr, args.warmup, total, args.lr * args.min_lr_ratio)
         set_lr(optimizer, lr)
-        idx = step_indices(len(P), args.batch_size, args.seed, step)
+        idx = data.step_indices(len(P), args.batch_size, args.seed, step)
         if features is not None:
             r_w, r_l = rm.score(features[idx]), rm.score(features[[i + len(P) for i in idx]])
         else:

@@ -30,7 +30,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 
 import data
@@ -57,15 +56,20 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="world tasks to train on (instruct mode)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    p.add_argument("--replay", type=float, default=0.0, help="domain mode: share of each batch drawn from the "
+                   "pre-training text (rehearsal, against forgetting)")
+    p.add_argument("--replay-data", nargs="*", default=None, help="pre-training .txt files for --replay "
+                   "(default: the embedded world's corpus)")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters only")
     p.add_argument("--qlora", type=int, default=0, metavar="R", help="rank-R LoRA adapters on a 4-bit base")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2r: scale 2)")
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--quant", choices=("nf4", "fp4", "int4"), default="nf4", help="4-bit code of --qlora")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per process "
+                   "(default 32 instruct, 16 domain)")
     p.add_argument("--block-size", type=int, default=0, help="domain mode window (default: the model's context)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
-    p.add_argument("--max-iters", type=int, default=300)
+    p.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default 300 instruct, 100 domain)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full, 2e-3 LoRA)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -75,8 +79,13 @@ def parse_args(argv=None):
     p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
     add_common_args(p, out="out/sft")
     args = p.parse_args(argv)
+    if not 0 <= args.replay < 1:
+        raise data.UserError(f"--replay must be in [0, 1), not {args.replay}")
     if args.lora and args.qlora:
         raise data.UserError("choose --lora R or --qlora R, not both")
+    domain = args.mode == "domain"
+    args.batch_size = args.batch_size or (16 if domain else 32)
+    args.max_iters = args.max_iters or (100 if domain else 300)
     if args.lr is None:
         args.lr = 2e-3 if (args.lora or args.qlora) else 3e-4
     return args
@@ -120,13 +129,11 @@ def domain_data(args, enc):
             data.tokenize_corpus(val, enc, os.path.join(args.out, "val.bin"), fingerprint=fp))
 
 
-def step_examples(n, batch, seed, step):
-    """Indices of the examples in `step`'s batch: consecutive slices of one shuffled permutation per
-    epoch (default_rng([seed, epoch])), a pure function of its arguments so --resume is exact."""
-    per_epoch = max(1, n // batch)
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch:(k + 1) * batch]
+def replay_data(args, enc):
+    """The pre-training text that --replay mixes into domain batches (its training part only)."""
+    docs = data.read_text(args.replay_data, split_blank_lines=True) if args.replay_data else \
+        data.split_documents(data.pretrain_docs(data.make_world(args.world_seed)))[0]
+    return data.tokenize_corpus(docs, enc, os.path.join(args.out, "replay.bin"), fingerprint=tokenizer_fingerprint(enc))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -197,6 +204,7 @@ def main(argv=None):
         n_train = f"{len(train):,} examples"
     else:
         train_tokens, domain_val = domain_data(args, enc)
+        replay_tokens = replay_data(args, enc) if args.replay > 0 else None
         held_out = None if args.data else {"domain_facts": data.task_sets(data.make_world(args.world_seed))
                                            ["domain_facts"]["test"][:args.eval_n]}
         n_train = f"{len(train_tokens):,} tokens"
@@ -232,9 +240,13 @@ def main(argv=None):
         """(input ids, attention mask, position ids, targets) of one micro-batch."""
         shard = ctx.rank + ctx.world * micro
         if args.mode == "domain":
-            x, y = data.get_batch(train_tokens, args.batch_size, block_size, args.seed, step, shard)
+            n_old = round(args.batch_size * args.replay)
+            x, y = data.get_batch(train_tokens, args.batch_size - n_old, block_size, args.seed, step, shard)
+            if n_old:  # rehearsal: a share of the batch is pre-training text
+                xo, yo = data.get_batch(replay_tokens, n_old, block_size, args.seed + 1, step, shard)
+                x, y = torch.cat([x, xo]), torch.cat([y, yo])
             return x, None, None, y
-        idx = step_examples(len(train), args.batch_size * args.grad_accum, args.seed, step)
+        idx = data.step_indices(len(train), args.batch_size * args.grad_accum, args.seed, step)
         idx = idx[shard * args.batch_size:(shard + 1) * args.batch_size]
         b = data.completion_batch([train[i][0] for i in idx], [train[i][1] for i in idx], pad)
         return b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"]

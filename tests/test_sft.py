@@ -38,10 +38,13 @@ def test_prompt_and_pad_positions_never_change_the_loss(tiny_model):
     assert b["targets"][0, :2].tolist() == [-1, -1] and b["targets"][1, 4].item() == -1   # prompt, pad
 
 
-def test_step_examples_cover_each_epoch_once():
-    seen = [i for s in range(5) for i in sft.step_examples(10, 2, seed=3, step=s)]
+def test_step_indices_cover_each_epoch_once():
+    seen = [i for s in range(5) for i in data.step_indices(10, 2, seed=3, step=s)]
     assert sorted(seen) == list(range(10))
-    assert list(sft.step_examples(10, 2, 3, 7)) == list(sft.step_examples(10, 2, 3, 7))
+    assert data.step_indices(10, 2, 3, 7) == data.step_indices(10, 2, 3, 7)
+    epoch0 = [data.step_indices(10, 2, 3, s) for s in range(5)]
+    epoch1 = [data.step_indices(10, 2, 3, s) for s in range(5, 10)]
+    assert epoch0 != epoch1   # each epoch is reshuffled
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,11 @@ def test_bad_input_is_one_clear_error(tiny_ckpt, tmp_path):
         run(tiny_ckpt, tmp_path / "y", "--data", str(long), "--val-data", str(long))
     with pytest.raises(data.UserError, match="--lora R or --qlora R"):
         run(tiny_ckpt, tmp_path / "z", "--lora", "2", "--qlora", "2")
+
+
+def test_domain_replay_mixes_pretraining_text(tiny_ckpt, tmp_path):
+    m = run(tiny_ckpt, tmp_path / "rep", "--mode", "domain", "--block-size", "64", "--replay", "0.5",
+            "--recall-limit", "0")
+    assert (tmp_path / "rep" / "replay.bin").exists() and m["domain_ppl"] > 0
+    with pytest.raises(data.UserError, match="--replay"):
+        run(tiny_ckpt, tmp_path / "bad", "--mode", "domain", "--replay", "1.5")
