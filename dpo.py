@@ -56,14 +56,15 @@ def parse_args(argv=None):
                    help="compute the reference log-probs of every pair once, before training")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-iters", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--eval-interval", type=int, default=0,
+                   help="score the held-out pairs (and save) every N steps; 0 = only at the end")
     p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's "
                    "review test prompts, judged by data.sentiment_score), a prompts .jsonl, or 'none'")
     p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
@@ -378,7 +379,7 @@ def main(argv=None):
             log.log(done, **means, grad_norm=grad_norm.item(), lr=lr,
                     pairs_per_s=round(per_step * n_logged / max(dt, 1e-9), 1))
             sums, n_logged = {}, 0
-        if val and done % args.eval_interval == 0 and done < max_iters:
+        if val and args.eval_interval and done % args.eval_interval == 0 and done < max_iters:
             ev = evaluate()
             log.log(done, **ev)
             save(done, ev)
