@@ -260,6 +260,8 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
     assert all(torch.equal(a[k], b[k]) for k in a)
     vh = read_safetensors(str(ckpt / "full" / "value_head.safetensors"))
     assert set(vh) == {"weight", "bias"} and vh["weight"].abs().sum() > 0
+    vh_resumed = read_safetensors(str(ckpt / "half" / "value_head.safetensors"))  # the critic resumed too
+    assert all(torch.equal(vh[k], vh_resumed[k]) for k in vh)
     cfg = json.load(open(ckpt / "full" / "config.json"))
     assert cfg["stage"] == "ppo" and "time_s" in cfg["metrics"] and "win_rate" in cfg["metrics"]
 
