@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--kl-coef", type=float, default=0.05, help="beta of the KL penalty (initial value if adaptive)")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="beta of the KL penalty (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1",
                    help="per-token KL: k1 = log pi - log pi_ref; k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi")
     p.add_argument("--target-kl", type=float, default=0.0, help="adaptive beta aiming at this sequence KL (0 = fixed beta)")

@@ -69,7 +69,7 @@ PYEOF
   BETAS="0.5" KLS="0.2"
 else
   PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" REPORT=""
-  BETAS="0.05 0.5 1" KLS="0.02 0.1 0.2"   # beta 0.1 is out/dpo, kl 0.05 is out/ppo
+  BETAS="0.05 0.5 1" KLS="0.02 0.05 0.2"   # beta 0.1 is out/dpo, kl 0.1 is out/ppo
 fi
 
 stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
