@@ -100,7 +100,7 @@ def world_pairs(seed):
 
 
 def load_pairs(args):
-    """-> (train pairs, held-out pairs)."""
+    """-> (train pairs, held-out pairs, where the held-out pairs come from)."""
     if args.data == "world":
         pairs = world_pairs(args.world_seed)
     elif not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
@@ -113,9 +113,9 @@ def load_pairs(args):
         sibling = args.data[:-len("train.jsonl")] + "val.jsonl"
         val_path = sibling if os.path.exists(sibling) else None
     if val_path:
-        return pairs, data.load_preference_pairs(val_path)
+        return pairs, data.load_preference_pairs(val_path), val_path
     n_val = int(len(pairs) * args.val_fraction)
-    return pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
+    return pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:], args.data
 
 
 def tokenize_pairs(pairs, enc, block_size, source):
@@ -290,9 +290,9 @@ def main(argv=None):
     pad = pad_id(enc)
 
     # preference pairs
-    train_pairs, val_pairs = load_pairs(args)
+    train_pairs, val_pairs, val_source = load_pairs(args)
     train = tokenize_pairs(train_pairs, enc, policy.config.block_size, args.data)
-    val = tokenize_pairs(val_pairs, enc, policy.config.block_size, args.val_data or args.data)
+    val = tokenize_pairs(val_pairs, enc, policy.config.block_size, val_source)
     per_step = args.batch_size * args.grad_accum
     if len(train) < per_step:
         raise data.UserError(f"{args.data}: {len(train)} training pairs, fewer than one step of {per_step} "

@@ -209,3 +209,7 @@ def test_bad_input_is_one_clear_error(tiny_setup, monkeypatch):
         dpo.main(cli(tmp, **{"--data": dpo.DEFAULT_PAIRS}))
     with pytest.raises(data.UserError, match="beta"):
         dpo.main(cli(tmp, **{"--beta": "0"}))
+    long = dict(tiny_pairs(1)[0], chosen=" good" * 80)
+    (tmp / "long.jsonl").write_text(json.dumps(long) + "\n")
+    with pytest.raises(data.UserError, match="long.jsonl: pair 1.*longer than the context"):
+        dpo.main(cli(tmp, **{"--data": str(tmp / "long.jsonl")}))
