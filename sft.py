@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="world tasks to train on (instruct mode)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
-    p.add_argument("--replay", type=float, default=0.0, help="domain mode: share of each batch drawn from the "
+    p.add_argument("--replay", type=float, default=0.5, help="domain mode: share of each batch drawn from the "
                    "pre-training text (rehearsal, against forgetting)")
     p.add_argument("--replay-data", nargs="*", default=None, help="pre-training .txt files for --replay "
                    "(default: the embedded world's corpus)")
@@ -69,8 +69,8 @@ def parse_args(argv=None):
                    "(default 32 instruct, 16 domain)")
     p.add_argument("--block-size", type=int, default=0, help="domain mode window (default: the model's context)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
-    p.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default 300 instruct, 100 domain)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full, 2e-3 LoRA)")
+    p.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default 300 instruct, 200 domain)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full instruct, 1e-3 full domain, 2e-3 LoRA)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -79,15 +79,18 @@ def parse_args(argv=None):
     p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
     add_common_args(p, out="out/sft")
     args = p.parse_args(argv)
+    domain = args.mode == "domain"
+    if domain and args.data and not args.replay_data and args.replay:
+        print("note: --replay needs --replay-data (pre-training text) with your own domain text; none is mixed in")
+        args.replay = 0.0
     if not 0 <= args.replay < 1:
         raise data.UserError(f"--replay must be in [0, 1), not {args.replay}")
     if args.lora and args.qlora:
         raise data.UserError("choose --lora R or --qlora R, not both")
-    domain = args.mode == "domain"
     args.batch_size = args.batch_size or (16 if domain else 32)
-    args.max_iters = args.max_iters or (100 if domain else 300)
-    if args.lr is None:
-        args.lr = 2e-3 if (args.lora or args.qlora) else 3e-4
+    args.max_iters = args.max_iters or (200 if domain else 300)
+    if args.lr is None:  # new knowledge (domain text) needs a higher rate than learning a format
+        args.lr = 2e-3 if (args.lora or args.qlora) else 1e-3 if domain else 3e-4
     return args
 
 
@@ -158,22 +161,24 @@ def evaluate(model, enc, args, held_out, domain_val, forget):
             acc, fmt, _ = task_accuracy(model, enc, examples, task)
             m[f"{task}_acc"], m[f"{task}_format"] = acc, fmt
     if forget is not None:
-        tokens, cloze = forget
+        tokens, cloze, domain_cloze = forget
         m["pretrain_val_loss"], _ = text_loss(model, enc, tokens, model.config.block_size)
         if cloze:
             m["fact_recall"] = fact_recall(model, enc, cloze)
+            m["domain_fact_recall"] = fact_recall(model, enc, domain_cloze)  # the held-out region's facts
     return m
 
 
 def forgetting_set(args, enc):
-    """The pre-training validation text and cloze prompts of the default world (None for user data)."""
+    """The pre-training validation text, its cloze prompts and the held-out region's cloze prompts
+    (default world only; None for user data)."""
     if args.data or not args.recall_limit:
         return None
     world = data.make_world(args.world_seed)
     _, val_docs = data.split_documents(data.pretrain_docs(world))
     tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "pretrain_val.bin"),
                                   fingerprint=tokenizer_fingerprint(enc))
-    return tokens, data.fact_cloze(world)[:args.recall_limit]
+    return tokens, data.fact_cloze(world)[:args.recall_limit], data.fact_cloze(world, held_out=True)
 
 
 def frozen_base_bytes(model):

@@ -94,7 +94,8 @@ def test_qlora_reports_memory_and_saves_a_loadable_model(tiny_ckpt, tmp_path):
 
 
 def test_domain_mode_reports_perplexity_before_and_after(tiny_ckpt, tmp_path):
-    m = run(tiny_ckpt, tmp_path / "dom", "--mode", "domain", "--block-size", "64", "--max-iters", "6", "--lr", "3e-3")
+    m = run(tiny_ckpt, tmp_path / "dom", "--mode", "domain", "--block-size", "64", "--max-iters", "6", "--lr", "3e-3",
+            "--replay", "0")
     assert m["domain_ppl"] < m["before_domain_ppl"]   # a random model learns the domain text at once
     assert "domain_facts_acc" in m and "before_domain_facts_acc" in m
     assert json.load(open(tmp_path / "dom" / "config.json"))["stage"] == "domain"
