@@ -34,6 +34,7 @@ from gpt import load_checkpoint, read_config
 from training import run_cli
 
 TASKS = ("facts", "sentiment", "addition", "story")
+CACHE_VERSION = 2  # bump when the figures of a row change, so cached rows are recomputed
 ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo")
 
 
@@ -83,7 +84,7 @@ def stage_time(path, config):
 
 def cache_key(path, args, extra=""):
     st = os.stat(os.path.join(path, "model.safetensors"))
-    return f"{st.st_size}:{st.st_mtime_ns}:{args.n}:{args.prompts}:{args.max_new_tokens}:{args.seed}:{extra}"
+    return f"v{CACHE_VERSION}:{st.st_size}:{st.st_mtime_ns}:{args.n}:{args.prompts}:{args.max_new_tokens}:{args.seed}:{extra}"
 
 
 # ----------------------------------------------------------------------------- held-out sets
@@ -93,8 +94,19 @@ def held_out_sets(args):
     tasks = data.task_sets(world)
     _, val_docs = data.split_documents(data.pretrain_docs(world))
     review_prompts = sorted({data.format_prompt(e["instruction"], e["input"]) for e in tasks["review"]["test"]})
-    return {"val_docs": val_docs, "cloze": data.fact_cloze(world)[:args.n],
+    return {"val_docs": val_docs, "cloze": data.fact_cloze(world)[:args.n], "items": world.items,
             "tasks": {t: tasks[t]["test"][:args.n] for t in TASKS}, "review_prompts": review_prompts[:args.prompts]}
+
+
+def names_the_item(prompt, completion, items):
+    """1.0 if the review names what the prompt asked about ("copper kettle" for "the copper kettle"),
+    else 0.0: a check outside every reward. The lexicon judge ignores it, so a policy that games the
+    judge with positive words about anything at all shows up here."""
+    asked = [i for i in items if i.lower() in prompt.lower()]
+    if not asked:
+        return 0.0
+    name = max(asked, key=len).lower().removeprefix("the ").strip()
+    return float(name in completion.lower())
 
 
 def val_tokens(enc, docs):
@@ -121,6 +133,8 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
                                   return_completions=True)
         row.update({k: al[k] for k in ("gold_reward", "gold_reward_ci95", "win_rate", "kl", "eos_rate", "mean_len")})
         row["samples"] = al["samples"]
+        texts = [enc.decode(evals.strip_eos(c, enc)) for c in al["completions"]]
+        row["on_topic"] = sum(names_the_item(p, t, sets["items"]) for p, t in zip(sets["review_prompts"], texts)) / len(texts)
         if rm is not None:
             from reward import reward_scores
             prompt_ids = [enc.encode_ordinary(p) for p in sets["review_prompts"]]
@@ -153,24 +167,36 @@ def write_markdown(rows, reward_rows, prompting, args, path):
     lines = [f"# Report card ({time.strftime('%Y-%m-%d')})", "",
              f"Every checkpoint in `{args.out_dir}/`, measured by `python report.py` on the same held-out sets: "
              f"{args.n} test examples per task, {args.prompts} held-out review prompts (gold judge: lexicon "
-             "sentiment score in (-1, 1)); win rate and KL are against the SFT model's samples.", "",
+             "sentiment score in (-1, 1)); win rate and KL are against the SFT model's samples; on topic = "
+             "share of those reviews that name the item the prompt asked about (no reward sees it).", "",
              "| checkpoint | val loss | fact recall | facts | sentiment | addition | story | format | "
-             "gold reward (95% CI) | win vs SFT | KL vs SFT | RM score | time |",
-             "|---|" + "---:|" * 12]
+             "gold reward (95% CI) | win vs SFT | KL vs SFT | on topic | RM score | time |",
+             "|---|" + "---:|" * 13]
     for name, r in rows:
         gold = f"{r['gold_reward']:+.3f} ± {r['gold_reward_ci95']:.3f}" if "gold_reward" in r else "—"
         t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
         lines.append(f"| {name} | {fmt(r['val_loss'])} | {fmt(r['fact_recall'], '.0%')} | " +
                      " | ".join(fmt(r[t_], ".0%") for t_ in TASKS) + f" | {fmt(r['format'], '.0%')} | {gold} | "
-                     f"{fmt(r.get('win_rate'), '.0%')} | {fmt(r.get('kl'), '.2f')} | {fmt(r.get('rm_score'), '+.2f')} | {t} |")
+                     f"{fmt(r.get('win_rate'), '.0%')} | {fmt(r.get('kl'), '.2f')} | {fmt(r.get('on_topic'), '.0%')} | "
+                     f"{fmt(r.get('rm_score'), '+.2f')} | {t} |")
     if reward_rows:
         lines += ["", "| reward model | held-out pairwise accuracy | pairs | time |", "|---|---:|---:|---:|"]
         for name, r in reward_rows:
             t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
             lines.append(f"| {name} | {fmt(r.get('pairwise_accuracy'), '.1%')} | {r.get('pairs', '—')} | {t} |")
     if prompting:
-        lines += ["", "## Prompting the base model (out/prompting/results.json)", "", "```",
-                  json.dumps(prompting.get("summary", prompting), indent=1)[:3000], "```"]
+        lines += ["", "## Prompting the base model (out/prompting/results.json)", ""]
+        summary = prompting.get("summary", prompting)
+        for title, table in summary.items():  # {row: {column: value}} -> one markdown table each
+            if isinstance(table, dict) and all(isinstance(v, dict) for v in table.values()):
+                cols = list(next(iter(table.values())))
+                lines += [f"| {title} | " + " | ".join(f"k={c}" if c.isdigit() else c for c in cols) + " |",
+                          "|---|" + "---:|" * len(cols)]
+                lines += [f"| {row} | " + " | ".join(fmt(v.get(c)) if isinstance(v.get(c), (int, float)) else str(v.get(c, "—"))
+                                                    for c in cols) + " |" for row, v in table.items()]
+            else:
+                lines += [f"{title}: `{json.dumps(table)}`"]
+            lines.append("")
     lines += ["", "## Samples (same held-out prompts, temperature 1)", ""]
     for name, r in rows:
         if name in ("pretrain", "sft", "dpo", "ppo") and r.get("samples"):

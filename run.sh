@@ -81,6 +81,7 @@ stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OU
 stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
 stage preferences $OUT/preferences/val.jsonl $PY preferences.py --init $OUT/sft --out $OUT/preferences $PREF
 stage reward     $OUT/reward/config.json     $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/reward $RM
+stage reward_head $OUT/reward_head/config.json $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --train head --out $OUT/reward_head $RM
 stage dpo        $OUT/dpo/config.json        $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/dpo $DPO
 for b in $BETAS; do
   stage dpo_beta$b $OUT/dpo_beta$b/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --beta $b --out $OUT/dpo_beta$b $DPO
