@@ -159,7 +159,10 @@ def test_train_head_changes_only_head(small_enc):
         opt.step()
         opt.zero_grad()
     changed = {k for k, v in rm.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"ln.weight", "ln.bias", "head.weight", "head.bias"}
+    # the trunk never moves; the biases may not either: a constant added to every reward leaves the
+    # Bradley-Terry loss unchanged, so their gradient is 0 up to rounding (which Adam may amplify)
+    assert changed <= {"ln.weight", "ln.bias", "head.weight", "head.bias"}
+    assert {"ln.weight", "head.weight"} <= changed
 
 
 # ----------------------------------------------------------------------------- the stage
