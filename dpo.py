@@ -22,7 +22,6 @@ import contextlib
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -133,14 +132,6 @@ def pair_batch(pairs, pad):
     """One padded batch: rows 0..B-1 are x + y_w, rows B..2B-1 are x + y_l (data.completion_batch)."""
     prompts = [x for x, _, _ in pairs] * 2
     return data.completion_batch(prompts, [y for _, y, _ in pairs] + [y for _, _, y in pairs], pad)
-
-
-def step_indices(n, per_step, seed, step):
-    """The pairs of optimizer step `step`: a slice of the permutation of epoch step // steps_per_epoch,
-    a pure function of (seed, step), so --resume continues with the very same batches."""
-    steps_per_epoch = n // per_step
-    epoch, k = divmod(step, steps_per_epoch)
-    return np.random.default_rng([seed, epoch]).permutation(n)[k * per_step:(k + 1) * per_step]
 
 
 # ----------------------------------------------------------------------------- policy and reference
@@ -358,7 +349,7 @@ def main(argv=None):
     for step in range(start, max_iters):
         lr = lr_at(step, args.lr, args.warmup, max_iters, args.min_lr)
         set_lr(optimizer, lr)
-        idx = step_indices(len(train), per_step, args.seed, step)
+        idx = data.step_indices(len(train), per_step, args.seed, step)
         for micro in range(accum):
             k = ctx.rank + ctx.world * micro
             sync = ctx.ddp and micro < accum - 1

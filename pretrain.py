@@ -24,7 +24,7 @@ from evals import fact_recall, text_loss
 from gpt import GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
-                      lr_at, make_optimizer, run_cli, save_train_state, set_lr, setup, wrap_model)
+                      lr_at, make_optimizer, micro_steps, run_cli, save_train_state, set_lr, setup, wrap_model)
 
 
 def parse_args(argv=None):
@@ -81,9 +81,7 @@ def evaluate(model, enc, val_tokens, args, ctx):
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup(args)
-    if args.grad_accum % ctx.world:
-        raise data.UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
-    accum = args.grad_accum // ctx.world
+    accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
 
     # data and tokenizer

@@ -39,7 +39,7 @@ from lora import format_parameter_table, inject_lora, merge_lora, parameter_coun
 from quant4 import Linear4bit, dequantize_model, quantize_model
 from tokenizer import pad_id, tokenizer_fingerprint
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
-                      lr_at, make_optimizer, run_cli, save_train_state, set_lr, setup, wrap_model)
+                      lr_at, make_optimizer, micro_steps, run_cli, save_train_state, set_lr, setup, wrap_model)
 
 TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
 EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
@@ -192,9 +192,7 @@ def frozen_base_bytes(model):
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup(args)
-    if args.grad_accum % ctx.world:
-        raise data.UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
-    accum = args.grad_accum // ctx.world
+    accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
 

@@ -70,6 +70,14 @@ def setup(args):
                            compile=use_compile, autocast=lambda: amp)
 
 
+def micro_steps(grad_accum, ctx):
+    """Micro-batches each process runs per optimizer step: --grad-accum counts them summed over all
+    processes, so the effective batch is the same for any number of processes."""
+    if grad_accum % ctx.world:
+        raise UserError(f"--grad-accum {grad_accum} must be a multiple of the {ctx.world} processes")
+    return grad_accum // ctx.world
+
+
 def wrap_model(model, ctx):
     """torch.compile and DDP as the context asks; returns the model to call in the loop."""
     if ctx.compile:
