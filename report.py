@@ -222,19 +222,26 @@ def plot(rows, args):
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
     out = os.path.join(args.out_dir, "report")
-    curves = {}
+    families = {"pretrain": "loss", "sft": "loss", "domain": "loss", "reward": "loss", "dpo": "loss", "ppo": "score"}
+    curves = {}  # family -> {run: [(step, value)]}; PPO shows its reward-model score (it has no single loss)
     for path in sorted(glob.glob(os.path.join(args.out_dir, "*", "metrics.jsonl"))):
-        recs = [json.loads(line) for line in open(path)]
-        pts = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+        name = os.path.basename(os.path.dirname(path))
+        family = name.split("_")[0]
+        key = families.get(family)
+        pts = [(r["step"], r[key]) for r in map(json.loads, open(path)) if key in r] if key else []
         if pts:
-            curves[os.path.basename(os.path.dirname(path))] = pts
+            curves.setdefault(family, {})[name] = pts
     if curves:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for name, pts in curves.items():
-            ax.plot(*zip(*pts), label=name, lw=1)
-        ax.set(xlabel="step", ylabel="training loss", yscale="symlog", title="training loss of every stage")
-        ax.legend(fontsize=7, ncol=2)
-        fig.savefig(os.path.join(out, "loss_curves.png"), dpi=120, bbox_inches="tight")
+        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+        for ax, (family, key) in zip(axes.flat, families.items()):
+            for name, pts in curves.get(family, {}).items():
+                ax.plot(*zip(*pts), label=name, lw=1)
+            ax.set(title=family, xlabel="step", ylabel="reward-model score" if key == "score" else "training loss")
+            if curves.get(family):
+                ax.legend(fontsize=7)
+        fig.suptitle("training curves of every stage")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
     sweeps = {family: sorted((r["kl"], r["gold_reward"], n) for n, r in rows
                              if n.split("_")[0] == family and n != "dpo_from_base" and "kl" in r)
