@@ -46,8 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
     p.add_argument("--reward", default="out/reward", help="frozen reward model (reward.py), or 'gold': "
                    "PPO against the gold judge data.sentiment_score of the decoded text")
-    p.add_argument("--critic-init", choices=("zero", "reward"), default="zero",
-                   help="value head: zeros, or a copy of the reward model's scalar head")
+    p.add_argument("--critic-init", choices=("zero", "reward"), default=None,
+                   help="value head: zeros, or a copy of the reward model's scalar head (default: reward, or "
+                        "zero with --reward gold); starting from the reward head halves the KL for the same reward")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train prompts)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--iters", type=int, default=40, help="PPO iterations (rollout + update)")
@@ -90,6 +91,8 @@ def parse_args(argv=None):
         raise data.UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
     if args.kl_coef < 0 or args.temperature <= 0:
         raise data.UserError("--kl-coef must be >= 0 and --temperature > 0")
+    if args.critic_init is None:
+        args.critic_init = "zero" if args.reward == "gold" else "reward"
     if args.critic_init == "reward" and args.reward == "gold":
         raise data.UserError("--critic-init reward needs a reward model, not --reward gold")
     return args
