@@ -13,7 +13,6 @@ how many facts of the world it read it completes correctly ("The flag of X is" -
 
 import argparse
 import contextlib
-import math
 import os
 import time
 

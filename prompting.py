@@ -128,7 +128,7 @@ def check_no_leak(shots, query, where="prompt"):
 # ----------------------------------------------------------------------------- choosing the examples
 
 def carries(a, b):
-    n, c, out = 0, 0, 0
+    n, c = 0, 0
     while a or b:
         c = (a % 10 + b % 10 + c) >= 10
         n += c

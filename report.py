@@ -26,7 +26,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 import data
 import evals

@@ -41,7 +41,7 @@ from gpt import (atomic_save_safetensors, check_same_tokenizer, load_checkpoint,
                  read_safetensors, save_checkpoint)
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      run_cli, save_train_state, set_lr, setup, unwrap, wrap_model)
+                      run_cli, save_train_state, set_lr, setup, wrap_model)
 
 HEAD_FILE = "reward_head.safetensors"
 DEFAULT_PAIRS = "out/preferences/train.jsonl"

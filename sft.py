@@ -119,24 +119,25 @@ def instruct_data(args, enc, block_size):
     return train, held_out
 
 
-def domain_data(args, enc):
-    """-> (train token array, held-out token array) of the domain text, cached in OUT."""
+def cached_tokens(docs, enc, args, name):
+    """Documents -> a flat token array cached as OUT/name (see data.tokenize_corpus)."""
+    return data.tokenize_corpus(docs, enc, os.path.join(args.out, name), fingerprint=tokenizer_fingerprint(enc))
+
+
+def domain_texts(args):
+    """-> (train documents, held-out documents) of the domain text."""
     if args.data:
         docs = data.read_text(args.data, split_blank_lines=True)
-        train, val = (docs, data.read_text(args.val_data, split_blank_lines=True)) if args.val_data else \
+        return (docs, data.read_text(args.val_data, split_blank_lines=True)) if args.val_data else \
             data.split_documents(docs, args.val_fraction)
-    else:
-        train, val = data.domain_docs(data.make_world(args.world_seed))
-    fp = tokenizer_fingerprint(enc)
-    return (data.tokenize_corpus(train, enc, os.path.join(args.out, "train.bin"), fingerprint=fp),
-            data.tokenize_corpus(val, enc, os.path.join(args.out, "val.bin"), fingerprint=fp))
+    return data.domain_docs(data.make_world(args.world_seed))
 
 
 def replay_data(args, enc):
     """The pre-training text that --replay mixes into domain batches (its training part only)."""
     docs = data.read_text(args.replay_data, split_blank_lines=True) if args.replay_data else \
         data.split_documents(data.pretrain_docs(data.make_world(args.world_seed)))[0]
-    return data.tokenize_corpus(docs, enc, os.path.join(args.out, "replay.bin"), fingerprint=tokenizer_fingerprint(enc))
+    return cached_tokens(docs, enc, args, "replay.bin")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -176,9 +177,7 @@ def forgetting_set(args, enc):
         return None
     world = data.make_world(args.world_seed)
     _, val_docs = data.split_documents(data.pretrain_docs(world))
-    tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "pretrain_val.bin"),
-                                  fingerprint=tokenizer_fingerprint(enc))
-    return tokens, data.fact_cloze(world)[:args.recall_limit], data.fact_cloze(world, held_out=True)
+    return cached_tokens(val_docs, enc, args, "pretrain_val.bin"), data.fact_cloze(world)[:args.recall_limit], data.fact_cloze(world, held_out=True)
 
 
 def frozen_base_bytes(model):
@@ -203,10 +202,11 @@ def main(argv=None):
         train, held_out = instruct_data(args, enc, model.config.block_size)
         domain_val = None
         if not args.data:  # the held-out region's text, to show what instruction tuning alone does to it
-            domain_val = domain_data(argparse.Namespace(**{**vars(args), "data": None}), enc)[1]
+            domain_val = cached_tokens(data.domain_docs(data.make_world(args.world_seed))[1], enc, args, "domain_val.bin")
         n_train = f"{len(train):,} examples"
     else:
-        train_tokens, domain_val = domain_data(args, enc)
+        train_docs, val_docs = domain_texts(args)
+        train_tokens, domain_val = cached_tokens(train_docs, enc, args, "train.bin"), cached_tokens(val_docs, enc, args, "val.bin")
         replay_tokens = replay_data(args, enc) if args.replay > 0 else None
         held_out = None if args.data else {"domain_facts": data.task_sets(data.make_world(args.world_seed))
                                            ["domain_facts"]["test"][:args.eval_n]}

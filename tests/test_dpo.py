@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import data
 import dpo
-from gpt import GPT, GPTConfig, completion_logprobs, save_checkpoint
+from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import pad_id
 
 PROMPTS = ["Instruction: Write a review of the kettle.\nOutput:", "Instruction: Write a review of the pie.\nOutput:",

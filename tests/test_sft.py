@@ -1,6 +1,5 @@
 """SFT: the loss mask, full / LoRA / QLoRA / domain runs end to end on a tiny model, exact resume."""
 import json
-import os
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ import torch
 import data
 import sft
 from gpt import GPT, GPTConfig, load_checkpoint, read_safetensors, save_checkpoint
-from lora import LoRALinear
 
 
 def test_loss_counts_only_response_and_eos(tiny_model):
