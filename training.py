@@ -248,6 +248,10 @@ def run_cli(main):
     """Run a stage's main(); bad input ends in one line on stderr and exit code 2."""
     try:
         main()
+        if dist.is_available() and dist.is_initialized():
+            # leave together: the master still evaluates and saves after the loop, and a process that
+            # tears the group down while its peer still uses it can be aborted by gloo
+            dist.barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
