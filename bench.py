@@ -29,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from common import UserError, run_cli
 from gpt import GPT, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
-from training import make_optimizer, run_cli, setup, wrap_model
+from lora import inject_lora
+from quant4 import quantize_model
+from training import make_optimizer, setup, wrap_model
 
 PRESETS = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)}
 # dense bf16 peak of one GPU (tensor cores, no sparsity), in FLOP/s; matched against the device name
@@ -75,7 +78,7 @@ def parse_args(argv=None):
             setattr(args, k.replace("-", "_"), v)
     bad = set(args.only.split(",")) - set(SECTIONS)
     if bad:
-        raise data.UserError(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
+        raise UserError(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
     return args
 
 
@@ -254,7 +257,7 @@ def bench_sample(args, ctx, model, hf=None):
     for B in [int(b) for b in args.sample_batches.split(",")]:
         for n in [int(n) for n in args.new_tokens.split(",")]:
             if args.prompt_len + n > args.block_size:
-                raise data.UserError(f"--prompt-len {args.prompt_len} + {n} new tokens exceed the context {args.block_size}")
+                raise UserError(f"--prompt-len {args.prompt_len} + {n} new tokens exceed the context {args.block_size}")
             prompts = sample_prompts(B, args.prompt_len, args.vocab_size, args.seed + B)
             outs = {}
 
@@ -331,7 +334,7 @@ def bench_rl(args, ctx):
     optimizer = make_optimizer(actor_critic, 1e-5, ctx=ctx)
     B, P, C = args.batch_size, args.rl_prompt_len, args.rl_completion_len
     if P + C > cfg.block_size:
-        raise data.UserError(f"--rl-prompt-len {P} + --rl-completion-len {C} exceed the context {cfg.block_size}")
+        raise UserError(f"--rl-prompt-len {P} + --rl-completion-len {C} exceed the context {cfg.block_size}")
     g = torch.Generator().manual_seed(args.seed)
     rand = lambda n: torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prompts = [rand(P - b % 4) for b in range(B)]
@@ -437,8 +440,6 @@ def bench_memory(args, ctx):
     """Full fine-tuning vs LoRA vs QLoRA (NF4 base + LoRA): parameter, gradient, optimizer and
     activation bytes of one training step (eager, no torch.compile), peak CUDA memory on a GPU, and
     tokens/s of the step."""
-    from lora import inject_lora
-    from quant4 import quantize_model
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(ctx.device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

@@ -13,7 +13,7 @@ and rejected rows go through the model in one padded batch. Every log interval p
 the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers, their accuracy and
 margin; held-out pairs are scored every --eval-interval steps. At the end the policy and the
 reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
-(data.sentiment_score) scores them: mean gold reward, win rate against the reference, and the
+(world.sentiment_score) scores them: mean gold reward, win rate against the reference, and the
 sequence KL(pi || pi_ref) the policy paid, all in OUT/config.json.
 """
 
@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 import data
+import world
+from common import UserError, run_cli
 from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
 from gpt import GPT, check_same_tokenizer, completion_logprobs, load_checkpoint, save_checkpoint
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
-                      lr_at, make_optimizer, run_cli, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
+                      make_optimizer, save_train_state, set_lr, setup, wrap_model)
 
 
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-interval", type=int, default=0,
                    help="score the held-out pairs (and save) every N steps; 0 = only at the end")
     p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's "
-                   "review test prompts, judged by data.sentiment_score), a prompts .jsonl, or 'none'")
+                   "review test prompts, judged by world.sentiment_score), a prompts .jsonl, or 'none'")
     p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
@@ -74,36 +76,20 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.ref = args.ref or args.init
     if args.beta <= 0:
-        raise data.UserError(f"--beta must be positive, not {args.beta}")
+        raise UserError(f"--beta must be positive, not {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
-        raise data.UserError(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
+        raise UserError(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
     return args
 
 
 # ----------------------------------------------------------------------------- data
 
-def world_pairs(seed):
-    """The default world's review train split has two reviews of different sentiment for each prompt:
-    the one with the higher gold score is chosen."""
-    by_prompt = {}
-    for e in data.task_sets(data.make_world(seed))["review"]["train"]:
-        by_prompt.setdefault(e["instruction"], []).append(e)
-    pairs = []
-    for instruction, (a, b) in by_prompt.items():
-        if a["score"] != b["score"]:
-            w, l = (a, b) if a["score"] > b["score"] else (b, a)
-            pairs.append({"prompt": data.format_prompt(instruction), "chosen": data.format_completion(w["output"]),
-                          "rejected": data.format_completion(l["output"]),
-                          "score_chosen": w["score"], "score_rejected": l["score"]})
-    return pairs
-
-
 def load_pairs(args):
     """-> (train pairs, held-out pairs, where the held-out pairs come from)."""
     if args.data == "world":
-        pairs = world_pairs(args.world_seed)
+        pairs = world.review_pairs(world.make_world(args.world_seed))
     elif not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
-        raise data.UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`, "
+        raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`, "
                              f"or train on the world's review pairs with --data world")
     else:
         pairs = data.load_preference_pairs(args.data)
@@ -265,7 +251,7 @@ def main(argv=None):
     t0 = time.time()
     ctx = setup(args)
     if args.grad_accum % ctx.world:
-        raise data.UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
+        raise UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
     accum = args.grad_accum // ctx.world
     os.makedirs(args.out, exist_ok=True)
 
@@ -286,7 +272,7 @@ def main(argv=None):
     val = tokenize_pairs(val_pairs, enc, policy.config.block_size, val_source)
     per_step = args.batch_size * args.grad_accum
     if len(train) < per_step:
-        raise data.UserError(f"{args.data}: {len(train)} training pairs, fewer than one step of {per_step} "
+        raise UserError(f"{args.data}: {len(train)} training pairs, fewer than one step of {per_step} "
                              f"(--batch-size x --grad-accum); add pairs or lower --batch-size")
     max_iters = args.max_iters or args.epochs * (len(train) // per_step)
     if ctx.master:
@@ -384,7 +370,7 @@ def main(argv=None):
     samples = []
     if ctx.master and args.eval_prompts != "none":
         if args.eval_prompts == "review":
-            tests = data.task_sets(data.make_world(args.world_seed))["review"]["test"]
+            tests = world.task_sets(world.make_world(args.world_seed))["review"]["test"]
             prompts = [data.format_prompt(e["instruction"], e["input"]) for e in tests]
         else:
             prompts = data.load_prompts(args.eval_prompts)
@@ -393,11 +379,11 @@ def main(argv=None):
         with ctx.autocast():  # the reference's samples are drawn here too, to give their gold reward an interval
             ref_out = sample_completions(ref, enc, [enc.encode_ordinary(p) for p in prompts], args.max_new_tokens,
                                          args.seed)
-            al = alignment_eval(policy, ref, enc, prompts, data.sentiment_score, args.max_new_tokens, seed=args.seed,
+            al = alignment_eval(policy, ref, enc, prompts, world.sentiment_score, args.max_new_tokens, seed=args.seed,
                                 ref_completions=ref_out)
         samples = al.pop("samples")
         metrics.update(al)
-        metrics["ref_gold_reward_ci95"] = mean_ci95([data.sentiment_score(enc.decode(strip_eos(c, enc)).strip())
+        metrics["ref_gold_reward_ci95"] = mean_ci95([world.sentiment_score(enc.decode(strip_eos(c, enc)).strip())
                                                      for c in ref_out])[1]
     metrics["time_s"] = round(time.time() - t0, 1)
     if ctx.master:

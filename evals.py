@@ -3,13 +3,16 @@ measured the same way: fact recall, task accuracy with format adherence, and the
 figures of DPO and PPO (gold reward, win rate against a reference policy, sequence KL).
 """
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 
 import data
-from gpt import completion_logprobs, generate
+import world
+from common import UserError
+from gpt import completion_logprobs, cross_entropy_loss, generate
 from tokenizer import eos_id, pad_id
 
 
@@ -36,14 +39,12 @@ def text_loss(model, enc, tokens, block_size, max_tokens=65536, batch_size=16, d
     """Mean next-token cross-entropy on held-out text, in nats per token, over fixed contiguous windows
     of block_size; and bits per byte = sum of nats / (ln 2 * bytes those tokens decode to), which does
     not depend on the tokenizer. Perplexity = exp(nats per token)."""
-    import contextlib
-    from gpt import cross_entropy_loss
     was_training = model.training
     model.eval()
     T = block_size
     n = min(len(tokens) - 1, max_tokens) // T * T
     if n == 0:
-        raise data.UserError(f"held-out text has {len(tokens)} tokens, fewer than one block of {T}")
+        raise UserError(f"held-out text has {len(tokens)} tokens, fewer than one block of {T}")
     x = torch.as_tensor(np.asarray(tokens[:n], dtype=np.int64)).view(-1, T)
     y = torch.as_tensor(np.asarray(tokens[1:n + 1], dtype=np.int64)).view(-1, T)
     nats = 0.0
@@ -90,9 +91,9 @@ def format_ok(task, answer):
     if not answer or "\n" in answer:
         return False
     if task == "sentiment":
-        return answer in data.SENTIMENT_LABELS
+        return answer in world.SENTIMENT_LABELS
     if task == "addition":
-        return answer.replace(",", "").isdigit() or data.extract_answer_number(answer) is not None
+        return answer.replace(",", "").isdigit() or world.extract_answer_number(answer) is not None
     if task in ("facts", "domain_facts", "story"):
         return len(answer.split()) <= 6
     return True
@@ -110,7 +111,7 @@ def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64):
         for e, out in zip(chunk, outs):
             text = enc.decode(strip_eos(out, enc)).strip()
             preds.append(text)
-            correct += data.exact_match(text, e["output"])
+            correct += world.exact_match(text, e["output"])
             formatted += bool(out) and out[-1] == eos_id(enc) and format_ok(task, text)
     n = max(1, len(examples))
     return correct / n, formatted / n, preds

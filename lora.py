@@ -36,8 +36,8 @@ import re
 import torch
 import torch.nn as nn
 
-from data import UserError
-from gpt import GPT, GPTConfig, atomic_save_safetensors, atomic_write_json, load_checkpoint, read_safetensors
+from common import UserError, atomic_save_safetensors, atomic_write_json, read_safetensors, run_cli
+from gpt import GPT, GPTConfig, load_checkpoint
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every attention and MLP linear of a GPT-2 block
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -376,5 +376,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from training import run_cli
     run_cli(main)

@@ -5,7 +5,7 @@ clipped surrogate objective moves it towards higher reward; a value head on the 
     python ppo.py                               # policy = reference = out/sft, reward model out/reward
     python ppo.py --kl-coef 0.2 --out out/ppo_kl0.2
     python ppo.py --target-kl 3 --horizon 1000  # adaptive KL coefficient (Ziegler et al. 2019)
-    python ppo.py --reward gold                 # PPO against the gold judge (data.sentiment_score) itself
+    python ppo.py --reward gold                 # PPO against the gold judge (world.sentiment_score) itself
     python ppo.py --prompts my_prompts.jsonl    # your prompts ('prompt', Alpaca fields or 'messages')
     python ppo.py --toy                         # exact check: a tabular policy reaches pi_ref * exp(r / beta)
 
@@ -32,12 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import world
+from common import UserError, atomic_save_safetensors, run_cli
 from evals import alignment_eval, strip_eos
-from gpt import (GPT, atomic_save_safetensors, check_same_tokenizer, generate, load_checkpoint, save_checkpoint,
-                 token_logprobs)
+from gpt import GPT, check_same_tokenizer, generate, load_checkpoint, save_checkpoint, token_logprobs
+from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at,
-                      make_optimizer, run_cli, save_train_state, set_lr, setup)
+from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
+                      save_train_state, set_lr, setup)
 
 
 def parse_args(argv=None):
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
     p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
     p.add_argument("--reward", default="out/reward", help="frozen reward model (reward.py), or 'gold': "
-                   "PPO against the gold judge data.sentiment_score of the decoded text")
+                   "PPO against the gold judge world.sentiment_score of the decoded text")
     p.add_argument("--critic-init", choices=("zero", "reward"), default=None,
                    help="value head: zeros, or a copy of the reward model's scalar head (default: reward, or "
                         "zero with --reward gold); starting from the reward head halves the KL for the same reward")
@@ -78,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--cliprange-value", type=float, default=0.2, help="value clip around the old values")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
     p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
-                   "test prompts, judged by data.sentiment_score), a prompts file, or 'none'")
+                   "test prompts, judged by world.sentiment_score), a prompts file, or 'none'")
     p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
     p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this iteration")
     p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
@@ -86,15 +88,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.ref = args.ref or args.init
     if min(args.minibatch, args.ppo_epochs, args.rollout_batch, args.max_new_tokens) < 1:
-        raise data.UserError("--minibatch, --ppo-epochs, --rollout-batch and --max-new-tokens must be at least 1")
+        raise UserError("--minibatch, --ppo-epochs, --rollout-batch and --max-new-tokens must be at least 1")
     if args.rollout_batch % args.minibatch:
-        raise data.UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
+        raise UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
     if args.kl_coef < 0 or args.temperature <= 0:
-        raise data.UserError("--kl-coef must be >= 0 and --temperature > 0")
+        raise UserError("--kl-coef must be >= 0 and --temperature > 0")
     if args.critic_init is None:
         args.critic_init = "zero" if args.reward == "gold" else "reward"
     if args.critic_init == "reward" and args.reward == "gold":
-        raise data.UserError("--critic-init reward needs a reward model, not --reward gold")
+        raise UserError("--critic-init reward needs a reward model, not --reward gold")
     return args
 
 
@@ -236,8 +238,7 @@ def frozen(model):
 def sequence_scores(reward, enc, prompts, completions, texts):
     """Reward of each whole completion: the reward model's score at its last real token, or the gold judge."""
     if reward is None:
-        return torch.tensor([data.sentiment_score(t) for t in texts], dtype=torch.float32)
-    from reward import reward_scores
+        return torch.tensor([world.sentiment_score(t) for t in texts], dtype=torch.float32)
     return reward_scores(reward, enc, prompts, completions).float().cpu()
 
 
@@ -266,7 +267,7 @@ def make_rollout(policy, ref, reward, enc, prompts, args, generator, beta):
     return {"batch": batch, "start": start, "n": n, "old_logp": old_logp, "old_values": old_values,
             "ref_logp": ref_logp, "advantages": whiten(adv, mask), "returns": returns, "mask": mask,
             "score": score, "kl": kl.sum(-1), "ended": ended.float(), "texts": texts,
-            "gold": torch.tensor([data.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
+            "gold": torch.tensor([world.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
 
 
 def ppo_update(policy, optimizer, ro, args, rng, it=0):
@@ -374,15 +375,15 @@ def training_prompts(args, enc, block_size):
     if args.prompts:
         prompts, source = data.load_prompts(args.prompts), args.prompts
     else:
-        tasks = data.task_sets(data.make_world(args.world_seed))["review"]["train"]
+        tasks = world.task_sets(world.make_world(args.world_seed))["review"]["train"]
         prompts, source = list(dict.fromkeys(data.format_prompt(e["instruction"], e["input"]) for e in tasks)), "review"
     ids = [enc.encode_ordinary(p) for p in prompts]
     for i, x in enumerate(ids):
         if not x or len(x) >= block_size:
-            raise data.UserError(f"{source}: prompt {i + 1} has {len(x)} tokens; it needs 1 to {block_size - 1} "
+            raise UserError(f"{source}: prompt {i + 1} has {len(x)} tokens; it needs 1 to {block_size - 1} "
                                  f"(the model's context) to leave room for an answer")
     if len(ids) < args.rollout_batch:
-        raise data.UserError(f"{source}: {len(ids)} prompts, fewer than one rollout of {args.rollout_batch}; "
+        raise UserError(f"{source}: {len(ids)} prompts, fewer than one rollout of {args.rollout_batch}; "
                              f"add prompts or lower --rollout-batch")
     return prompts, ids
 
@@ -407,7 +408,7 @@ def main(argv=None):
     t0 = time.time()
     ctx = setup(args)
     if ctx.ddp:
-        raise data.UserError("ppo.py runs in one process; start it with python, not torchrun")
+        raise UserError("ppo.py runs in one process; start it with python, not torchrun")
     os.makedirs(args.out, exist_ok=True)
 
     # policy + value head (trained), reference and reward model (frozen)
@@ -421,7 +422,6 @@ def main(argv=None):
     ref = frozen(ref.to(ctx.device))
     rm = None
     if args.reward != "gold":
-        from reward import load_reward_model
         rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
         check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
         rm = frozen(rm)
@@ -484,17 +484,16 @@ def main(argv=None):
     samples = []
     if args.eval_prompts != "none":
         if args.eval_prompts == "review":
-            tests = data.task_sets(data.make_world(args.world_seed))["review"]["test"]
+            tests = world.task_sets(world.make_world(args.world_seed))["review"]["test"]
             eval_prompts = [data.format_prompt(e["instruction"], e["input"]) for e in tests]
         else:
             eval_prompts = data.load_prompts(args.eval_prompts)
         eval_prompts = eval_prompts[:args.eval_limit] if args.eval_limit else eval_prompts
         policy.eval()
         with ctx.autocast():
-            al = alignment_eval(policy.gpt, ref, enc, eval_prompts, data.sentiment_score, args.max_new_tokens,
+            al = alignment_eval(policy.gpt, ref, enc, eval_prompts, world.sentiment_score, args.max_new_tokens,
                                 seed=args.seed, return_completions=rm is not None)
         if rm is not None:  # the reward model's view of the same samples
-            from reward import reward_scores
             ids = [enc.encode_ordinary(p) for p in eval_prompts]
             metrics["rm_reward"] = reward_scores(rm, enc, ids, al.pop("completions")).mean().item()
         samples = al.pop("samples")

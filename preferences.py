@@ -8,7 +8,7 @@ judge, and write (prompt, chosen, rejected) pairs for the reward model and DPO.
     python preferences.py --pairs best-worst --n 8 --temperature 1.2
 
 For each prompt the policy samples --n completions (temperature, top-k, top-p; batched with a KV
-cache). A judge scores each one: `sentiment` (the lexicon score of data.sentiment_score, the default
+cache). A judge scores each one: `sentiment` (the lexicon score of world.sentiment_score, the default
 world's alignment objective) needs no reference; `exact`, `jaccard`, `bleu`, `rougeL` compare with the
 prompt's reference output. Exact duplicates, completions cut off at --max-new-tokens (no EOS) and pairs
 with equal scores are dropped and counted. `--pairs all` keeps every pair of distinct scores,
@@ -31,13 +31,15 @@ import time
 import torch
 
 import data
+import world
+from common import UserError, atomic_write, atomic_write_json, run_cli
 from evals import strip_eos
-from gpt import atomic_write_json, generate, load_checkpoint
+from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import run_cli, setup
+from training import setup
 
-JUDGES = {"sentiment": None, "exact": data.exact_match, "jaccard": data.jaccard, "bleu": data.bleu,
-          "rougeL": data.rouge_l}
+JUDGES = {"sentiment": None, "exact": world.exact_match, "jaccard": world.jaccard, "bleu": world.bleu,
+          "rougeL": world.rouge_l}
 
 
 def parse_args(argv=None):
@@ -69,9 +71,9 @@ def parse_args(argv=None):
     p.set_defaults(compile=False)
     args = p.parse_args(argv)
     if args.n < 2 and not args.labels:
-        raise data.UserError(f"--n must be at least 2 to make pairs, not {args.n}")
+        raise UserError(f"--n must be at least 2 to make pairs, not {args.n}")
     if not 0 <= args.val_fraction < 1:
-        raise data.UserError(f"--val-fraction must be in [0, 1), not {args.val_fraction}")
+        raise UserError(f"--val-fraction must be in [0, 1), not {args.val_fraction}")
     if args.task == "auto":
         args.task = "review" if args.judge == "sentiment" else "facts"
     return args
@@ -102,14 +104,14 @@ def load_prompt_sets(args):
         items = list(first.items())
         train, val = split_by_prompt(items, lambda x: x[0], args.val_fraction, args.seed)
     else:
-        tasks = data.task_sets(data.make_world(args.world_seed))[args.task]
+        tasks = world.task_sets(world.make_world(args.world_seed))[args.task]
         ref = (lambda e: None) if args.judge == "sentiment" else (lambda e: data.format_completion(e["output"]))
         train, val = ({data.format_prompt(e["instruction"], e["input"]): ref(e) for e in tasks[s]} for s in ("train", "val"))
         train, val = list(train.items()), list(val.items())
     if args.limit:
         train = train[:args.limit]
     if not train:
-        raise data.UserError(f"{args.prompts or 'the world'}: no prompts to sample from")
+        raise UserError(f"{args.prompts or 'the world'}: no prompts to sample from")
     return train, val
 
 
@@ -118,7 +120,7 @@ def load_prompt_sets(args):
 def make_judge(name):
     """-> judge(completion text, reference or None) -> float; the text is scored without its leading space."""
     if name == "sentiment":
-        return lambda text, ref: data.sentiment_score(text.strip())
+        return lambda text, ref: world.sentiment_score(text.strip())
     fn = JUDGES[name]
     return lambda text, ref: fn(text.strip(), ref.strip())
 
@@ -187,7 +189,7 @@ def label_pairs(args):
 
 
 def write_jsonl(path, rows):
-    data.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- main
@@ -227,7 +229,7 @@ def main(argv=None):
         train, val = split_pairs["train"], split_pairs["val"]
         counts["eos_rate"] = counts["eos"] / max(1, counts["sampled"])
     if not train:
-        raise data.UserError("no training pairs were made (every pair tied or was dropped); raise --n or "
+        raise UserError("no training pairs were made (every pair tied or was dropped); raise --n or "
                              "--temperature, or use another --judge")
     overlap = {p["prompt"] for p in train} & {p["prompt"] for p in val}
     assert not overlap, f"prompts in both splits: {sorted(overlap)[:3]}"

@@ -19,11 +19,13 @@ import time
 import torch
 
 import data
+import world
+from common import run_cli
 from evals import fact_recall, text_loss
 from gpt import GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
-from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
-                      lr_at, make_optimizer, micro_steps, run_cli, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
+                      make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
 
 
 def parse_args(argv=None):
@@ -62,8 +64,8 @@ def load_corpus(args):
     if args.data:
         docs, cloze = data.read_text(args.data), []
     else:
-        world = data.make_world(args.world_seed)
-        docs, cloze = data.pretrain_docs(world), data.fact_cloze(world)
+        w = world.make_world(args.world_seed)
+        docs, cloze = world.pretrain_docs(w), world.fact_cloze(w)
     train_docs, val_docs = data.split_documents(docs, args.val_fraction)
     return train_docs, val_docs, cloze
 

@@ -39,9 +39,11 @@ import time
 import torch
 
 import data
+import world
+from common import UserError, atomic_write, run_cli
 from gpt import completion_logprobs, generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import run_cli, setup
+from training import setup
 
 TASKS = ("facts", "sentiment", "addition")
 
@@ -77,7 +79,7 @@ def int_list(s, name):
     try:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise data.UserError(f"{name} must be comma-separated integers, e.g. 0,1,2,4,8; got {s!r}") from None
+        raise UserError(f"{name} must be comma-separated integers, e.g. 0,1,2,4,8; got {s!r}") from None
 
 
 # ----------------------------------------------------------------------------- the prompts
@@ -109,7 +111,7 @@ def few_shot_prompt(shots, query):
 
 def worked_example(e):
     """An addition example whose output shows its column steps (the chain of thought)."""
-    return {**e, "instruction": data.TASK_INSTRUCTIONS["addition_cot"], "output": e["cot"]}
+    return {**e, "instruction": world.TASK_INSTRUCTIONS["addition_cot"], "output": e["cot"]}
 
 
 def chain_of_thought_prompt(shots, query):
@@ -122,7 +124,7 @@ def chain_of_thought_prompt(shots, query):
 def check_no_leak(shots, query, where="prompt"):
     """A test example must never be one of its own shots."""
     if any(p == query for p, _ in shots):
-        raise data.UserError(f"{where}: the test query is also one of its examples; draw shots from another split")
+        raise UserError(f"{where}: the test query is also one of its examples; draw shots from another split")
 
 
 # ----------------------------------------------------------------------------- choosing the examples
@@ -141,7 +143,7 @@ def addends(e):
 
 
 def fact_attribute(question):
-    for attr, qs in data.QUESTIONS.items():
+    for attr, qs in world.QUESTIONS.items():
         for q in qs:
             pre, post = q.split("{s}")
             if question.startswith(pre) and question.endswith(post):
@@ -242,14 +244,14 @@ def argmax_candidates(model, enc, prompt_ids, candidates, batch=50, autocast=Non
 def contains_answer(pred, ref):
     """The reference occurs in the answer as whole words ("The flag of X is grey." contains "grey"):
     knowledge without the format, reported beside exact match."""
-    return float(re.search(r"(?<!\w)" + re.escape(data.normalize(ref)) + r"(?!\w)", data.normalize(pred)) is not None)
+    return float(re.search(r"(?<!\w)" + re.escape(world.normalize(ref)) + r"(?!\w)", world.normalize(pred)) is not None)
 
 
 def correct(pred, ref, metric):
     if metric == "number":
-        got = data.extract_answer_number(pred)
-        return float(got is not None and got == data.extract_answer_number(ref))
-    return data.exact_match(pred, ref)
+        got = world.extract_answer_number(pred)
+        return float(got is not None and got == world.extract_answer_number(ref))
+    return world.exact_match(pred, ref)
 
 
 class Evaluator:
@@ -313,17 +315,17 @@ def answer_budget(enc, outputs, args):
 
 def world_study(ev, args):
     """Every measurement on the default world's task sets."""
-    tasks = data.task_sets(data.make_world(args.world_seed))
+    tasks = world.task_sets(world.make_world(args.world_seed))
     ks, names = int_list(args.ks, "--ks"), [t for t in args.tasks.split(",") if t]
     bad = [t for t in names if t not in TASKS]
     if bad:
-        raise data.UserError(f"--tasks: unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
+        raise UserError(f"--tasks: unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
     K = max(ks + [args.study_k])
     res = {"accuracy": {}, "order": {}, "choice": {}}
     for task in names:
         pool, test = tasks[task]["train"], tasks[task]["test"][:args.n]
         metric = "number" if task == "addition" else "exact"
-        labels = list(data.SENTIMENT_LABELS) if task == "sentiment" else None
+        labels = list(world.SENTIMENT_LABELS) if task == "sentiment" else None
         budget = answer_budget(ev.enc, [e["output"] for e in pool], args)
         test_prompts = {as_pair(e)[0] for e in test}
         assert not test_prompts & {as_pair(e)[0] for e in pool}, "train and test splits share a question"
@@ -407,7 +409,7 @@ def file_study(ev, args):
     budget = args.max_new_tokens or max(len(ev.enc.encode_ordinary(c)) for _, c in pool + queries) + 6
     for i, (p, _) in enumerate(queries):
         if len(ev.ids(p)) + budget > ev.block:
-            raise data.UserError(f"{args.task_file}: example {i + 1}: prompt of {len(ev.ids(p))} tokens + {budget} "
+            raise UserError(f"{args.task_file}: example {i + 1}: prompt of {len(ev.ids(p))} tokens + {budget} "
                                  f"answer tokens exceeds the context of {ev.block}; shorten it or lower --max-new-tokens")
     res = {}
     for k in ks:
@@ -415,7 +417,7 @@ def file_study(ev, args):
         for i, (q, _) in enumerate(queries):
             candidates = [s for s in pool if s[0] != q]  # a test example is never its own shot
             if len(candidates) < k:
-                raise data.UserError(f"{args.examples_file}: {len(candidates)} usable examples, fewer than k={k}")
+                raise UserError(f"{args.examples_file}: {len(candidates)} usable examples, fewer than k={k}")
             shots = random.Random(f"{args.seed}/file/{i}").sample(candidates, k)
             check_no_leak(shots, q, args.task_file)
             prompts.append(few_shot_prompt(shots, q))
@@ -486,7 +488,7 @@ def main(argv=None):
     print(f"prompting {args.init} ({config.get('stage', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
           f"context {ev.block}) on {args.task_file or 'the default world'}")
     if args.examples_file and not args.task_file:
-        raise data.UserError("--examples-file needs --task-file (the test examples it gives shots for)")
+        raise UserError("--examples-file needs --task-file (the test examples it gives shots for)")
     res = file_study(ev, args) if args.task_file else world_study(ev, args)
     res["summary"] = summarize(res)
     res.update({"init": args.init, "stage": config.get("stage"), "args": vars(args), "notes": ev.notes,
@@ -494,7 +496,7 @@ def main(argv=None):
     print()
     print(table(res["summary"]))
     os.makedirs(args.out, exist_ok=True)
-    data.atomic_write(os.path.join(args.out, "results.json"), json.dumps(res, indent=1))
+    atomic_write(os.path.join(args.out, "results.json"), json.dumps(res, indent=1))
     print(f"\nwrote {os.path.join(args.out, 'results.json')} in {res['time_s']:.0f}s")
     return res
 

@@ -29,8 +29,11 @@ import numpy as np
 
 import data
 import evals
+import world
+from common import UserError, run_cli
 from gpt import load_checkpoint, read_config
-from training import run_cli
+from reward import load_reward_model, reward_scores
+from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
 CACHE_VERSION = 2  # bump when the figures of a row change, so cached rows are recomputed
@@ -89,11 +92,11 @@ def cache_key(path, args, extra=""):
 # ----------------------------------------------------------------------------- held-out sets
 
 def held_out_sets(args):
-    world = data.make_world(args.world_seed)
-    tasks = data.task_sets(world)
-    _, val_docs = data.split_documents(data.pretrain_docs(world))
+    w = world.make_world(args.world_seed)
+    tasks = world.task_sets(w)
+    _, val_docs = data.split_documents(world.pretrain_docs(w))
     review_prompts = sorted({data.format_prompt(e["instruction"], e["input"]) for e in tasks["review"]["test"]})
-    return {"val_docs": val_docs, "cloze": data.fact_cloze(world)[:args.n], "items": world.items,
+    return {"val_docs": val_docs, "cloze": world.fact_cloze(w)[:args.n], "items": w.items,
             "tasks": {t: tasks[t]["test"][:args.n] for t in TASKS}, "review_prompts": review_prompts[:args.prompts]}
 
 
@@ -127,7 +130,7 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
         row[task], _ = acc, formats.append(fmt)
     row["format"] = sum(formats) / len(formats)
     if sft is not None:
-        al = evals.alignment_eval(model, sft, enc, sets["review_prompts"], data.sentiment_score,
+        al = evals.alignment_eval(model, sft, enc, sets["review_prompts"], world.sentiment_score,
                                   args.max_new_tokens, seed=args.seed, ref_completions=sft_samples,
                                   return_completions=True)
         row.update({k: al[k] for k in ("gold_reward", "gold_reward_ci95", "win_rate", "kl", "eos_rate", "mean_len")})
@@ -135,7 +138,6 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
         texts = [enc.decode(evals.strip_eos(c, enc)) for c in al["completions"]]
         row["on_topic"] = sum(names_the_item(p, t, sets["items"]) for p, t in zip(sets["review_prompts"], texts)) / len(texts)
         if rm is not None:
-            from reward import reward_scores
             prompt_ids = [enc.encode_ordinary(p) for p in sets["review_prompts"]]
             row["rm_score"] = reward_scores(rm, enc, prompt_ids, al["completions"]).mean().item()
     return row
@@ -143,7 +145,6 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
 
 def evaluate_reward_model(path, args):
     """Pairwise accuracy of a reward model on the held-out preference pairs."""
-    from reward import load_reward_model, reward_scores
     pairs_path = os.path.join(args.out_dir, "preferences", "val.jsonl")
     if not os.path.exists(pairs_path):
         return {}
@@ -271,7 +272,7 @@ def main(argv=None):
     t0 = time.time()
     policies, reward_models = find_checkpoints(args.out_dir)
     if not policies:
-        raise data.UserError(f"no checkpoints in {args.out_dir}/; run `bash run.sh` or `python pretrain.py` first")
+        raise UserError(f"no checkpoints in {args.out_dir}/; run `bash run.sh` or `python pretrain.py` first")
     report_dir = os.path.join(args.out_dir, "report")
     os.makedirs(report_dir, exist_ok=True)
     cache_path = os.path.join(report_dir, "cache.json")
@@ -288,7 +289,6 @@ def main(argv=None):
     rm_path = args.reward or os.path.join(args.out_dir, "reward")
     rm = None
     if os.path.exists(os.path.join(rm_path, "config.json")):
-        from reward import load_reward_model
         rm = load_reward_model(rm_path, args.device)[0]
     ref_key = cache_key(sft_path, args) if sft is not None else "no-sft"
     rm_key = cache_key(rm_path, args) if rm is not None else "no-rm"
@@ -329,7 +329,6 @@ def main(argv=None):
 
 
 def evals_same_tokenizer(enc_a, enc_b):
-    from tokenizer import tokenizer_fingerprint
     return tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
 
 

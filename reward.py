@@ -37,11 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from gpt import (atomic_save_safetensors, check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config,
-                 read_safetensors, save_checkpoint)
+from common import UserError, atomic_save_safetensors, read_safetensors, run_cli
+from gpt import check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config, save_checkpoint
+from lora import inject_lora, merge_lora
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      run_cli, save_train_state, set_lr, setup, wrap_model)
+                      save_train_state, set_lr, setup, wrap_model)
 
 HEAD_FILE = "reward_head.safetensors"
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -76,11 +77,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     mode = args.train[0]
     if mode not in ("all", "head", "lora") or (mode == "lora") != (len(args.train) == 2) or len(args.train) > 2:
-        raise data.UserError(f"--train {' '.join(args.train)}: use 'all', 'head' or 'lora R' (R a positive integer)")
+        raise UserError(f"--train {' '.join(args.train)}: use 'all', 'head' or 'lora R' (R a positive integer)")
     args.lora_r = 0
     if mode == "lora":
         if not args.train[1].isdigit() or int(args.train[1]) < 1:
-            raise data.UserError(f"--train lora {args.train[1]}: the rank R must be a positive integer")
+            raise UserError(f"--train lora {args.train[1]}: the rank R must be a positive integer")
         args.lora_r = int(args.train[1])
     args.mode = mode
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
@@ -111,7 +112,7 @@ def load_groups(path):
     for where, r in data.records_with_lines(path):
         comps, scores = r.get("completions"), r.get("scores")
         if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores):
-            raise data.UserError(f"{where}: needs 'completions' and 'scores', two lists of equal length")
+            raise UserError(f"{where}: needs 'completions' and 'scores', two lists of equal length")
         out.append((data.field(r, "prompt", where), comps, [float(s) for s in scores]))
     return out
 
@@ -159,7 +160,7 @@ def load_reward_model(path, device="cpu", policy_enc=None):
     model whose tokenizer differs from the policy's (its scores of the policy's token ids would be meaningless)."""
     config = read_config(path, hint="python reward.py")
     if config.get("stage") != "reward":
-        raise data.UserError(f"{path} is a {config.get('stage')!r} checkpoint, not a reward model; make one with "
+        raise UserError(f"{path} is a {config.get('stage')!r} checkpoint, not a reward model; make one with "
                              f"`python reward.py`")
     trunk, enc, config = load_checkpoint(path, device, hint="python reward.py")
     rm = RewardModel(trunk)
@@ -202,7 +203,6 @@ def unique_scores(rm, enc, prompt_ids, completion_ids, batch=32):
 def set_trainable(rm, mode, lora_r=0, lora_alpha=None):
     """all: every parameter; head: only ln + head (trunk frozen); lora: adapters on the trunk + ln + head."""
     if mode == "lora":
-        from lora import inject_lora
         inject_lora(rm.trunk, lora_r, lora_alpha)
     else:
         rm.trunk.requires_grad_(mode == "all")
@@ -277,7 +277,7 @@ def main(argv=None):
     ctx = setup(args)
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
-        raise data.UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
+        raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
 
     # the model: SFT trunk + new LayerNorm and head
     trunk, enc, _ = load_checkpoint(args.init, hint="python sft.py")
@@ -328,8 +328,7 @@ def main(argv=None):
         atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
         trunk_out = rm.trunk
         if args.mode == "lora":  # GPT keys only on disk: a merged copy of the trunk, adapters folded in
-            from lora import merge_lora
-            trunk_out = merge_lora(copy.deepcopy(rm.trunk))
+                trunk_out = merge_lora(copy.deepcopy(rm.trunk))
         save_checkpoint(args.out, trunk_out, enc, {"stage": "reward", "args": vars(args), "step": step,
                                                    "init": args.init, "metrics": metrics})
 

@@ -48,19 +48,7 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   # a toy SFT model writes no real reviews (every sample ties), so quick mode takes pairs from the
   # world's own review data (two reviews of different sentiment per prompt) through --labels
   mkdir -p "$OUT"
-  $PY - "$OUT/world_pairs.jsonl" <<'PYEOF'
-import json, sys, data
-rows = {}
-for e in data.task_sets(data.make_world(1337))["review"]["train"]:
-    rows.setdefault(e["instruction"], []).append(e)
-with open(sys.argv[1], "w") as f:
-    for instruction, (a, b) in list((k, v) for k, v in rows.items() if len(v) == 2)[:80]:
-        if a["score"] != b["score"]:
-            hi, lo = (a, b) if a["score"] > b["score"] else (b, a)
-            f.write(json.dumps({"prompt": data.format_prompt(instruction), "chosen": data.format_completion(hi["output"]),
-                                "rejected": data.format_completion(lo["output"]), "score_chosen": hi["score"],
-                                "score_rejected": lo["score"]}) + "\n")
-PYEOF
+  $PY world.py --pairs "$OUT/world_pairs.jsonl" --max-prompts 80
   PREF="--labels $OUT/world_pairs.jsonl"
   RM="--max-iters 8 --eval-interval 1000"
   DPO="--max-iters 6 --eval-limit 8 --eval-interval 1000"

@@ -33,13 +33,15 @@ import time
 import torch
 
 import data
+import world
+from common import UserError, run_cli
 from evals import fact_recall, task_accuracy, text_loss
 from gpt import cross_entropy_loss, load_checkpoint, save_checkpoint
 from lora import format_parameter_table, inject_lora, merge_lora, parameter_counts, save_adapter
 from quant4 import Linear4bit, dequantize_model, quantize_model
 from tokenizer import pad_id, tokenizer_fingerprint
-from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state,
-                      lr_at, make_optimizer, micro_steps, run_cli, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
+                      make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
 
 TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
 EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
@@ -84,9 +86,9 @@ def parse_args(argv=None):
         print("note: --replay needs --replay-data (pre-training text) with your own domain text; none is mixed in")
         args.replay = 0.0
     if not 0 <= args.replay < 1:
-        raise data.UserError(f"--replay must be in [0, 1), not {args.replay}")
+        raise UserError(f"--replay must be in [0, 1), not {args.replay}")
     if args.lora and args.qlora:
-        raise data.UserError("choose --lora R or --qlora R, not both")
+        raise UserError("choose --lora R or --qlora R, not both")
     args.batch_size = args.batch_size or (16 if domain else 32)
     args.max_iters = args.max_iters or (200 if domain else 300)
     if args.lr is None:  # new knowledge (domain text) needs a higher rate than learning a format
@@ -107,11 +109,11 @@ def instruct_data(args, enc, block_size):
             pairs, val = pairs[:-n_val], pairs[-n_val:]
         held_out = {"custom": [{"prompt": p, "output": c} for p, c, _ in val]}
     else:
-        tasks = data.task_sets(data.make_world(args.world_seed))
+        tasks = world.task_sets(world.make_world(args.world_seed))
         wanted = [t for t in args.tasks.split(",") if t]
         unknown = set(wanted) - set(tasks)
         if unknown:
-            raise data.UserError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {sorted(tasks)}")
+            raise UserError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {sorted(tasks)}")
         pairs = [(data.format_prompt(e["instruction"], e["input"]), data.format_completion(e["output"]),
                   f"{t} train example {i}") for t in wanted for i, e in enumerate(tasks[t]["train"])]
         held_out = {t: tasks[t]["test"][:args.eval_n] for t in EVAL_TASKS}
@@ -130,13 +132,13 @@ def domain_texts(args):
         docs = data.read_text(args.data, split_blank_lines=True)
         return (docs, data.read_text(args.val_data, split_blank_lines=True)) if args.val_data else \
             data.split_documents(docs, args.val_fraction)
-    return data.domain_docs(data.make_world(args.world_seed))
+    return world.domain_docs(world.make_world(args.world_seed))
 
 
 def replay_data(args, enc):
     """The pre-training text that --replay mixes into domain batches (its training part only)."""
     docs = data.read_text(args.replay_data, split_blank_lines=True) if args.replay_data else \
-        data.split_documents(data.pretrain_docs(data.make_world(args.world_seed)))[0]
+        data.split_documents(world.pretrain_docs(world.make_world(args.world_seed)))[0]
     return cached_tokens(docs, enc, args, "replay.bin")
 
 
@@ -175,9 +177,9 @@ def forgetting_set(args, enc):
     (default world only; None for user data)."""
     if args.data or not args.recall_limit:
         return None
-    world = data.make_world(args.world_seed)
-    _, val_docs = data.split_documents(data.pretrain_docs(world))
-    return cached_tokens(val_docs, enc, args, "pretrain_val.bin"), data.fact_cloze(world)[:args.recall_limit], data.fact_cloze(world, held_out=True)
+    w = world.make_world(args.world_seed)
+    _, val_docs = data.split_documents(world.pretrain_docs(w))
+    return cached_tokens(val_docs, enc, args, "pretrain_val.bin"), world.fact_cloze(w)[:args.recall_limit], world.fact_cloze(w, held_out=True)
 
 
 def frozen_base_bytes(model):
@@ -202,13 +204,13 @@ def main(argv=None):
         train, held_out = instruct_data(args, enc, model.config.block_size)
         domain_val = None
         if not args.data:  # the held-out region's text, to show what instruction tuning alone does to it
-            domain_val = cached_tokens(data.domain_docs(data.make_world(args.world_seed))[1], enc, args, "domain_val.bin")
+            domain_val = cached_tokens(world.domain_docs(world.make_world(args.world_seed))[1], enc, args, "domain_val.bin")
         n_train = f"{len(train):,} examples"
     else:
         train_docs, val_docs = domain_texts(args)
         train_tokens, domain_val = cached_tokens(train_docs, enc, args, "train.bin"), cached_tokens(val_docs, enc, args, "val.bin")
         replay_tokens = replay_data(args, enc) if args.replay > 0 else None
-        held_out = None if args.data else {"domain_facts": data.task_sets(data.make_world(args.world_seed))
+        held_out = None if args.data else {"domain_facts": world.task_sets(world.make_world(args.world_seed))
                                            ["domain_facts"]["test"][:args.eval_n]}
         n_train = f"{len(train_tokens):,} tokens"
     forget = forgetting_set(args, enc)

@@ -21,11 +21,17 @@ import collections
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import time
 
 import regex
 import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
 
-from data import UserError
+import world
+from common import UserError, atomic_write_json
 
 # GPT-4's split pattern (cl100k): case-insensitive contractions, letters with one leading
 # non-letter, numbers of 1-3 digits, punctuation runs, newlines, other whitespace.
@@ -127,7 +133,6 @@ def tokenizer_fingerprint(enc):
 
 
 def save_tokenizer(enc, path):
-    from gpt import atomic_write_json  # gpt imports this module; import here to avoid a cycle
     atomic_write_json(tokenizer_json(enc), path)
 
 
@@ -166,8 +171,6 @@ def gpt2_tokenizer(model_dir=None):
     Taken from model_dir when it holds the Hugging Face files vocab.json + merges.txt (the same
     data as tiktoken's encoder.json + vocab.bpe), else from tiktoken's local cache. Never downloads:
     without either, a clear error says how to get the files."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
     if model_dir and all(os.path.exists(os.path.join(model_dir, f)) for f in ("vocab.json", "merges.txt")):
         files = tuple(os.path.join(model_dir, f) for f in ("merges.txt", "vocab.json"))
         # tiktoken caches local files by path; passing their hashes makes a changed file be read again
@@ -182,7 +185,7 @@ def gpt2_tokenizer(model_dir=None):
         enc._hf_files = files  # gpt.save_checkpoint copies them beside every checkpoint made from this model
         return enc
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-        os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
     cached = [os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest())) for u in GPT2_URLS]
     if not all(cached):
         raise UserError("the gpt2 tokenizer files are not available offline: put vocab.json and merges.txt "
@@ -191,20 +194,30 @@ def gpt2_tokenizer(model_dir=None):
                         f"(it caches them in {cache})")
     return tiktoken.get_encoding("gpt2")
 
+def copy_gpt2_vocab(enc, out_dir):
+    """Copy the vocab.json + merges.txt a gpt2 tokenizer was read from (tokenizer.gpt2_tokenizer sets
+    enc._hf_files) into out_dir, so the checkpoint stays loadable offline. Nothing to do otherwise."""
+    for src in getattr(enc, "_hf_files", ()):
+        dst = os.path.join(out_dir, os.path.basename(src))
+        if os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst)
+
 
 def describe(enc, text):
     """Show how text splits into tokens: 'The| flag| of| Bel|wick'."""
     return "|".join(enc.decode_single_token_bytes(t).decode("utf-8", "replace") for t in enc.encode_ordinary(text))
 
 
-if __name__ == "__main__":
-    import time
-    import data
-    world = data.make_world()
-    text = "\n\n".join(data.pretrain_docs(world))
+def main():
+    w = world.make_world()
+    text = "\n\n".join(world.pretrain_docs(w))
     t0 = time.time()
     enc = train_tokenizer(text, 4096)
     print(f"trained {enc.n_vocab} tokens on {len(text):,} characters in {time.time() - t0:.1f}s; "
           f"{len(text) / len(enc.encode_ordinary(text)):.2f} characters per token")
     for s in ("The flag of Belwick is green.", "Instruction: Answer the question.\nOutput: 12 + 35 = 47"):
         print(describe(enc, s))
+
+
+if __name__ == "__main__":
+    main()

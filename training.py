@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import UserError
 from safetensors import safe_open
 
-from gpt import atomic_save_safetensors, read_safetensors
+from common import UserError, atomic_save_safetensors, read_safetensors
 
 
 # ----------------------------------------------------------------------------- CLI and device
@@ -242,19 +241,3 @@ class MetricsLog:
         print(" | ".join(parts), flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "elapsed": round(elapsed, 3), **metrics}) + "\n")
-
-
-def run_cli(main):
-    """Run a stage's main(); bad input ends in one line on stderr and exit code 2."""
-    try:
-        main()
-        if dist.is_available() and dist.is_initialized():
-            # leave together: the master still evaluates and saves after the loop, and a process that
-            # tears the group down while its peer still uses it can be aborted by gloo
-            dist.barrier()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()

@@ -91,7 +91,7 @@ def test_full_run_writes_json_with_consistent_figures(tmp_path):
 
 
 def test_unknown_section_is_a_clear_error():
-    from data import UserError
+    from common import UserError
     with pytest.raises(UserError, match="unknown section"):
         bench.parse_args(["--only", "train,speed"])
 

@@ -15,19 +15,20 @@ import tiktoken
 import torch
 
 import data
-from data import UserError
+import world
+from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def world():
-    return data.make_world(1337)
+def w():
+    return world.make_world(1337)
 
 
 @pytest.fixture(scope="module")
-def docs(world):
-    return data.pretrain_docs(world)
+def docs(w):
+    return world.pretrain_docs(w)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def corpus(docs):
 
 
 @pytest.fixture(scope="module")
-def tasks(world):
-    return data.task_sets(world)
+def tasks(w):
+    return world.task_sets(w)
 
 
 def byte_enc():
@@ -46,40 +47,40 @@ def byte_enc():
                              special_tokens={"<|endoftext|>": 256, "<|pad|>": 257})
 
 
-def digest(world):
-    return hashlib.sha256((data.pretrain_text(world) + json.dumps(data.task_sets(world)) +
-                           json.dumps(data.domain_docs(world))).encode()).hexdigest()
+def digest(w):
+    return hashlib.sha256((world.pretrain_text(w) + json.dumps(world.task_sets(w)) +
+                           json.dumps(world.domain_docs(w))).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the world
 
-def test_world_is_byte_identical_for_a_seed_and_differs_for_another(world):
-    h = digest(world)
-    assert asdict(data.make_world(1337)) == asdict(world)
-    assert digest(data.make_world(1337)) == h
-    assert digest(data.make_world(1338)) != h
+def test_world_is_byte_identical_for_a_seed_and_differs_for_another(w):
+    h = digest(w)
+    assert asdict(world.make_world(1337)) == asdict(w)
+    assert digest(world.make_world(1337)) == h
+    assert digest(world.make_world(1338)) != h
     # another process with another hash seed (set iteration order) gives the same bytes
-    code = "import data, tests.test_data as t; print(t.digest(data.make_world(1337)))"
+    code = "import world, tests.test_data as t; print(t.digest(world.make_world(1337)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": ROOT}, check=True)
     assert out.stdout.strip() == h
 
 
-def test_world_shape_and_names(world):
-    assert len(world.regions) == 6 and len(world.towns) == 48 and len(world.people) == 72 and len(world.items) == 48
-    assert world.held_out_region in world.regions
-    places = world.regions + [t.name for t in world.towns] + sorted({t.river for t in world.towns})
-    firsts = [p.name.split()[0] for p in world.people] + [t.mayor.split()[0] for t in world.towns]
+def test_world_shape_and_names(w):
+    assert len(w.regions) == 6 and len(w.towns) == 48 and len(w.people) == 72 and len(w.items) == 48
+    assert w.held_out_region in w.regions
+    places = w.regions + [t.name for t in w.towns] + sorted({t.river for t in w.towns})
+    firsts = [p.name.split()[0] for p in w.people] + [t.mayor.split()[0] for t in w.towns]
     for group in (places, firsts):
         assert len({n[:3] for n in group}) == len(group)  # distinct first three letters
-        assert not any(data.near(a, b) for i, a in enumerate(group) for b in group[i + 1:])
-    held_people = [p for p in world.people if data.is_held_out(world, p)]
-    assert len(held_people) == 12 and len(data.facts(world)) == 40 * 6 + 60 * 3
+        assert not any(world.near(a, b) for i, a in enumerate(group) for b in group[i + 1:])
+    held_people = [p for p in w.people if world.is_held_out(w, p)]
+    assert len(held_people) == 12 and len(world.facts(w)) == 40 * 6 + 60 * 3
 
 
 def test_near():
-    assert data.near("Zomora", "Zamora") and data.near("Wahaven", "Wanhaven") and data.near("abc", "ab")
-    assert not data.near("Zomora", "Zamorb") and not data.near("abc", "abcde")
+    assert world.near("Zomora", "Zamora") and world.near("Wahaven", "Wanhaven") and world.near("abc", "ab")
+    assert not world.near("Zomora", "Zamorb") and not world.near("abc", "abcde")
 
 
 def test_docs_have_no_blank_lines_and_the_right_size(docs, corpus):
@@ -89,30 +90,30 @@ def test_docs_have_no_blank_lines_and_the_right_size(docs, corpus):
     assert 0.03 < qa / len(corpus) < 0.08  # about 5% question/answer pages
 
 
-def test_every_cloze_fact_is_in_the_corpus_at_least_ten_times(world, corpus):
-    cloze = data.fact_cloze(world)
+def test_every_cloze_fact_is_in_the_corpus_at_least_ten_times(w, corpus):
+    cloze = world.fact_cloze(w)
     assert len(cloze) == 420 and len({c["prompt"] for c in cloze}) == 420
     for c in cloze:
         assert corpus.count(f"{c['prompt']} {c['answer']}.") >= 10, c
-    assert data.fact_cloze(world)[0] == cloze[0]
+    assert world.fact_cloze(w)[0] == cloze[0]
     flag = next(c for c in cloze if c["attribute"] == "flag")
-    assert flag["prompt"] == f"The flag of {flag['subject']} is" and flag["answer"] in data.COLOURS
+    assert flag["prompt"] == f"The flag of {flag['subject']} is" and flag["answer"] in world.COLOURS
 
 
-def test_held_out_region_never_appears_in_pretraining(world, corpus):
-    held_towns = [t for t in world.towns if t.region == world.held_out_region]
-    names = ([world.held_out_region] + [t.name for t in held_towns] + [t.mayor for t in held_towns] +
-             [t.river for t in held_towns] + [p.name for p in world.people if data.is_held_out(world, p)])
+def test_held_out_region_never_appears_in_pretraining(w, corpus):
+    held_towns = [t for t in w.towns if t.region == w.held_out_region]
+    names = ([w.held_out_region] + [t.name for t in held_towns] + [t.mayor for t in held_towns] +
+             [t.river for t in held_towns] + [p.name for p in w.people if world.is_held_out(w, p)])
     assert len(names) > 30
     corpus_words = set(re.findall(r"\w+", corpus))
     for n in names:
         assert not set(n.split()) & corpus_words, n  # not even a first name or a surname
 
 
-def test_domain_docs_teach_the_held_out_facts_and_val_is_other_sentences(world):
-    train, val = data.domain_docs(world)
+def test_domain_docs_teach_the_held_out_facts_and_val_is_other_sentences(w):
+    train, val = world.domain_docs(w)
     text = "\n\n".join(train)
-    cloze = data.fact_cloze(world, held_out=True)
+    cloze = world.fact_cloze(w, held_out=True)
     assert len(cloze) == 8 * 6 + 12 * 3
     for c in cloze:
         assert text.count(f"{c['prompt']} {c['answer']}.") >= 10, c
@@ -120,7 +121,7 @@ def test_domain_docs_teach_the_held_out_facts_and_val_is_other_sentences(world):
     for v in val:
         for sentence in re.split(r"(?<=\.) ", v):
             assert sentence not in text, sentence
-    trained = {t.name for t in world.towns if t.region != world.held_out_region}
+    trained = {t.name for t in w.towns if t.region != w.held_out_region}
     assert not any(re.search(rf"\b{n}\b", text) for n in trained)
 
 
@@ -131,7 +132,7 @@ def question_keys(examples):
 
 
 def fact_of(question):
-    for attr, qs in data.QUESTIONS.items():
+    for attr, qs in world.QUESTIONS.items():
         for q in qs:
             m = re.fullmatch(re.escape(q).replace(re.escape("{s}"), "(.+)"), question)
             if m:
@@ -140,18 +141,18 @@ def fact_of(question):
 
 
 def test_splits_never_share_a_question(tasks):
-    assert set(tasks) == set(data.TASKS)
+    assert set(tasks) == set(world.TASKS)
     for name, splits in tasks.items():
-        keys = {s: question_keys(splits[s]) for s in data.SPLITS}
-        assert all(keys[s] for s in data.SPLITS), name
+        keys = {s: question_keys(splits[s]) for s in world.SPLITS}
+        assert all(keys[s] for s in world.SPLITS), name
         assert not (keys["train"] & keys["val"] or keys["train"] & keys["test"] or keys["val"] & keys["test"])
     for name in ("facts", "domain_facts"):  # split by fact: no paraphrased question crosses over
-        f = {s: {fact_of(e["input"]) for e in tasks[name][s]} for s in data.SPLITS}
+        f = {s: {fact_of(e["input"]) for e in tasks[name][s]} for s in world.SPLITS}
         assert not (f["train"] & f["test"]) and not (f["train"] & f["val"]) and not (f["val"] & f["test"])
     pair = lambda e: tuple(sorted(map(int, re.findall(r"\d+", e["input"]))))
-    p = {s: {pair(e) for e in tasks["addition"][s]} for s in data.SPLITS}
+    p = {s: {pair(e) for e in tasks["addition"][s]} for s in world.SPLITS}
     assert not (p["train"] & p["test"]) and not (p["train"] & p["val"]) and not (p["val"] & p["test"])
-    st = {s: {e["input"] for e in tasks["story"][s]} for s in data.SPLITS}
+    st = {s: {e["input"] for e in tasks["story"][s]} for s in world.SPLITS}
     assert not (st["train"] & st["test"]) and not (st["train"] & st["val"])
 
 
@@ -181,10 +182,10 @@ def test_no_val_or_test_question_in_the_pretraining_corpus(tasks, corpus):
 
 
 def test_sentiment_labels_agree_with_the_judge(tasks):
-    for s in data.SPLITS:
+    for s in world.SPLITS:
         for e in tasks["sentiment"][s]:
-            assert e["output"] in data.SENTIMENT_LABELS
-            assert (data.sentiment_score(e["input"]) > 0) == (e["output"] == "positive")
+            assert e["output"] in world.SENTIMENT_LABELS
+            assert (world.sentiment_score(e["input"]) > 0) == (e["output"] == "positive")
     labels = [e["output"] for e in tasks["sentiment"]["test"]]
     assert 0.35 < labels.count("positive") / len(labels) < 0.65
 
@@ -192,7 +193,7 @@ def test_sentiment_labels_agree_with_the_judge(tasks):
 def test_reviews_span_every_sentiment_and_carry_their_score(tasks):
     train = tasks["review"]["train"]
     scores = [e["score"] for e in train]
-    assert all(e["score"] == data.sentiment_score(e["output"]) and len(e["output"].split()) <= 30 for e in train)
+    assert all(e["score"] == world.sentiment_score(e["output"]) and len(e["output"].split()) <= 30 for e in train)
     assert all(e["input"] == "" for e in train)
     edges = (-1, -0.78, -0.5, 0.5, 0.78, 1)
     bins = [sum(lo <= x < hi for x in scores) for lo, hi in zip(edges, edges[1:])]
@@ -200,28 +201,28 @@ def test_reviews_span_every_sentiment_and_carry_their_score(tasks):
     # the levels are ordered by the judge: very negative < negative < neutral < positive < very positive
     rng = __import__("random").Random(0)
     for level_lo, level_hi in ((-2, -1), (-1, 0), (0, 1), (1, 2)):
-        lo = max(data.sentiment_score(data.review_text(rng, "the oak lamp", level_lo)) for _ in range(200))
-        hi = min(data.sentiment_score(data.review_text(rng, "the oak lamp", level_hi)) for _ in range(200))
+        lo = max(world.sentiment_score(world.review_text(rng, "the oak lamp", level_lo)) for _ in range(200))
+        hi = min(world.sentiment_score(world.review_text(rng, "the oak lamp", level_hi)) for _ in range(200))
         assert lo < hi
 
 
 def test_addition_answers_and_chain_of_thought(tasks):
-    ex = [e for s in data.SPLITS for e in tasks["addition"][s]]
+    ex = [e for s in world.SPLITS for e in tasks["addition"][s]]
     for e in ex:
         a, b = map(int, re.findall(r"\d+", e["input"]))
-        assert e["output"] == str(a + b) and data.extract_answer_number(e["cot"]) == a + b
+        assert e["output"] == str(a + b) and world.extract_answer_number(e["cot"]) == a + b
     assert sum("carry 1" in e["cot"] for e in tasks["addition"]["test"]) > 100
-    assert data.addition_cot(47, 85) == "7 + 5 = 12, write 2 carry 1. 4 + 8 + 1 = 13, write 13. The answer is 132."
-    assert data.addition_cot(5, 995) == ("5 + 5 = 10, write 0 carry 1. 0 + 9 + 1 = 10, write 0 carry 1. "
+    assert world.addition_cot(47, 85) == "7 + 5 = 12, write 2 carry 1. 4 + 8 + 1 = 13, write 13. The answer is 132."
+    assert world.addition_cot(5, 995) == ("5 + 5 = 10, write 0 carry 1. 0 + 9 + 1 = 10, write 0 carry 1. "
                                          "0 + 9 + 1 = 10, write 10. The answer is 1000.")
-    assert data.addition_cot(12, 30) == "2 + 0 = 2, write 2. 1 + 3 = 4, write 4. The answer is 42."
+    assert world.addition_cot(12, 30) == "2 + 0 = 2, write 2. 1 + 3 = 4, write 4. The answer is 42."
 
 
 def test_extract_answer_number():
-    assert data.extract_answer_number("write 13. The answer is 132.") == 132
-    assert data.extract_answer_number("the answer is 1,234. no, the answer is 99") == 99
-    assert data.extract_answer_number(" 132.") == 132
-    assert data.extract_answer_number("I do not know") is None
+    assert world.extract_answer_number("write 13. The answer is 132.") == 132
+    assert world.extract_answer_number("the answer is 1,234. no, the answer is 99") == 99
+    assert world.extract_answer_number(" 132.") == 132
+    assert world.extract_answer_number("I do not know") is None
 
 
 def test_story_answers_are_in_the_story(tasks):
@@ -229,16 +230,16 @@ def test_story_answers_are_in_the_story(tasks):
         assert e["output"] in e["input"] and e["instruction"].endswith("?")
 
 
-def test_write_default_data_is_idempotent(tmp_path, world, docs, tasks):
-    paths = data.write_default_data(str(tmp_path), 1337)
+def test_write_default_data_is_idempotent(tmp_path, w, docs, tasks):
+    paths = world.write_default_data(str(tmp_path), 1337)
     assert open(paths["corpus"], encoding="utf-8").read() == "\n\n".join(docs) + "\n"
     assert data.read_text([paths["corpus"]], split_blank_lines=True) == docs
     assert data.read_records(paths["facts_test"]) == tasks["facts"]["test"]
-    assert json.load(open(paths["world"]))["held_out_region"] == world.held_out_region
+    assert json.load(open(paths["world"]))["held_out_region"] == w.held_out_region
     mtime = os.stat(paths["corpus"]).st_mtime_ns
-    assert data.ensure_default_data(str(tmp_path), 1337) == paths
+    assert world.ensure_default_data(str(tmp_path), 1337) == paths
     assert os.stat(paths["corpus"]).st_mtime_ns == mtime  # skipped, same seed
-    data.write_default_data(str(tmp_path), 7)
+    world.write_default_data(str(tmp_path), 7)
     assert json.load(open(paths["world"]))["seed"] == 7
     assert open(paths["corpus"], encoding="utf-8").read() != "\n\n".join(docs) + "\n"
 
@@ -267,46 +268,46 @@ def test_render_messages():
 # ----------------------------------------------------------------------------- judges (hand-worked)
 
 def test_sentiment_score_by_hand():
-    assert data.sentiment_score("The kettle is good.") == pytest.approx(1 / 2)          # S = 1
-    assert data.sentiment_score("Terrible and bad!") == pytest.approx(-3 / 4)           # S = -2 - 1
-    assert data.sentiment_score("I would not recommend it.") == pytest.approx(-1 / 2)  # negated +1
-    assert data.sentiment_score("Excellent, but slow.") == pytest.approx(1 / 2)         # 2 - 1
-    assert data.sentiment_score("A kettle.") == 0.0
+    assert world.sentiment_score("The kettle is good.") == pytest.approx(1 / 2)          # S = 1
+    assert world.sentiment_score("Terrible and bad!") == pytest.approx(-3 / 4)           # S = -2 - 1
+    assert world.sentiment_score("I would not recommend it.") == pytest.approx(-1 / 2)  # negated +1
+    assert world.sentiment_score("Excellent, but slow.") == pytest.approx(1 / 2)         # 2 - 1
+    assert world.sentiment_score("A kettle.") == 0.0
     # monotone: repeating a positive word raises the score (the reward hack is visible)
-    s = [data.sentiment_score(" ".join(["good"] * k)) for k in range(1, 6)]
+    s = [world.sentiment_score(" ".join(["good"] * k)) for k in range(1, 6)]
     assert s == sorted(s) and len(set(s)) == 5 and s[-1] == pytest.approx(5 / 6)
-    assert all(-1 < data.sentiment_score(" ".join([w] * 50)) < 1 for w in data.LEXICON)
+    assert all(-1 < world.sentiment_score(" ".join([w] * 50)) < 1 for w in world.LEXICON)
 
 
 def test_exact_match():
-    assert data.exact_match("  Green. ", "green") == 1.0
-    assert data.exact_match("plum  cake", "Plum cake.") == 1.0
-    assert data.exact_match("green flag", "green") == 0.0
+    assert world.exact_match("  Green. ", "green") == 1.0
+    assert world.exact_match("plum  cake", "Plum cake.") == 1.0
+    assert world.exact_match("green flag", "green") == 0.0
 
 
 def test_jaccard_by_hand():
-    assert data.jaccard("the cat sat", "The cat ran") == pytest.approx(2 / 4)
-    assert data.jaccard("a a b", "b") == pytest.approx(1 / 2)
-    assert data.jaccard("", "") == 1.0 and data.jaccard("x", "") == 0.0
+    assert world.jaccard("the cat sat", "The cat ran") == pytest.approx(2 / 4)
+    assert world.jaccard("a a b", "b") == pytest.approx(1 / 2)
+    assert world.jaccard("", "") == 1.0 and world.jaccard("x", "") == 0.0
 
 
 def test_bleu_by_hand():
-    assert data.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert world.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     # p1 = 2/4 (clipped), p2 = (1+1)/(3+1), p3 = (0+1)/(2+1), p4 = (0+1)/(1+1); c = 4 > r = 3 so BP = 1
-    assert data.bleu("the cat the cat", "the cat sat") == pytest.approx((0.5 * 0.5 * (1 / 3) * 0.5) ** 0.25)
+    assert world.bleu("the cat the cat", "the cat sat") == pytest.approx((0.5 * 0.5 * (1 / 3) * 0.5) ** 0.25)
     # every precision is 1 (smoothed n > 2), BP = exp(1 - 6/2)
-    assert data.bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
-    assert data.bleu("dog", "the cat") == 0.0 and data.bleu("", "the cat") == 0.0
+    assert world.bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
+    assert world.bleu("dog", "the cat") == 0.0 and world.bleu("", "the cat") == 0.0
     # p1 = 3/3, p2 = (1+1)/(2+1) ("the cat" matches, "cat sat" does not), max_n = 2, BP = exp(1 - 4/3)
-    assert data.bleu("the cat ran", "the cat sat down", max_n=2) == pytest.approx(
+    assert world.bleu("the cat ran", "the cat sat down", max_n=2) == pytest.approx(
         math.exp(1 - 4 / 3) * ((2 / 3) * (2 / 3)) ** 0.5)
 
 
 def test_rouge_l_by_hand():
-    assert data.rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)  # LCS 5
+    assert world.rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)  # LCS 5
     # LCS("a b c d", "a c e") = "a c": P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7
-    assert data.rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
-    assert data.rouge_l("x y", "a b") == 0.0 and data.rouge_l("", "a") == 0.0
+    assert world.rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
+    assert world.rouge_l("x y", "a b") == 0.0 and world.rouge_l("", "a") == 0.0
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import dpo
+from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import pad_id
 
@@ -203,13 +203,13 @@ def test_resume_is_exact(tiny_setup):
 def test_bad_input_is_one_clear_error(tiny_setup, monkeypatch):
     tmp, _, _ = tiny_setup
     monkeypatch.chdir(tmp)  # no out/preferences here
-    with pytest.raises(data.UserError, match="sft.py"):
+    with pytest.raises(UserError, match="sft.py"):
         dpo.main(cli(tmp, **{"--init": str(tmp / "nothing")}))
-    with pytest.raises(data.UserError, match="preferences.py"):
+    with pytest.raises(UserError, match="preferences.py"):
         dpo.main(cli(tmp, **{"--data": dpo.DEFAULT_PAIRS}))
-    with pytest.raises(data.UserError, match="beta"):
+    with pytest.raises(UserError, match="beta"):
         dpo.main(cli(tmp, **{"--beta": "0"}))
     long = dict(tiny_pairs(1)[0], chosen=" good" * 80)
     (tmp / "long.jsonl").write_text(json.dumps(long) + "\n")
-    with pytest.raises(data.UserError, match="long.jsonl: pair 1.*longer than the context"):
+    with pytest.raises(UserError, match="long.jsonl: pair 1.*longer than the context"):
         dpo.main(cli(tmp, **{"--data": str(tmp / "long.jsonl")}))

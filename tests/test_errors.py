@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-import data
 import pretrain
-from gpt import GPT, GPTConfig, read_safetensors, save_checkpoint
+import world
+from common import UserError, read_safetensors
+from gpt import GPT, GPTConfig, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
@@ -110,7 +111,7 @@ def test_resume_without_a_state(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(data.pretrain_docs(data.make_world(2), size_chars=20_000)))
+    corpus.write_text("\n\n".join(world.pretrain_docs(world.make_world(2), size_chars=20_000)))
     out = tmp_path / "run"
     args = ["--data", str(corpus), *TINY, "--max-iters", "10", "--eval-interval", "3", "--out", str(out),
             "--log-interval", "1"]
@@ -121,7 +122,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = real(logits, targets)
         return loss * float("nan") if calls[0] == 5 else loss  # the 5th training step goes bad
     monkeypatch.setattr(pretrain, "cross_entropy_loss", poisoned)
-    with pytest.raises(data.UserError, match="loss is nan at step 4"):
+    with pytest.raises(UserError, match="loss is nan at step 4"):
         pretrain.main(args)
     saved = json.loads((out / "config.json").read_text())
     assert saved["step"] == 3  # the checkpoint of step 3 is intact and loadable
@@ -187,7 +188,7 @@ def test_reference_with_another_tokenizer(tmp_path, wide_ckpt, small_text):
 
 def test_reward_model_with_another_tokenizer(tmp_path, wide_ckpt, small_text):
     from reward import HEAD_FILE, RewardModel, head_state
-    from gpt import atomic_save_safetensors
+    from common import atomic_save_safetensors
     from tokenizer import train_tokenizer
     enc = train_tokenizer(small_text, 280)
     rm = RewardModel(GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32)))
@@ -205,8 +206,8 @@ def test_adapter_for_another_model(tmp_path, small_enc):
     wide = inject_lora(GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)), 2)
     save_adapter(wide, str(tmp_path / "adapter"))
     narrow = GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=32))
-    with pytest.raises(data.UserError, match="another model"):
+    with pytest.raises(UserError, match="another model"):
         load_adapter(narrow, str(tmp_path / "adapter"))
     other_width = GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=48))
-    with pytest.raises(data.UserError, match="another model"):
+    with pytest.raises(UserError, match="another model"):
         load_adapter(other_width, str(tmp_path / "adapter"))

@@ -1,13 +1,12 @@
 """The shared GPT: causality, padding, the KV cache, log-probs, sampling, checkpoints."""
 import math
-import os
 
 import pytest
 import torch
 
-from data import UserError
-from gpt import (GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, sample_next_token,
-                 save_checkpoint, token_logprobs)
+from common import UserError
+from gpt import (GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, sample_next_token, save_checkpoint,
+                 token_logprobs)
 
 EOS, PAD = 62, 63
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 import data
-from data import UserError
-from gpt import (GPT, GPTConfig, export_hf, load_checkpoint, read_safetensors, save_checkpoint,
-                 unique_state_dict)
+from common import UserError, read_safetensors, unique_state_dict
+from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from hf import export_hf
 from tokenizer import tokenizer_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

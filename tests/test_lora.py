@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import UserError
-from gpt import GPT, GPTConfig, read_safetensors
-from lora import (LoRALinear, adapted_layers, inject_lora, load_adapter, lora_parameter_table, lora_scale,
-                  merge_lora, parameter_counts, save_adapter)
+from common import UserError, read_safetensors
+from gpt import GPT, GPTConfig
+from lora import (LoRALinear, adapted_layers, inject_lora, load_adapter, lora_parameter_table, lora_scale, merge_lora,
+                  parameter_counts, save_adapter)
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import ppo
-from gpt import GPT, GPTConfig, read_safetensors, save_checkpoint
+from common import UserError, read_safetensors
+from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import eos_id, pad_id
 
 
@@ -274,11 +274,11 @@ def test_refuses_a_reward_model_with_another_tokenizer(ckpt, tiny):
     trunk = GPT(GPTConfig(vocab_size=other.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32))
     rm = reward.RewardModel(trunk)
     save_checkpoint(str(ckpt / "rm"), trunk, other, {"stage": "reward"})
-    from gpt import atomic_save_safetensors
+    from common import atomic_save_safetensors
     atomic_save_safetensors(reward.head_state(rm), str(ckpt / "rm" / reward.HEAD_FILE))
     args = run_args(ckpt, "x")
     args[args.index("--reward") + 1] = str(ckpt / "rm")
-    with pytest.raises(data.UserError, match="different tokenizers"):
+    with pytest.raises(UserError, match="different tokenizers"):
         ppo.main(args)
 
 
@@ -289,7 +289,7 @@ def test_runs_with_a_reward_model_and_critic_from_its_head(ckpt, tiny):
     trunk = GPT(model.config)
     rm = reward.RewardModel(trunk)
     save_checkpoint(str(ckpt / "rm"), trunk, enc, {"stage": "reward"})
-    from gpt import atomic_save_safetensors
+    from common import atomic_save_safetensors
     atomic_save_safetensors(reward.head_state(rm), str(ckpt / "rm" / reward.HEAD_FILE))
     args = run_args(ckpt, "with_rm", "--critic-init", "reward", "--kl-estimator", "k3", "--reward-shape", "discounted")
     args[args.index("--reward") + 1] = str(ckpt / "rm")

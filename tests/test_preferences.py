@@ -5,6 +5,7 @@ import torch
 
 import data
 import preferences
+from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 from preferences import make_pairs, split_by_prompt
 
@@ -78,5 +79,5 @@ def test_labels_are_split_and_written_the_same_way(tmp_path):
     assert all(p["score_chosen"] == 1.0 and p["score_rejected"] == 0.0 for p in train)
     assert not (out / "val_groups.jsonl").exists()
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "chosen": " a", "rejected": " a"}) + "\n")
-    with pytest.raises(data.UserError, match="identical"):
+    with pytest.raises(UserError, match="identical"):
         preferences.main(["--labels", str(tmp_path / "bad.jsonl"), "--out", str(out)])

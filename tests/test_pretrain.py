@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 import pretrain
-from gpt import GPT, GPTConfig, cross_entropy_loss, read_safetensors
+from common import read_safetensors
+from gpt import GPT, GPTConfig, cross_entropy_loss
 from training import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

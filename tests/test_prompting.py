@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import data
 import prompting
+import world
+from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 
 SHOTS = [{"instruction": "Answer the arithmetic question with a number.", "input": "What is 12 + 30?", "output": "42",
@@ -49,14 +51,14 @@ def test_chain_of_thought_prompt_shows_the_worked_steps():
         "Input: What is 12 + 30?\nOutput: 2 + 0 = 2, write 2. 1 + 3 = 4, write 4. The answer is 42.\n"
         "Input: What is 58 + 7?\nOutput: 8 + 7 = 15, write 5 carry 1. 5 + 0 + 1 = 6, write 6. The answer is 65.\n"
         "Input: What is 19 + 23?\nOutput:")
-    assert data.extract_answer_number(QUERY["cot"]) == 42
+    assert world.extract_answer_number(QUERY["cot"]) == 42
 
 
 def test_prompts_look_like_the_pretraining_qa_pages():
     """The shared-instruction layout occurs verbatim in pre-training: a k-shot prompt plus its answer is
     what a Q/A page of the corpus looks like."""
-    world = data.make_world(1337)
-    pages = [d for d in data.pretrain_docs(world) if d.startswith("Instruction: ") and
+    w = world.make_world(1337)
+    pages = [d for d in world.pretrain_docs(w) if d.startswith("Instruction: ") and
              d.count("Instruction: ") == 1]
     assert pages
     page = pages[0].split("\n")
@@ -100,7 +102,7 @@ def test_candidate_argmax_equals_scoring_each_candidate_alone(small_enc):
 # ----------------------------------------------------------------------------- no leaks
 
 def test_no_test_example_is_in_its_own_prompt():
-    tasks = data.task_sets(data.make_world(1337))
+    tasks = world.task_sets(world.make_world(1337))
     for task in prompting.TASKS:
         pool, test = tasks[task]["train"], tasks[task]["test"][:40]
         draws = prompting.draw_shots(pool, len(test), 8, f"0/{task}")
@@ -109,7 +111,7 @@ def test_no_test_example_is_in_its_own_prompt():
                 assert all(s in pool for s in shots)
                 assert p.count(f"Input: {e['input']}\n") == 1 and p.endswith(f"Input: {e['input']}\nOutput:")
                 assert e["input"] not in [s["input"] for s in shots]
-    with pytest.raises(data.UserError, match="also one of its examples"):
+    with pytest.raises(UserError, match="also one of its examples"):
         prompting.build_prompts([[QUERY]], [QUERY])
 
 
@@ -164,5 +166,5 @@ def test_cli_on_user_task_files(tmp_path, tiny_ckpt):
 def test_cli_refuses_a_prompt_longer_than_the_context(tmp_path, tiny_ckpt):
     task = tmp_path / "t.jsonl"
     task.write_text(json.dumps({"instruction": "x " * 2000, "output": "y"}) + "\n")
-    with pytest.raises(data.UserError, match=r"t.jsonl: example 1: prompt of \d+ tokens"):
+    with pytest.raises(UserError, match=r"t.jsonl: example 1: prompt of \d+ tokens"):
         prompting.main(["--init", tiny_ckpt, "--out", str(tmp_path / "o"), "--task-file", str(task), "--device", "cpu"])

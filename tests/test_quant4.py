@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant4 import (CODEBOOKS, FP4, INT4, NF4, NF4_OFFSET, Linear4bit, bits_per_parameter, block_scales,
+from quant4 import (CODEBOOKS, FP4, INT4, Linear4bit, NF4, NF4_OFFSET, bits_per_parameter, block_scales,
                     dequantize_blockwise, dequantize_model, double_dequantize, double_quantize, max_half_gap,
                     nearest_code, nf4_from_normal_quantiles, pack_nibbles, quantize_blockwise, quantize_model,
                     reconstruction_error, unpack_nibbles)

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-import data
+import world
+from common import UserError
 from gpt import GPT, load_checkpoint, save_checkpoint
 from training import load_train_state, make_optimizer
 
@@ -19,7 +20,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32
 
 
 def small_corpus(tmp_path):
-    text = "\n\n".join(data.pretrain_docs(data.make_world(1), size_chars=40_000))
+    text = "\n\n".join(world.pretrain_docs(world.make_world(1), size_chars=40_000))
     path = tmp_path / "corpus.txt"
     path.write_text(text)
     return str(path)
@@ -93,7 +94,7 @@ def test_a_pickle_renamed_to_safetensors_is_refused_without_running_it(tmp_path,
     # a pickle whose loading would create a file: torch.load would run it, safetensors never does
     payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(payload)
-    with pytest.raises(data.UserError, match="safetensors"):
+    with pytest.raises(UserError, match="safetensors"):
         load_checkpoint(ckpt)
     assert not marker.exists()
 

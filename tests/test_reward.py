@@ -7,7 +7,8 @@ import torch
 
 import data
 import reward
-from gpt import GPT, GPTConfig, load_checkpoint, read_safetensors, save_checkpoint
+from common import UserError, read_safetensors
+from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from reward import (RewardModel, bradley_terry_loss, kendall_tau, load_reward_model, pairwise_accuracy, reward_scores,
                     set_trainable)
 from tokenizer import pad_id, train_tokenizer
@@ -205,12 +206,12 @@ def test_resume_is_exact(ckpt, pairs_dir, tmp_path, mode):
 
 
 def test_bad_input_is_one_line(ckpt, pairs_dir, tmp_path, small_enc):
-    with pytest.raises(data.UserError, match="--train"):
+    with pytest.raises(UserError, match="--train"):
         run(ckpt, pairs_dir, tmp_path / "x", "--train", "lora")
-    with pytest.raises(data.UserError, match="not a reward model"):
+    with pytest.raises(UserError, match="not a reward model"):
         load_reward_model(ckpt)
     run(ckpt, pairs_dir, tmp_path / "rm", "--train", "head", "--max-iters", "1")
     other = train_tokenizer("completely different text " * 50, 270)
-    with pytest.raises(data.UserError, match="different tokenizers"):
+    with pytest.raises(UserError, match="different tokenizers"):
         load_reward_model(str(tmp_path / "rm"), policy_enc=other)
     reward.check_same_tokenizer(small_enc, load_reward_model(str(tmp_path / "rm"))[1], "rm", "policy")

@@ -6,7 +6,8 @@ import torch
 
 import data
 import sft
-from gpt import GPT, GPTConfig, load_checkpoint, read_safetensors, save_checkpoint
+from common import UserError, read_safetensors
+from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
 def test_loss_counts_only_response_and_eos(tiny_model):
@@ -123,13 +124,13 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path):
 def test_bad_input_is_one_clear_error(tiny_ckpt, tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
-    with pytest.raises(data.UserError, match="bad.jsonl:2"):
+    with pytest.raises(UserError, match="bad.jsonl:2"):
         run(tiny_ckpt, tmp_path / "x", "--data", str(f))
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"instruction": "word " * 500, "output": "b"}) + "\n")
-    with pytest.raises(data.UserError, match="longer than the context"):
+    with pytest.raises(UserError, match="longer than the context"):
         run(tiny_ckpt, tmp_path / "y", "--data", str(long), "--val-data", str(long))
-    with pytest.raises(data.UserError, match="--lora R or --qlora R"):
+    with pytest.raises(UserError, match="--lora R or --qlora R"):
         run(tiny_ckpt, tmp_path / "z", "--lora", "2", "--qlora", "2")
 
 
@@ -137,5 +138,5 @@ def test_domain_replay_mixes_pretraining_text(tiny_ckpt, tmp_path):
     m = run(tiny_ckpt, tmp_path / "rep", "--mode", "domain", "--block-size", "64", "--replay", "0.5",
             "--recall-limit", "0")
     assert (tmp_path / "rep" / "replay.bin").exists() and m["domain_ppl"] > 0
-    with pytest.raises(data.UserError, match="--replay"):
+    with pytest.raises(UserError, match="--replay"):
         run(tiny_ckpt, tmp_path / "bad", "--mode", "domain", "--replay", "1.5")

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-import data
+from common import UserError
 from tokenizer import (EOS, PAD, bpe_merges, eos_id, gpt2_tokenizer, load_tokenizer, pad_id, save_tokenizer,
                        tokenizer_fingerprint, train_tokenizer)
 
@@ -77,13 +77,13 @@ def test_same_text_same_tokenizer_and_different_text_different_fingerprint(small
 def test_bad_tokenizer_file_is_a_clear_error(tmp_path, content):
     path = tmp_path / "tokenizer.json"
     path.write_text(content)
-    with pytest.raises(data.UserError, match="tokenizer"):
+    with pytest.raises(UserError, match="tokenizer"):
         load_tokenizer(path)
 
 
 def test_gpt2_offline_gives_a_clear_error_or_works(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache: never downloads
-    with pytest.raises(data.UserError, match="vocab.json and merges.txt"):
+    with pytest.raises(UserError, match="vocab.json and merges.txt"):
         gpt2_tokenizer()
 
 
