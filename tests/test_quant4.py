@@ -501,5 +501,37 @@ def test_load_bnb_refuses_what_does_not_fit(tmp_path):
         load_bnb(TinyGPT(), tmp_path / "junk.safetensors")
 
 
+
+def test_transformers_4bit_gpt2_loads_here_with_equal_logits(tmp_path):
+    """transformers + bitsandbytes quantize a tiny GPT-2 on CPU (nf4, double quant) and save it; load_bnb
+    reads it into our GPT (same module names), logits equal theirs, and save_bnb writes the same tensors.
+    bitsandbytes' CPU forward is switched to its float32 path (its default there may compute in bf16)."""
+    transformers = pytest.importorskip("transformers")
+    bnb_nn = pytest.importorskip("bitsandbytes.nn")
+    pytest.importorskip("accelerate")
+    from gpt import GPT, GPTConfig
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2,
+                                                         n_head=2)).save_pretrained(tmp_path / "fp")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fp", quantization_config=config,
+                                                      device_map="cpu").eval()
+    hf.save_pretrained(tmp_path / "q")
+    for m in hf.modules():
+        if isinstance(m, bnb_nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    ours = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)).eval()
+    load_bnb(ours, tmp_path / "q" / "model.safetensors")
+    assert sum(isinstance(m, Linear4bit) for m in ours.modules()) == 8
+    idx = torch.tensor([[1, 5, 9, 3, 7, 60]])
+    with torch.no_grad():
+        assert torch.equal(ours(idx), hf(idx).logits)
+    save_bnb(ours, tmp_path / "ours.safetensors")
+    theirs, mine = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "ours.safetensors")
+    assert sorted(theirs) == sorted(mine) and all(torch.equal(theirs[k], mine[k]) for k in theirs)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write-reference"]:
     write_reference()
