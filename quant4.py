@@ -1,4 +1,5 @@
-"""Block-wise 4-bit quantization (NF4, FP4, INT4), double quantization, and a frozen 4-bit Linear.
+"""Block-wise 4-bit quantization (NF4, FP4, INT4), double quantization, a frozen 4-bit Linear, and
+the bitsandbytes/transformers file layout for 4-bit weights.
 
 This is the storage half of QLoRA: the frozen base weights are kept as 4-bit codes plus one
 scale per block of 64 weights, and are turned back into floats only inside forward. The LoRA
@@ -14,20 +15,30 @@ Why blocks: one scale for a whole tensor is set by its single largest value, so 
 stretch the grid and most weights fall into the one or two codes around zero; with a scale per
 block an outlier only coarsens its own 64 neighbours. `python quant4.py` measures this.
 
-Double quantization: the fp32 block scales cost 32/64 = 0.5 bit per weight; storing them,
-minus their mean, as int8 with one fp32 scale per 256 blocks brings that to about 0.127.
+Double quantization (QLoRA's second level): the fp32 block scales cost 32/64 = 0.5 bit per weight;
+storing them, minus their mean, as 8-bit codes of the dynamic map (dynamic_map) in blocks of 256,
+with one fp32 scale per 256 blocks, brings that to about 0.127.
+
+Files: save_bnb / load_bnb write and read 4-bit models in bitsandbytes' serialization (the one
+transformers uses for load_in_4bit models): per quantized Linear X, X.weight (uint8 codes),
+X.weight.absmax, X.weight.quant_map, X.weight.nested_absmax, X.weight.nested_quant_map and
+X.weight.quant_state.bitsandbytes__nf4 (the remaining fields as JSON bytes).
 
 Run:   python quant4.py          (error and memory tables, CPU, a few seconds)
 Use:   quantize_model(model)     (swaps nn.Linear -> Linear4bit in place, skips lm_head/embeddings)
        dequantize_model(model)   (swaps back to nn.Linear holding the dequantized weights)
+       save_bnb(model, path), load_bnb(model, path)   (bitsandbytes-format safetensors)
 """
 
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import UserError, atomic_save_safetensors, read_safetensors, unique_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # Codebooks: 16 float32 values in [-1, 1]; a 4-bit code q means the value CODEBOOKS[name][q].
@@ -92,6 +103,30 @@ def codebook(name):
     return CODEBOOKS[name]
 
 
+def dynamic_map():
+    """The signed 8-bit dynamic map of bitsandbytes (create_dynamic_map(signed=True); Dettmers 2015,
+    "dynamic tree quantization"): QLoRA's second-level code for the block scales. A code's 8 bits are
+        s | z zeros | 1 | f  (6 - z bits),  z = 0..6,
+        value = (-1)^s * 10^-z * (0.1 + 0.9 * (f + 1/2) / 2^(6 - z)),
+    i.e. the number of leading zeros after the sign is a decimal exponent, the first 1 ends it, and the
+    6 - z bits left are a linear fraction on [0.1, 1], taken at the midpoints of its 2^(6 - z) bins:
+    64 values in [0.1, 1], 32 in [0.01, 0.1], ..., 1 at 10^-6, and the same negated. The two patterns
+    left, all zeros and the would-be -0, are 0 and 1.0. Sorted ascending, so the stored byte is a value's
+    rank (index 127 is 0, 255 is 1.0, 0 is -0.99297). The step is relative: about 0.7% of |x| near
+    1 down to 1.4% per decade, so small values keep their precision when one outlier block sets the group max.
+    The bin midpoints are formed in float32 (linspace edges, their mean, times 10^-z), as bitsandbytes
+    does, which reproduces its table bit for bit."""
+    values = [torch.zeros(1), torch.ones(1)]
+    for z in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** (6 - z) + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** -z
+        values += [mids, -mids]
+    return torch.cat(values).sort().values
+
+
+DYNAMIC8 = dynamic_map()
+
+
 def max_half_gap(table):
     """Worst-case rounding error on [-1, 1] = half the largest gap between neighbouring code values."""
     values = table.double().sort().values
@@ -120,12 +155,13 @@ def nearest_code(x, table):
     return torch.where(tie, rep[upper], rep[slot]).to(torch.uint8)
 
 
-def pack_nibbles(q):
+def pack_nibbles(q, pad=0):
     """byte_i = q[2i] << 4 | q[2i+1]: two 4-bit codes per byte, the first in the HIGH nibble
-    (bitsandbytes' order); an odd count is padded with one zero nibble."""
+    (bitsandbytes' order); an odd count is padded with one nibble `pad` (quantize_blockwise passes
+    the code of 0.0, 7 for NF4, as bitsandbytes writes)."""
     q = q.flatten().to(torch.uint8)
     if q.numel() % 2:
-        q = torch.cat([q, q.new_zeros(1)])
+        q = torch.cat([q, q.new_full((1,), pad)])
     return (q[0::2] << 4) | q[1::2]
 
 
@@ -141,7 +177,8 @@ def unpack_nibbles(packed, n):
 @dataclass
 class QState:
     """A quantized tensor. Without double quant the block scales are `absmax` (fp32); with it they
-    are `absmax_q` (int8), `absmax_scale` (fp32, one per dq_block_size blocks) and `absmax_mean` (fp32)."""
+    are `absmax_q` (uint8 indices into DYNAMIC8), `absmax_scale` (fp32, one per dq_block_size blocks)
+    and `absmax_mean` (fp32). `dtype` names the dtype the weight had (bitsandbytes' "dtype" field)."""
     packed: torch.Tensor            # uint8, ceil(numel / 2): the 4-bit codes
     absmax: torch.Tensor | None     # fp32, n_blocks (None when double-quantized)
     shape: tuple
@@ -152,6 +189,7 @@ class QState:
     absmax_scale: torch.Tensor | None = None
     absmax_mean: torch.Tensor | None = None
     dq_block_size: int = 256
+    dtype: str = "float32"
 
     def tensors(self):
         return [t for t in (self.packed, self.absmax, self.absmax_q, self.absmax_scale, self.absmax_mean)
@@ -172,21 +210,25 @@ def absmax_per_block(w, block_size):
 
 
 def double_quantize(absmax, dq_block_size=256):
-    """Second-level quantization of the block scales c: m = mean(c); per group of dq_block_size scales
-    s2 = max|c - m|; q8 = round(127 (c - m) / s2) as int8. Symmetric linear int8 (bitsandbytes uses its
-    8-bit dynamic-exponent map instead, made for values spanning decades, as optimizer states do;
-    centred absmax values lie in a narrow band, where a linear grid is as good and simpler to audit).
-    The error is at most s2/254 per scale. Returns (q8, s2, m)."""
+    """Second-level quantization of the block scales c (QLoRA; bitsandbytes' compress_statistics):
+    m = mean(c); per group of dq_block_size scales s2 = max|c - m|;
+    q8 = argmin_j |(c - m) / s2 - DYNAMIC8_j| (uint8, ties to the lower j): block-wise absmax
+    quantization again, with the 8-bit dynamic map as codebook. Centring puts most scales near 0, and
+    an outlier block makes s2 large, so most (c - m) / s2 are small: the map's relative step (0.7-1.4%
+    of |x|, see dynamic_map) keeps them precise where a linear int8 grid's fixed step s2/127 would not.
+    Returns (q8, s2, m)."""
     mean = absmax.mean()
     blocks, s2 = absmax_per_block(absmax - mean, dq_block_size)
-    q8 = torch.round(blocks / torch.where(s2 > 0, s2, 1.0)[:, None] * 127).flatten()[:absmax.numel()]
-    return q8.to(torch.int8), s2, mean
+    x = blocks / torch.where(s2 > 0, s2, 1.0)[:, None]
+    return nearest_code(x, DYNAMIC8.to(x.device)).flatten()[:absmax.numel()], s2, mean
 
 
 def double_dequantize(q8, s2, mean, dq_block_size=256):
-    """c_hat = max(0, q8 * s2 / 127 + m); clamped at 0 because a scale is never negative."""
+    """c_hat = max(0, DYNAMIC8[q8] * s2 + m), in float32 in that order (as bitsandbytes computes it);
+    clamped at 0 because a scale is never negative (bitsandbytes does not clamp; it differs only where
+    its c_hat < 0, which would flip the signs of a block of near-zero weights)."""
     s2_each = s2.repeat_interleave(dq_block_size)[:q8.numel()]
-    return (q8.float() * s2_each / 127 + mean).clamp(min=0)
+    return (DYNAMIC8.to(s2.device)[q8.long()] * s2_each + mean).clamp(min=0)
 
 
 def block_scales(state):
@@ -204,7 +246,9 @@ def quantize_blockwise(w, code="nf4", block_size=64, double_quant=False, dq_bloc
     blocks, c = absmax_per_block(w.detach().float(), block_size)
     x = blocks / torch.where(c > 0, c, 1.0)[:, None]
     q = nearest_code(x, table).flatten()[:w.numel()]
-    state = QState(pack_nibbles(q), c, tuple(w.shape), block_size, code, w.numel(), dq_block_size=dq_block_size)
+    zero_code = nearest_code(torch.zeros(1, device=w.device), table).item()
+    state = QState(pack_nibbles(q, zero_code), c, tuple(w.shape), block_size, code, w.numel(),
+                   dq_block_size=dq_block_size, dtype=str(w.dtype).removeprefix("torch."))
     if double_quant:
         state.absmax = None
         state.absmax_q, state.absmax_scale, state.absmax_mean = double_quantize(c, dq_block_size)
@@ -221,7 +265,7 @@ def dequantize_blockwise(state, dtype=torch.float32):
 
 def quantized_nbytes(numel, block_size=64, double_quant=True, dq_block_size=256):
     """Bytes of a quantized tensor: ceil(numel/2) for the codes, plus 4 per block (fp32 absmax), or with
-    double quant 1 per block (int8) + 4 per dq_block_size blocks (fp32 s2) + 4 (fp32 mean)."""
+    double quant 1 per block (uint8 code) + 4 per dq_block_size blocks (fp32 s2) + 4 (fp32 mean)."""
     n_blocks = math.ceil(numel / block_size)
     scales = n_blocks + 4 * math.ceil(n_blocks / dq_block_size) + 4 if double_quant else 4 * n_blocks
     return math.ceil(numel / 2) + scales
@@ -240,14 +284,17 @@ def bits_per_parameter(numel, block_size=64, double_quant=True, dq_block_size=25
 class Linear4bit(nn.Module):
     """A frozen stand-in for nn.Linear: y = x W_hat^T + b, W_hat = dequantize(codes, scales) in x's dtype.
     Codes and scales are buffers (never trained, moved by .to()); the bias is a frozen Parameter.
-    Gradients flow to the input only, which is all LoRA adapters on top need."""
+    Gradients flow to the input only, which is all LoRA adapters on top need.
+    With `state` (a QState of shape (out, in), e.g. read by load_bnb) the weight is that state, not
+    linear's; linear then gives only the sizes and the bias."""
 
-    def __init__(self, linear, code="nf4", block_size=64, double_quant=True):
+    def __init__(self, linear, code="nf4", block_size=64, double_quant=True, state=None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.code, self.block_size = code, block_size
-        state = quantize_blockwise(linear.weight, code, block_size, double_quant)
-        self.dq_block_size = state.dq_block_size
+        if state is None:
+            state = quantize_blockwise(linear.weight, code, block_size, double_quant)
+        self.code, self.block_size, self.dq_block_size, self.weight_dtype = (
+            state.code, state.block_size, state.dq_block_size, state.dtype)
         for name in ("packed", "absmax", "absmax_q", "absmax_scale", "absmax_mean"):
             self.register_buffer(name, getattr(state, name))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -255,7 +302,7 @@ class Linear4bit(nn.Module):
     def qstate(self):
         return QState(self.packed, self.absmax, (self.out_features, self.in_features), self.block_size,
                       self.code, self.out_features * self.in_features, self.absmax_q, self.absmax_scale,
-                      self.absmax_mean, self.dq_block_size)
+                      self.absmax_mean, self.dq_block_size, self.weight_dtype)
 
     def dequantized_weight(self, dtype=torch.float32):
         return dequantize_blockwise(self.qstate(), dtype)
@@ -316,6 +363,177 @@ def dequantize_model(model):
 
 
 # ----------------------------------------------------------------------------------------------
+# bitsandbytes / transformers serialization of 4-bit weights
+#
+# For a quantized Linear X, bitsandbytes' Linear4bit._save_to_state_dict writes X.weight (the packed
+# codes, uint8 of shape (ceil(n/2), 1)), X.bias, and QuantState.as_dict(packed=True) under "X.weight.":
+# absmax (uint8 codes when nested, else fp32), quant_map (the 16 values), nested_absmax (fp32 s2),
+# nested_quant_map (the 256 values of DYNAMIC8) and quant_state.bitsandbytes__<nf4|fp4>, the UTF-8
+# bytes of json.dumps({"quant_type", "blocksize", "dtype", "shape", and when nested "nested_blocksize",
+# "nested_dtype", "nested_offset" (the mean m)}) as a uint8 tensor.
+
+BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # those bitsandbytes' quantize_4bit accepts
+BNB_DTYPES = ("float32", "float16", "bfloat16")
+QS_KEY = "weight.quant_state.bitsandbytes__"
+
+
+def join(prefix, key):
+    return f"{prefix}.{key}" if prefix else key
+
+
+def bnb_tensors(state, prefix=""):
+    """A QState as bitsandbytes' tensors for the Linear named prefix (keys prefix.weight, prefix.weight.*),
+    in as_dict's order, with its JSON byte for byte (json.dumps of the same dict in the same order)."""
+    if state.code not in ("nf4", "fp4") or state.block_size not in BNB_BLOCK_SIZES:
+        raise UserError(f"{prefix or 'weight'}: bitsandbytes stores nf4 or fp4 with block size in "
+                        f"{BNB_BLOCK_SIZES}, not {state.code} at block size {state.block_size}")
+    nested = state.absmax is None
+    out = {"weight": state.packed.view(-1, 1),
+           "weight.absmax": state.absmax_q if nested else state.absmax,
+           "weight.quant_map": codebook(state.code).clone()}
+    fields = {"quant_type": state.code, "blocksize": state.block_size, "dtype": state.dtype, "shape": list(state.shape)}
+    if nested:
+        out["weight.nested_absmax"] = state.absmax_scale
+        out["weight.nested_quant_map"] = DYNAMIC8.clone()
+        fields.update(nested_blocksize=state.dq_block_size, nested_dtype="float32",
+                      nested_offset=state.absmax_mean.item())
+    out[QS_KEY + state.code] = torch.tensor(list(json.dumps(fields).encode()), dtype=torch.uint8)
+    return {join(prefix, k): v.detach().cpu() for k, v in out.items()}
+
+
+def read_quant_fields(tensor, where):
+    """The JSON fields of a quant_state.bitsandbytes__* tensor, checked: quant_type, block sizes, dtypes."""
+    try:
+        fields = json.loads(bytes(tensor.to(torch.uint8).flatten().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: quant_state is not JSON ({e})")
+    if not isinstance(fields, dict):
+        raise UserError(f"{where}: quant_state is not a JSON object")
+    nested = "nested_blocksize" in fields
+    wants = {"quant_type": ("nf4", "fp4"), "blocksize": BNB_BLOCK_SIZES, "dtype": BNB_DTYPES}
+    if nested:
+        wants.update(nested_blocksize=BNB_BLOCK_SIZES, nested_dtype=("float32",))
+    for key, allowed in wants.items():
+        if fields.get(key) not in allowed:
+            raise UserError(f"{where}: quant_state {key} = {fields.get(key)!r} is not supported (choose from {list(allowed)})")
+    shape = fields.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise UserError(f"{where}: quant_state shape {shape!r} is not the (out, in) shape of a Linear weight")
+    if nested and not isinstance(fields.get("nested_offset"), (int, float)):
+        raise UserError(f"{where}: quant_state nested_offset {fields.get('nested_offset')!r} is not a number")
+    unknown = sorted(set(fields) - {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+                                    "nested_dtype", "nested_offset"})
+    if unknown:
+        raise UserError(f"{where}: quant_state has fields this loader does not know: {unknown}")
+    return fields
+
+
+def qstate_from_bnb(tensors, prefix="", where="state dict"):
+    """The QState of the Linear named prefix from bitsandbytes' tensors (inverse of bnb_tensors): the
+    JSON fields checked, quant_map and nested_quant_map equal to NF4/FP4 and DYNAMIC8 exactly, every
+    tensor of the dtype and size the fields imply; anything else -> UserError naming the tensor."""
+    where = f"{where}: {join(prefix, 'weight')}"
+    qs = [k for k in tensors if k.startswith(join(prefix, QS_KEY))]
+    if len(qs) != 1:
+        raise UserError(f"{where}: expected one quant_state.bitsandbytes__nf4 or __fp4 tensor, found {len(qs)}")
+    fields = read_quant_fields(tensors[qs[0]], where)
+    if qs[0] != join(prefix, QS_KEY + fields["quant_type"]):
+        raise UserError(f"{where}: {qs[0]} holds quant_type {fields['quant_type']!r}")
+    nested = "nested_blocksize" in fields
+    numel = fields["shape"][0] * fields["shape"][1]
+    n_blocks = math.ceil(numel / fields["blocksize"])
+    expect = {"weight": (torch.uint8, (math.ceil(numel / 2), 1)), "weight.quant_map": (torch.float32, (16,)),
+              "weight.absmax": (torch.uint8 if nested else torch.float32, (n_blocks,))}
+    if nested:
+        expect["weight.nested_absmax"] = (torch.float32, (math.ceil(n_blocks / fields["nested_blocksize"]),))
+        expect["weight.nested_quant_map"] = (torch.float32, (256,))
+    extra = sorted(k for k in tensors if k.startswith(join(prefix, "weight.")) and k != qs[0]
+                   and k[len(join(prefix, "")):] not in expect)
+    if extra:
+        raise UserError(f"{where}: unexpected tensor {extra[0]} for a {'nested ' if nested else ''}quant state")
+    got = {}
+    for key, (dtype, shape) in expect.items():
+        t = tensors.get(join(prefix, key))
+        if t is None:
+            raise UserError(f"{where}: {join(prefix, key)} is missing")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise UserError(f"{where}: {join(prefix, key)} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        got[key] = t
+    if not torch.equal(got["weight.quant_map"], codebook(fields["quant_type"])):
+        raise UserError(f"{where}: quant_map is not the {fields['quant_type']} codebook")
+    if nested and not torch.equal(got["weight.nested_quant_map"], DYNAMIC8):
+        raise UserError(f"{where}: nested_quant_map is not the 8-bit dynamic map")
+    state = QState(got["weight"].flatten(), None if nested else got["weight.absmax"], tuple(fields["shape"]),
+                   fields["blocksize"], fields["quant_type"], numel, dtype=fields["dtype"])
+    if nested:
+        state.absmax_q, state.absmax_scale = got["weight.absmax"], got["weight.nested_absmax"]
+        state.absmax_mean = torch.tensor(float(fields["nested_offset"]), dtype=torch.float32)
+        state.dq_block_size = fields["nested_blocksize"]
+    return state
+
+
+def bnb_state_dict(model):
+    """model's tensors (tied duplicates once) with every Linear4bit's buffers replaced by bitsandbytes'
+    tensors under the Linear's name: what bitsandbytes' Linear4bit.state_dict() gives in a transformers model."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    out = {}
+    for key, tensor in unique_state_dict(model).items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in quantized or leaf == "bias":
+            out[key] = tensor
+        elif leaf == "packed":
+            out.update(bnb_tensors(quantized[prefix].qstate(), prefix))
+    return out
+
+
+def load_bnb_state_dict(model, tensors, where="state dict"):
+    """Load bitsandbytes-format tensors into model, in place: each Linear (or Linear4bit) X that has an
+    X.weight.quant_state.bitsandbytes__* entry becomes a Linear4bit holding that quantized weight; all
+    other tensors load as usual. Missing, unexpected or mis-shaped entries -> UserError. Returns model."""
+    modules = dict(model.named_modules())
+    prefixes = [k[:-len(QS_KEY) - 3].removesuffix(".") for k in tensors if k[-3:] in ("nf4", "fp4")
+                and k[:-3].endswith(QS_KEY)]
+    for prefix in prefixes:
+        module = modules.get(prefix)
+        if not prefix or not isinstance(module, (nn.Linear, Linear4bit)):
+            raise UserError(f"{where}: {join(prefix, 'weight')} is a 4-bit weight but the model has no Linear "
+                            f"named {prefix!r} inside it")
+        state = qstate_from_bnb(tensors, prefix, where)
+        if state.shape != (module.out_features, module.in_features):
+            raise UserError(f"{where}: {join(prefix, 'weight')} has shape {state.shape}, the model's Linear "
+                            f"{(module.out_features, module.in_features)}")
+        device = module.packed.device if isinstance(module, Linear4bit) else module.weight.device
+        shell = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        layer = Linear4bit(shell, state=state)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(device))
+    expected = bnb_state_dict(model)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (model wants {tuple(v.shape)})"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 f"mis-shaped {wrong[:3]}" if wrong else ""]
+        raise UserError(f"{where}: 4-bit checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
+    own = unique_state_dict(model)      # the bias, embeddings, LayerNorms...: not the 4-bit entries
+    model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    return model
+
+
+def save_bnb(model, path):
+    """Write model with its Linear4bit layers in bitsandbytes' serialization to a safetensors file (atomic)."""
+    atomic_save_safetensors(bnb_state_dict(model), path, metadata={"format": "pt"})
+
+
+def load_bnb(model, path):
+    """Read a bitsandbytes-format safetensors file (save_bnb's, or a transformers 4-bit model's with
+    matching names) into model, in place (see load_bnb_state_dict). Returns model."""
+    return load_bnb_state_dict(model, read_safetensors(path), where=path)
+
+
+# ----------------------------------------------------------------------------------------------
 # python quant4.py: reconstruction error and memory
 
 
@@ -323,6 +541,28 @@ def reconstruction_error(w, code, block_size, double_quant=False):
     """MSE = mean (w - w_hat)^2 and MAE = mean |w - w_hat|."""
     err = w - dequantize_blockwise(quantize_blockwise(w, code, block_size, double_quant))
     return err.pow(2).mean().item(), err.abs().mean().item()
+
+
+def second_level_error(w, block_size=64, dq_block_size=256):
+    """What double quantization costs on w: (median over blocks of |c_hat - c| / c, for c > 0;
+    MSE(w - w_hat) with double quant / MSE(w - w_hat) without)."""
+    state = quantize_blockwise(w, "nf4", block_size, False, dq_block_size)
+    c = state.absmax
+    mse = (dequantize_blockwise(state) - w).pow(2).mean()
+    state.absmax = None
+    state.absmax_q, state.absmax_scale, state.absmax_mean = double_quantize(c, dq_block_size)
+    c_hat = block_scales(state)
+    dq_mse = (dequantize_blockwise(state) - w).pow(2).mean()
+    return ((c_hat - c).abs() / c)[c > 0].median().item(), (dq_mse / mse).item()
+
+
+def outlier_weight(shape=(256, 320), n_outliers=24, size=20.0, seed=0):
+    """An N(0, 1) weight with n_outliers entries set to +-size (the test case of the second level)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    where = torch.randperm(w.numel(), generator=g)[:n_outliers]
+    w.view(-1)[where] = size * torch.sign(torch.randn(n_outliers, generator=g))
+    return w
 
 
 def gpt_tensors(vocab_size, block_size, n_layer, n_embd):
@@ -362,6 +602,11 @@ def main():
                 print(f"{label:<10}{code:<8}{block if block < x.numel() else 'tensor':>10}{mse:>12.5f}{mae:>10.5f}")
         mse, mae = reconstruction_error(x, "nf4", 64, double_quant=True)
         print(f"{label:<10}{'nf4+dq':<8}{64:>10}{mse:>12.5f}{mae:>10.5f}")
+
+    print("\nSecond level (block scales as 8-bit dynamic codes in groups of 256), NF4 at block 64:")
+    for label, x in (("256x320, 24 entries +-20", outlier_weight()), ("256x320 N(0, 1)", outlier_weight(n_outliers=0))):
+        rel, ratio = second_level_error(x)
+        print(f"  {label:<26} median |c_hat - c| / c = {rel:.2e}   MSE x{ratio:.4f} of the fp32-scale MSE")
 
     print("\nBits per parameter (block 64, double-quant groups of 256 scales):")
     for shape in ((768, 2304), (1024, 1024), (256, 768)):
