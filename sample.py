@@ -7,6 +7,9 @@
     python sample.py out/sft --chat < dialogue.txt                     # the lines as one conversation
     python sample.py hf/gpt2 "Hello, I am" --temperature 0             # a Hugging Face GPT-2 directory, greedy
 
+Piped lines are echoed after "> " before their answer, so the output reads as a transcript; the
+answers of --num-samples are separated by a line "---". Notes (the stage, history cut) go to stderr.
+
 Template or raw text. A checkpoint tuned to follow instructions (config.json "stage": sft, dpo or
 ppo) reads each prompt in the one instruction template, "Instruction: {prompt}\\nOutput:", and
 writes its answer after it (up to EOS). A base model ("stage": pretrain, domain) and imported
@@ -157,7 +160,9 @@ def stream_answer(model, enc, ids, args, generator, template, out):
             out.flush()
     except KeyboardInterrupt:
         out.write(" [stopped]")
-    out.write("\n")
+    tail = decoder.decode(b"", final=True)  # a character cut off by --max-new-tokens or Ctrl-C
+    text += tail
+    out.write(tail + "\n")
     out.flush()
     return text.strip() if template else text
 
@@ -190,7 +195,6 @@ def chat(model, enc, args, template, generator, read_line, out):
         try:
             line = read_line().strip()
         except (EOFError, KeyboardInterrupt):
-            out.write("\n")
             return turns
         if line == "/reset":
             turns = []
@@ -220,12 +224,13 @@ def parse_args(argv=None):
                    help="render prompts in the instruction template (default: as the checkpoint's stage says)")
     g.add_argument("--raw", dest="template", action="store_const", const=False, help="continue the text as typed")
     p.add_argument("--chat", action="store_true", help="with stdin not a terminal: the lines are one conversation")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus: the smallest set reaching this probability")
-    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (not in the chat)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per answer (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="T; 0 = greedy, the argmax (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 = all (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus: the smallest set of tokens reaching this probability, "
+                   "1 = all (default %(default)s)")
+    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt, not in the chat (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     return p.parse_args(argv)
 
@@ -271,6 +276,8 @@ def main(argv=None, stdin=None, out=None):
             print("chat: /reset clears the history, Ctrl-C stops an answer, Ctrl-D quits", file=sys.stderr)
         read = functools.partial(input, "> ") if stdin.isatty() else functools.partial(read_echoed, stdin, out)
         chat(model, enc, args, template, generator, read, out)
+        if stdin.isatty():
+            out.write("\n")  # Ctrl-D left the cursor after the prompt
     else:  # one answer (or --num-samples) per line, no history
         try:
             while True:

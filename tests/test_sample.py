@@ -1,8 +1,10 @@
 """sample.py: seeds, greedy, template vs raw, piped prompts, streaming, chat history within the context."""
 import io
 import os
+import select
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,6 +14,11 @@ import sample
 from data import UserError
 from gpt import GPT, GPTConfig, export_hf, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, pad_id
+
+try:
+    import pty
+except ImportError:  # no pseudo-terminals on Windows
+    pty = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,3 +165,37 @@ def test_chat_keeps_history_resets_and_stays_within_the_context(ckpts):
     earlier, (last, _) = turns[:-1], turns[-1]
     assert len(sample.prompt_ids(enc, earlier, last, True)) + 12 <= 48
     assert "> more 5\n" + turns[-1][1] in out.getvalue()  # the last answer, streamed after its prompt
+
+
+@pytest.mark.skipif(pty is None, reason="needs a POSIX pseudo-terminal")
+def test_terminal_chat_answers_resets_and_quits_on_ctrl_d(ckpts):
+    """stdin a real terminal (a pseudo-terminal): the chat prompts with "> ", answers, clears the
+    history on /reset and exits 0 on Ctrl-D."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: sample.py on the terminal
+        try:
+            os.chdir(ROOT)
+            os.execv(sys.executable, [sys.executable, "sample.py", str(ckpts / "sft"), "--max-new-tokens", "5"])
+        finally:
+            os._exit(127)
+    shown = b""
+    for keys in (b"Review the copper kettle.\r", b"/reset\r", b"\x04"):
+        deadline = time.time() + 60
+        while not shown.endswith(b"> ") and time.time() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                shown += os.read(fd, 4096)
+        os.write(fd, keys)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if select.select([fd], [], [], 0.1)[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                shown += chunk
+        except OSError:  # the child closed the terminal
+            break
+    _, status = os.waitpid(pid, 0)
+    text = shown.decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "> Review the copper kettle." in text and "(history cleared)" in text and "Traceback" not in text
