@@ -37,10 +37,9 @@ import sys
 import torch
 
 import data
-from data import UserError
+from common import UserError, run_cli
 from gpt import generate, load_checkpoint, sample_next_token
 from tokenizer import eos_id, pad_id
-from training import run_cli
 
 try:
     import readline  # noqa: F401  (line editing and history for input() on the terminal)

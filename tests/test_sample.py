@@ -11,7 +11,7 @@ import torch
 
 import data
 import sample
-from data import UserError
+from common import UserError
 from gpt import GPT, GPTConfig, export_hf, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, pad_id
 
