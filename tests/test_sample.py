@@ -12,7 +12,8 @@ import torch
 import data
 import sample
 from common import UserError
-from gpt import GPT, GPTConfig, export_hf, generate, load_checkpoint, save_checkpoint
+from gpt import GPT, GPTConfig, generate, load_checkpoint, save_checkpoint
+from hf import export_hf
 from tokenizer import eos_id, pad_id
 
 try:
