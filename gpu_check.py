@@ -161,15 +161,27 @@ def start_logged(cmd, log_dir, env=None):
     return {"proc": proc, "cmd": cmd, "t0": time.time(), "err_path": err_path}
 
 
+def stop_group(proc):
+    """Kills a started run's process group (the stage and any compile workers it started), if still running."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.wait()
+
+
 def finish_logged(run, timeout):
-    """Waits for a started run until `timeout` seconds after its start, then kills its process group (the
-    stage and any compile workers it started). -> {cmd, rc, seconds, timed_out, stderr_tail}."""
+    """Waits for a started run until `timeout` seconds after its start, then stops it; Ctrl-C stops it too.
+    -> {cmd, rc, seconds, timed_out, stderr_tail}."""
     proc = run["proc"]
     try:
         rc, timed_out = proc.wait(timeout=max(run["t0"] + timeout - time.time(), 0.1)), False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc, timed_out = proc.wait(), True
+        rc, timed_out = stop_group(proc), True
+    except KeyboardInterrupt:
+        stop_group(proc)
+        raise
     with open(run["err_path"]) as f:
         tail = f.read()[-2000:]
     return {"cmd": shlex.join(run["cmd"]), "rc": rc, "seconds": round(time.time() - run["t0"], 1),
@@ -253,13 +265,18 @@ def check_stage(name, argv, needs, args, plan, budget, results):
     started = {role: start_logged(stage_command(argv, dev, os.path.join(args.work, role, name)),
                                   os.path.join(args.work, role, name), threads | env)
                for role, dev, env in (("reference", "cpu", {"CUDA_VISIBLE_DEVICES": ""}), ("device", args.device, {}))}
-    for role in ("reference", "device"):
-        entry[role] = finish_logged(started[role], min(plan[f"timeout_{role}"], left))
-        entry[role]["records"] = read_metrics(os.path.join(args.work, role, name))
+    try:
+        for role in ("reference", "device"):
+            entry[role] = finish_logged(started[role], min(plan[f"timeout_{role}"], left))
+            entry[role]["records"] = read_metrics(os.path.join(args.work, role, name))
+    finally:  # Ctrl-C while waiting for one: the other is stopped too
+        for run in started.values():
+            stop_group(run["proc"])
     for role in ("reference", "device"):
         if run_status(entry[role]) != "ok":
-            return entry | {"status": run_status(entry[role]), "why": f"{role} run: {run_status(entry[role])} "
-                                                                       f"(rc {entry[role]['rc']})"}
+            last = (entry[role]["stderr_tail"].strip().splitlines() or [""])[-1][:160]
+            return entry | {"status": run_status(entry[role]),
+                            "why": f"{role} run: {run_status(entry[role])} (rc {entry[role]['rc']}) {last}".strip()}
     sampled = name in ("ppo", "grpo")
     key = "pg_loss" if sampled else "loss"
     dev_losses, cpu_losses = losses(entry["device"]["records"], key), losses(entry["reference"]["records"], key)
@@ -368,8 +385,8 @@ def markdown(report):
         gain = b.get("compile_gain")
         mfu = b.get("compile", {}).get("summary", {}).get("mfu")
         lines += ["", *bench_rows(b), "",
-                  f"torch.compile over eager (training tokens/s): {num(gain, '{:.2f}x')}; "
-                  f"MFU {num(mfu, '{:.1%}')} (target >= {MFU_TARGET:.0%} for GPT-2 124M in bf16)"]
+                  f"torch.compile over eager (training tokens/s): {num(gain, '{:.2f}x')}; MFU {num(mfu, '{:.1%}')} "
+                  f"(target >= {MFU_TARGET:.0%} for GPT-2 124M in bf16: {'n/a' if mfu is None else mfu >= MFU_TARGET})"]
     return "\n".join(lines) + "\n"
 
 
@@ -417,6 +434,22 @@ def parse_args(argv=None):
     return args
 
 
+def save_report(report, work, t0):
+    """WORK/gpu_check.json and gpu_check.md as they stand (rewritten after every stage, so a check cut short
+    still leaves its results) -> the markdown."""
+    report["seconds"] = round(time.time() - t0, 1)
+    table = markdown(report)
+    write_atomic(os.path.join(work, "gpu_check.json"), json.dumps(report, indent=2, default=str))
+    write_atomic(os.path.join(work, "gpu_check.md"), table)
+    return table
+
+
+def print_tails(name, runs):
+    for role, run in runs.items():
+        if isinstance(run, dict) and run.get("stderr_tail"):
+            print(f"   {name} {role} stderr (tail):\n" + run["stderr_tail"], flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     plan_name = "tiny" if args.tiny else "small"
@@ -426,28 +459,24 @@ def main(argv=None):
     report = {"machine": machine(args.device), "plan": plan_name, "budget_s": args.budget,
               "tolerance": {"rtol": RTOL, "atol": ATOL, "n_losses": N_LOSSES, "kl_tol": KL_TOL}, "stages": []}
     results = {}
-    for name, argv_, needs in stage_specs(plan, args.work, args.stages.split(",")):
+    for name, stage_argv, needs in stage_specs(plan, args.work, args.stages.split(",")):
         print(f"== {name}", flush=True)
-        entry = results[name] = check_stage(name, argv_, needs, args, plan, budget, results)
+        entry = results[name] = check_stage(name, stage_argv, needs, args, plan, budget, results)
         report["stages"].append(entry)
         print(f"   {entry['status']}" + (f": {entry['why']}" if entry.get("why") else ""), flush=True)
-        for role in ("reference", "device"):
-            if entry.get(role, {}).get("stderr_tail"):
-                print(f"   {role} stderr (tail):\n" + entry[role]["stderr_tail"], flush=True)
+        print_tails(name, {r: entry[r] for r in ("reference", "device") if r in entry})
+        save_report(report, args.work, t0)
     if not args.skip_bench:
         print("== bench.py", flush=True)
         report["bench"] = run_bench(args, plan, budget)
-    report["seconds"] = round(time.time() - t0, 1)
-    table = markdown(report)
-    write_atomic(os.path.join(args.work, "gpu_check.json"), json.dumps(report, indent=2, default=str))
-    write_atomic(os.path.join(args.work, "gpu_check.md"), table)
+        print_tails("bench.py", report["bench"])
+    table = save_report(report, args.work, t0)
     print("\n" + table + f"\nwrote {args.work}/gpu_check.json and gpu_check.md", flush=True)
     ran = [e for e in report["stages"] if e["status"] != "skipped"]
     bench_ok = all(r.get("rc") in (0, None) for r in report.get("bench", {}).values() if isinstance(r, dict))
     if not (all(e["status"] == "pass" for e in ran) and bench_ok):
         sys.exit(1)
     return report
-
 
 if __name__ == "__main__":
     run_cli(main)
