@@ -14,8 +14,8 @@ Per stage (pretrain, sft, sft_lora, sft_qlora, reward, dpo, ppo, and grpo when g
          |loss_device - loss_cpu| <= ATOL + RTOL * |loss_cpu|        (RTOL 1%, ATOL 0.005 nats).
 Why 1%: bf16 keeps 8 significant bits, so each product and activation rounds by up to 2^-9 = 0.2%
 relative, but matmuls accumulate in float32 and the loss is taken in float32 from the logits
-(gpt.cross_entropy_loss), so the errors average out: bf16 autocast on CPU moves the first three losses
-of these stages by less than 0.1% (tests/test_gpu_check.py checks three AdamW steps of a small GPT).
+(gpt.cross_entropy_loss), so the errors average out: on CPU, bf16 autocast moves three AdamW steps of a
+small GPT by about 0.01% (tests/test_gpu_check.py, the test named bf16).
 1% leaves room for CUDA's other kernels (TF32 matmuls, flash attention, torch.compile's fused kernels)
 and still catches what a device or dtype bug does to a loss: counting the wrong tokens, reading a
 reward at a pad token, an overflow to inf, a weight left in the wrong dtype.

@@ -1,5 +1,6 @@
 """gpu_check.py: the whole check at toy size on CPU (the "device" is the CPU too), its tolerance rule
 by hand, a crashed and a failing stage, and the tolerance against what bf16 really does to a loss."""
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bench
 import gpu_check
 from gpt import GPT, GPTConfig, cross_entropy_loss
 from gpu_check import (Budget, check_sampled, check_stage, compare_losses, compile_gain, finish_logged, markdown,
@@ -144,3 +146,18 @@ def test_bf16_autocast_moves_three_training_steps_far_less_than_the_tolerance():
     assert max(rel) > 0                          # bf16 really ran
     assert max(rel) < gpu_check.RTOL / 5, (result, rel)
     assert compare_losses(result["bf16"], result["fp32"])["passed"]
+
+
+def test_the_gpu_plan_parses_in_every_stage_and_in_bench(tmp_path):
+    """The small (GPU) plan's command lines are accepted by each stage's own parse_args and by bench.py's,
+    so a GPU run does not stop at a typo."""
+    plan = gpu_check.PLANS["small"]
+    for name, argv, _ in gpu_check.stage_specs(plan, str(tmp_path), gpu_check.STAGES):
+        script = argv[0].removesuffix(".py")
+        if name == "grpo" and not os.path.exists(os.path.join(ROOT, "grpo.py")):
+            continue
+        cmd = gpu_check.stage_command(argv, "cuda", str(tmp_path / name))
+        args = importlib.import_module(script).parse_args(cmd[2:])
+        assert args.device == "cuda" and args.log_interval == 1 and args.out == str(tmp_path / name)
+    b = bench.parse_args([*plan["bench"].split(), "--device", "cuda", "--compile", "--json", str(tmp_path / "b.json")])
+    assert (b.n_layer, b.n_embd, b.block_size, b.vocab_size, b.compile) == (12, 768, 1024, 50257, True)
