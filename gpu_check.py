@@ -50,9 +50,8 @@ import time
 
 import torch
 
-from data import UserError
-from dpo import world_pairs
-from training import run_cli
+from common import UserError, run_cli
+from world import make_world, review_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 N_LOSSES = 3        # first logged losses compared per stage
@@ -207,7 +206,7 @@ def losses(records, key="loss"):
 def write_pairs(work):
     """The default world's review pairs (chosen = the higher gold score), every fifth held out:
     WORK/pairs/train.jsonl and val.jsonl, the data of the reward and DPO stages."""
-    pairs, d = world_pairs(1337), os.path.join(work, "pairs")
+    pairs, d = review_pairs(make_world(1337)), os.path.join(work, "pairs")
     os.makedirs(d, exist_ok=True)
     for name, rows in (("train", [p for i, p in enumerate(pairs) if i % 5]), ("val", pairs[::5])):
         with open(os.path.join(d, f"{name}.jsonl"), "w") as f:
