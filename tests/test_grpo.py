@@ -11,7 +11,7 @@ import torch
 import grpo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
-from tokenizer import eos_id, pad_id
+from tokenizer import eos_id
 
 
 # ----------------------------------------------------------------------------- the equations
