@@ -7,7 +7,7 @@ completions, and the other completions of the same prompt are the baseline of ea
     python grpo.py --scale-rewards none              # Dr. GRPO: no division by the group's standard deviation
     python grpo.py --kl-coef 0.2 --out out/grpo_kl0.2
     python grpo.py --reward gold                     # against the gold judge (world.sentiment_score) itself
-    python grpo.py --reward exact --init out/domain_sft --task domain_facts --out out/grpo_exact
+    python grpo.py --reward exact --init out/domain_sft --task domain_facts --out out/domain_grpo
                                                      # verifiable reward: 1 if the answer is the world's answer
     python grpo.py --reward exact --prompts qa.jsonl # your questions: Alpaca records whose 'output' is the answer
     python grpo.py --toy                             # exact check of both fixed points on a tabular policy
@@ -23,6 +23,8 @@ the reward before the advantages (--kl-in reward, RLOO/PPO style: r_i - beta * s
 
 The policy stays in eval mode throughout (dropout off) so that its log-probs in the update match the
 stored log pi_old: ratio = 1 on the first minibatch, and clipping measures only the policy's own change.
+One process, as ppo.py (under torchrun it stops with an error). Saved to OUT: the policy as a plain GPT
+checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final metrics), metrics.jsonl, resume/.
 
 Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
   seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
