@@ -15,7 +15,7 @@ For each policy checkpoint (a directory of out/ with model.safetensors and confi
   time          wall time of the stage that made it
 and for reward models: pairwise accuracy on held-out preference pairs. It writes out/report.md,
 out/report/results.json, and, when matplotlib is installed, loss curves and the gold reward-KL
-frontier of the DPO and PPO sweeps (out/report/*.png). Results are cached per checkpoint (keyed
+frontier of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Results are cached per checkpoint (keyed
 by the weights' size and modification time), so a second run takes seconds.
 """
 
@@ -37,7 +37,7 @@ from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
 CACHE_VERSION = 2  # bump when the figures of a row change, so cached rows are recomputed
-ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo")
+ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo", "grpo", "rloo")
 
 
 def parse_args(argv=None):
@@ -199,7 +199,7 @@ def write_markdown(rows, reward_rows, prompting, args, path):
             lines.append("")
     lines += ["", "## Samples (same held-out prompts, temperature 1)", ""]
     for name, r in rows:
-        if name in ("pretrain", "sft", "dpo", "ppo") and r.get("samples"):
+        if name in ("pretrain", "sft", "dpo", "ppo", "grpo", "rloo") and r.get("samples"):
             lines.append(f"**{name}**")
             lines += [f"- `{s['prompt'].splitlines()[0][13:]}` → {s['completion'][:200]!r} (score {s['score']:+.2f})"
                       for s in r["samples"][:3]]
@@ -212,7 +212,7 @@ def write_markdown(rows, reward_rows, prompting, args, path):
 
 
 def plot(rows, args):
-    """Loss curves of every stage; gold reward against KL for the DPO and PPO sweeps (the analogue of
+    """Loss curves of every stage; gold reward against KL for the DPO, PPO, GRPO and RLOO sweeps (the analogue of
     the DPO paper's sentiment frontier). Skipped with a note when matplotlib is not installed."""
     try:
         import matplotlib
@@ -222,8 +222,9 @@ def plot(rows, args):
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
     out = os.path.join(args.out_dir, "report")
-    families = {"pretrain": "loss", "sft": "loss", "domain": "loss", "reward": "loss", "dpo": "loss", "ppo": "score"}
-    curves = {}  # family -> {run: [(step, value)]}; PPO shows its reward-model score (it has no single loss)
+    families = {"pretrain": "loss", "sft": "loss", "domain": "loss", "reward": "loss", "dpo": "loss", "ppo": "score",
+                "grpo": "score", "rloo": "score"}
+    curves = {}  # family -> {run: [(step, value)]}; PPO, GRPO, RLOO show their reward-model score (no single loss)
     for path in sorted(glob.glob(os.path.join(args.out_dir, "*", "metrics.jsonl"))):
         name = os.path.basename(os.path.dirname(path))
         family = name.split("_")[0]
@@ -232,7 +233,7 @@ def plot(rows, args):
         if pts:
             curves.setdefault(family, {})[name] = pts
     if curves:
-        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+        fig, axes = plt.subplots(2, 4, figsize=(17, 7))
         for ax, (family, key) in zip(axes.flat, families.items()):
             for name, pts in curves.get(family, {}).items():
                 ax.plot(*zip(*pts), label=name, lw=1)
@@ -245,11 +246,11 @@ def plot(rows, args):
         plt.close(fig)
     sweeps = {family: sorted((r["kl"], r["gold_reward"], n) for n, r in rows
                              if n.split("_")[0] == family and n != "dpo_from_base" and "kl" in r)
-              for family in ("dpo", "ppo")}
+              for family in ("dpo", "ppo", "grpo", "rloo")}
     if not any(sweeps.values()):
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for family, marker in (("dpo", "o"), ("ppo", "s")):
+    for family, marker in (("dpo", "o"), ("ppo", "s"), ("grpo", "^"), ("rloo", "v")):
         pts = sweeps[family]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family.upper())

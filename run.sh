@@ -8,7 +8,8 @@
 #
 # Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
 # -> SFT on the adapted model -> preference pairs -> reward model -> DPO (sweep of beta) and PPO
-# (sweep of the KL coefficient) from the SFT model -> DPO straight from the base model -> report.py.
+# (sweep of the KL coefficient) from the SFT model -> GRPO and RLOO (critic-free, same sweep of the KL
+# coefficient) -> DPO straight from the base model -> report.py.
 # "SFT alone" is the out/sft row of the report. Any stage can be rerun by hand with the command it
 # prints. Stop with Ctrl-C: a stage interrupted mid-training can be continued with its --resume.
 set -euo pipefail
@@ -53,10 +54,11 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   RM="--max-iters 8 --eval-interval 1000"
   DPO="--max-iters 6 --eval-limit 8 --eval-interval 1000"
   PPO="--iters 2 --rollout-batch 8 --eval-limit 8"
+  GRPO="--iters 2 --rollout-batch 4 --eval-limit 8"
   REPORT="--n 8 --prompts 8"
   BETAS="0.5" KLS="0.2"
 else
-  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" REPORT=""
+  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" GRPO="" REPORT=""
   BETAS="0.05 0.5 1" KLS="0.02 0.05 0.2"   # beta 0.1 is out/dpo, kl 0.1 is out/ppo
 fi
 
@@ -77,6 +79,12 @@ done
 stage ppo        $OUT/ppo/config.json        $PY ppo.py --init $OUT/sft --reward $OUT/reward --out $OUT/ppo $PPO
 for c in $KLS; do
   stage ppo_kl$c $OUT/ppo_kl$c/config.json   $PY ppo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/ppo_kl$c $PPO
+done
+stage grpo       $OUT/grpo/config.json       $PY grpo.py --init $OUT/sft --reward $OUT/reward --out $OUT/grpo $GRPO
+stage rloo       $OUT/rloo/config.json       $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --out $OUT/rloo $GRPO
+for c in $KLS; do
+  stage grpo_kl$c $OUT/grpo_kl$c/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/grpo_kl$c $GRPO
+  stage rloo_kl$c $OUT/rloo_kl$c/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --kl-coef $c --out $OUT/rloo_kl$c $GRPO
 done
 stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
 $PY report.py --out-dir $OUT $REPORT

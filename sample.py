@@ -46,7 +46,7 @@ try:
 except ImportError:  # not on every platform; input() works without it
     pass
 
-TEMPLATE_STAGES = ("sft", "dpo", "ppo")                      # tuned on the instruction template
+TEMPLATE_STAGES = ("sft", "dpo", "ppo", "grpo")                      # tuned on the instruction template
 RAW_STAGES = ("pretrain", "domain", "import", "hf_import")   # trained on plain text
 
 
