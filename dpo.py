@@ -282,7 +282,8 @@ def main(argv=None):
         scored = [p for p in train_pairs if "score_chosen" in p]
         gap = sum(p["score_chosen"] - p["score_rejected"] for p in scored) / max(1, len(scored))
         print(f"pairs: {len(train)} train / {len(val)} held-out" + (f", mean score gap {gap:.3f}" if scored else "")
-              + f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters")
+              + f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters "
+              "without the position embeddings")
     ref_train = ref_val = None
     if args.precompute_ref:
         ref_train = reference_logps(ref, train, pad, 2 * args.batch_size, ctx.device, ctx.autocast)

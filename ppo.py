@@ -431,7 +431,8 @@ def main(argv=None):
     policy.to(ctx.device).train()
     prompts, prompt_ids = training_prompts(args, enc, gpt.config.block_size)
     print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
-          f"{'gold judge' if rm is None else args.reward}; model {gpt.num_params() / 1e6:.2f}M parameters")
+          f"{'gold judge' if rm is None else args.reward}; model {gpt.num_params() / 1e6:.2f}M parameters "
+          "without the position embeddings")
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start, beta = 0, args.kl_coef
@@ -459,7 +460,9 @@ def main(argv=None):
             stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
         stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
         kl = ro["kl"].mean().item()
-        row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": kl, "beta": beta,
+        # the gold judge knows the world's review prompts only: on --prompts of your own it means nothing
+        gold = {} if args.prompts else {"gold": ro["gold"].mean().item()}
+        row = {"score": ro["score"].mean().item(), **gold, "kl": kl, "beta": beta,
                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -472,7 +475,8 @@ def main(argv=None):
             window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
             log.log(done, **window, lr=lr,
                     samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
-            print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
+            judge = "score" if args.prompts else "gold"
+            print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
         if stop.requested or done == args.stop_at:
             save(done, {})

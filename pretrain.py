@@ -107,7 +107,7 @@ def main(argv=None):
     val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
     if ctx.master:
         print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {enc.n_vocab}; "
-              f"model: {model.num_params() / 1e6:.2f}M parameters (all but the position embeddings)")
+              f"model: {model.num_params() / 1e6:.2f}M parameters without the position embeddings")
 
     # model and optimizer
     model.to(ctx.device)

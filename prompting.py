@@ -490,7 +490,8 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     ev = Evaluator(model, enc, args, ctx)
-    print(f"prompting {args.init} ({config.get('stage', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
+    print(f"prompting {args.init} ({config.get('stage', '?')}, {model.num_params() / 1e6:.2f}M parameters "
+          "without the position embeddings, "
           f"context {ev.block}) on {args.task_file or 'the default world'}")
     if args.examples_file and not args.task_file:
         raise UserError("--examples-file needs --task-file (the test examples it gives shots for)")

@@ -63,9 +63,11 @@ def build_parser():
                    help="what trains: 'all' (trunk + head), 'head' (trunk frozen), or 'lora R' (rank-R adapters + head)")
     p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default 2R)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x rows: chosen and rejected)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the pairs (default: " + ", ".join(f"{v} with --train {k}" for k, v in DEFAULT_EPOCHS.items()) + ")")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the pairs (default: "
+                   + ", ".join(f"{v} with --train {k}" for k, v in DEFAULT_EPOCHS.items()) + ")")
     p.add_argument("--max-iters", type=nonneg_int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: " + ", ".join(f"{v:g} with --train {k}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: "
+                   + ", ".join(f"{v:g} with --train {k}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--min-lr-ratio", type=prob, default=0.1, help="final lr = this x --lr (cosine decay)")
     p.add_argument("--warmup", type=nonneg_int, default=10)
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
@@ -295,6 +297,8 @@ def main(argv=None):
     P, W, L = encode_pairs(train_pairs, enc, block, args.data)
     val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
     groups = load_groups(args.val_groups) if args.val_groups else []
+    if val is None:
+        print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
     per_epoch = max(1, len(P) // args.batch_size)
     total = args.max_iters or args.epochs * per_epoch
     print(f"pairs: {len(P)} train, {len(val[0]) if val else 0} val, {len(groups)} val groups | trunk {args.init} "

@@ -229,7 +229,7 @@ def main(argv=None):
         inject_lora(model, rank, args.lora_alpha, args.lora_dropout)
     trainable, total = parameter_counts(model)
     if ctx.master:
-        print(f"{args.mode}: {n_train} from {args.init}; model {total / 1e6:.2f}M parameters, "
+        print(f"{args.mode}: {n_train} from {args.init}; model {total / 1e6:.2f}M parameters in all, "
               f"training {trainable:,} ({trainable / total:.2%})")
         if rank:
             print(format_parameter_table(model))
