@@ -316,7 +316,7 @@ def load_preference_pairs(path):
             if k in r:
                 v = r[k]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
-                    raise UserError(f"{where}: '{k}' must be a finite number, not {v}")
+                    raise UserError(f"{where}: '{k}' must be a number (finite), not {v}")
                 pair[k] = float(r[k])
         out.append(pair)
     return out

@@ -238,13 +238,7 @@ def parse_args(argv=None):
 
 
 def check_args(args, interactive):
-    for name, ok, rule in [("--max-new-tokens", args.max_new_tokens >= 1, "be at least 1"),
-                           ("--temperature", args.temperature >= 0, "be 0 (greedy) or more"),
-                           ("--top-k", args.top_k >= 0, "be 0 (all tokens) or more"),
-                           ("--top-p", 0 < args.top_p <= 1, "be in (0, 1]"),
-                           ("--num-samples", args.num_samples >= 1, "be at least 1")]:
-        if not ok:
-            raise UserError(f"{name} must {rule}")
+    """The ranges of the numeric options are checked by their types in build_parser."""
     if interactive and args.num_samples > 1:
         raise UserError("--num-samples applies to a prompt on the command line or piped lines, not to the chat")
 
