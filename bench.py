@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, run_cli
 from gpt import GPT, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
 from grpo import grpo_advantages, grpo_loss, token_weights
 from lora import inject_lora
@@ -43,38 +43,42 @@ SECTIONS = ("train", "sample", "rl", "memory")
 NO_EOS = -1  # an id no model emits: every sample runs its full length
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=["none", *PRESETS], default="none", help="gpt2 = GPT-2 124M (12/12/768, ctx 1024, vocab 50257); overrides the shape options")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--n-embd", type=positive_int, default=256)
+    p.add_argument("--block-size", type=positive_int, default=256)
+    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per training step")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--vs", choices=["none", "hf"], default="none", help="hf: also time transformers' GPT2LMHeadModel")
-    p.add_argument("--steps", type=int, default=3, help="training steps per timed run")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s for MFU (default: known GPUs; CPU: n/a)")
+    p.add_argument("--steps", type=positive_int, default=3, help="training steps per timed run")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed runs first")
+    p.add_argument("--peak-flops", type=nonneg_float, default=0.0, help="peak FLOP/s for MFU (default: known GPUs; CPU: n/a)")
     p.add_argument("--new-tokens", default="128,240", help="sampling lengths")
     p.add_argument("--sample-batches", default="1,16", help="sampling batch sizes")
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens for sampling")
-    p.add_argument("--sample-repeats", type=int, default=3, help="timed runs per sampling figure")
-    p.add_argument("--rl-prompt-len", type=int, default=32)
-    p.add_argument("--rl-completion-len", type=int, default=64)
-    p.add_argument("--ppo-epochs", type=int, default=2)
-    p.add_argument("--ppo-minibatches", type=int, default=2)
-    p.add_argument("--grpo-group", type=int, default=4, help="GRPO: completions per prompt (divides --batch-size)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens for sampling")
+    p.add_argument("--sample-repeats", type=positive_int, default=3, help="timed runs per sampling figure")
+    p.add_argument("--rl-prompt-len", type=positive_int, default=32)
+    p.add_argument("--rl-completion-len", type=positive_int, default=64)
+    p.add_argument("--ppo-epochs", type=positive_int, default=2)
+    p.add_argument("--ppo-minibatches", type=positive_int, default=2)
+    p.add_argument("--grpo-group", type=positive_int, default=4, help="GRPO: completions per prompt (divides --batch-size)")
+    p.add_argument("--lora-r", type=positive_int, default=8)
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", default="", help="write every figure to this JSON file")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training models (default: on for CUDA, off elsewhere)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.preset != "none":
         for k, v in PRESETS[args.preset].items():
             setattr(args, k.replace("-", "_"), v)

@@ -1,11 +1,18 @@
 """What every module needs and no stage owns: the one-line error for bad input, atomic file
-writes, safetensors read/write, and the runner that turns a UserError into `error: ...`, exit 2.
+writes, safetensors read/write, the command line (an argument parser whose errors are one line,
+option types that declare their valid range once, the output-directory lock) and the runner that
+turns a UserError into `error: ...`, exit 2.
 
 It imports no other module of the project, so any module may import it.
 """
 
+import argparse
+import atexit
 import json
+import math
 import os
+import signal
+import socket
 import sys
 import tempfile
 
@@ -20,14 +27,19 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- atomic writes
 
+def _plain_mode():
+    """The mode a plain open() gives a new file: 0o666 less the umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _temp_beside(path):
     """A temporary file in path's directory with the mode a plain open() would give (mkstemp makes 0600)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, _plain_mode())
     return fd, tmp
 
 
@@ -61,6 +73,7 @@ def atomic_save_safetensors(tensors, path, metadata=None):
     fd, tmp = _temp_beside(path)
     os.close(fd)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, _plain_mode())  # save_file writes a new file of mode 0600 in place of the temporary one
     os.replace(tmp, path)
 
 
@@ -75,10 +88,178 @@ def read_safetensors(path):
         raise UserError(f"{path}: not a readable safetensors file ({e})")
 
 
+# ----------------------------------------------------------------------------- option types with a range
+
+def _ranged(name, convert, ok, what, bad_values):
+    """An argparse `type=` that converts the string and checks the range, so each option declares its
+    valid range once: `--batch-size 0` ends in `error: --batch-size must be a positive integer, not 0`.
+    bad_values: values outside the range, which tests/test_cli.py tries on every option of this type."""
+    def check(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    check.__name__, check.bad_values = name, bad_values
+    return check
+
+
+positive_int = _ranged("positive_int", int, lambda v: v >= 1, "a positive integer", ["0", "-1", "x"])
+nonneg_int = _ranged("nonneg_int", int, lambda v: v >= 0, "an integer >= 0", ["-1", "1.5"])
+positive_float = _ranged("positive_float", float, lambda v: v > 0, "a number > 0", ["0", "-1", "nan"])
+nonneg_float = _ranged("nonneg_float", float, lambda v: v >= 0, "a number >= 0", ["-1", "inf"])
+fraction = _ranged("fraction", float, lambda v: 0 < v < 1, "a fraction in (0, 1)", ["0", "1", "1.5", "-1"])
+fraction0 = _ranged("fraction0", float, lambda v: 0 <= v < 1, "a fraction in [0, 1)", ["1", "1.5", "-1"])
+prob = _ranged("prob", float, lambda v: 0 <= v <= 1, "a number in [0, 1]", ["1.5", "-1"])
+positive_prob = _ranged("positive_prob", float, lambda v: 0 < v <= 1, "a number in (0, 1]", ["0", "1.5", "-1"])
+RANGED_TYPES = (positive_int, nonneg_int, positive_float, nonneg_float, fraction, fraction0, prob, positive_prob)
+
+
 # ----------------------------------------------------------------------------- the command line
 
+def _shows_default(action):
+    return action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default in --help unless its help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and _shows_default(action)
+                and not any(s in text for s in ("(default", "default:", "%(default"))):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Args(argparse.Namespace):
+    """Parsed options. `.given` (the options typed on the command line, so --resume can tell them from
+    defaults) is a slot, outside vars(args), which stages save as JSON."""
+    __slots__ = ("given",)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: --lr must be a number > 0, not -1`, exit 2: no usage
+    block) and the options given on the command line recorded in args.given."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self):
+        for a in self._actions:  # argparse lists an option without help text bare: give it its default
+            if a.help is None and a.option_strings and _shows_default(a):
+                a.help = "default: %(default)s"
+        return super().format_help()
+
+    def error(self, message):
+        # argparse says "argument --lr: must be ..."; the range types read better as "--lr must be ..."
+        if message.startswith("argument ") and ": must be " in message:
+            message = message[len("argument "):].replace(": must be ", " must be ", 1)
+        print(f"error: {message} (see --help)" if "must be" not in message else f"error: {message}",
+              file=sys.stderr)
+        sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, Args() if namespace is None else namespace)
+        # parse again into a namespace pre-filled with a marker: argparse then sets no defaults, and
+        # every option still holding the marker was not on the command line
+        unset = object()
+        probe = argparse.Namespace(**{a.dest: unset for a in self._actions if a.dest != argparse.SUPPRESS})
+        super().parse_known_args(args, probe)
+        if isinstance(ns, Args):
+            ns.given = frozenset(k for k, v in vars(probe).items() if v is not unset)
+        return ns
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+def _lock_owner(lock):
+    """-> (pid, host) written in a lock file, or None when it cannot be read."""
+    try:
+        pid, host = open(lock).read().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _release_lock(lock, pid):
+    if _lock_owner(lock) == (pid, socket.gethostname()):
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+
+
+def claim_output_dir(path, option="--out"):
+    """Check the output directory before any work (creatable, a directory, writable) and lock it:
+    OUT/.lock holds "pid host" while this process writes there and goes when it exits. A lock of a
+    process that no longer runs on this host is stale and taken over."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path} is a file, not a directory; choose another {option}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot create the directory ({e.strerror}); choose another {option}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: the directory is not writable; choose another {option}")
+    lock, me, host = os.path.join(path, ".lock"), os.getpid(), socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner[0] != me and (owner[1] != host or _alive(owner[0])):
+                where = "" if owner[1] == host else f" on {owner[1]}"
+                raise UserError(f"{path} is in use by process {owner[0]}{where}; wait for it to finish or "
+                                f"choose another {option} (delete {lock} if that process is gone)") from None
+            try:
+                os.remove(lock)  # stale, unreadable, or our own from an earlier call in this process
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            raise UserError(f"{option} {path}: cannot write there ({e.strerror}); choose another {option}")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{me} {host}\n")
+        atexit.register(_release_lock, lock, me)
+        return
+    raise UserError(f"{path}: cannot take {lock}; another run is starting there")
+
+
+# ----------------------------------------------------------------------------- the runner
+
+STOP_SIGNAL = None  # set by training.StopFlag when Ctrl-C / SIGTERM asked a run to stop early
+
+
+def note_stop_signal(signum):
+    global STOP_SIGNAL
+    STOP_SIGNAL = signum
+
+
+def _exit_on_sigterm(signum, frame):
+    print("\nerror: terminated (SIGTERM); every file is written whole or not at all", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: atexit handlers (the lock) still run
+
+
 def run_cli(main):
-    """Run a stage's main(); bad input ends in one line on stderr and exit code 2."""
+    """Run a stage's main(); bad input ends in one line on stderr and exit code 2, Ctrl-C in exit 130
+    (143 for SIGTERM), and a run stopped early by a signal (its state saved) exits 128 + the signal
+    number too, so a script never takes it for finished."""
+    note_stop_signal(None)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         main()
         if dist.is_available() and dist.is_initialized():
@@ -88,6 +269,12 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\nerror: interrupted (Ctrl-C); every file is written whole or not at all, nothing is "
+              "half-written", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if STOP_SIGNAL is not None:
+        sys.exit(128 + STOP_SIGNAL)

@@ -314,8 +314,9 @@ def load_preference_pairs(path):
         pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         for k in ("score_chosen", "score_rejected"):
             if k in r:
-                if isinstance(r[k], bool) or not isinstance(r[k], (int, float)):
-                    raise UserError(f"{where}: '{k}' must be a number")
+                v = r[k]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+                    raise UserError(f"{where}: '{k}' must be a number (finite), not {v}")
                 pair[k] = float(r[k])
         out.append(pair)
     return out

@@ -30,7 +30,8 @@ import data
 import world
 from align import (eval_prompts, heldout_eval, kl_regularised_optimum, load_policy_and_reference, print_final,
                    print_toy_table, toy_problem, toy_token_logps)
-from common import UserError, run_cli
+from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float, nonneg_int, positive_float,
+                    positive_int, run_cli)
 from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
@@ -40,8 +41,8 @@ from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, ch
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
     p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
     p.add_argument("--data", default=DEFAULT_PAIRS,
@@ -49,36 +50,38 @@ def parse_args(argv=None):
                         "for the default world's review pairs")
     p.add_argument("--val-data", default=None, help="held-out pairs (default: val.jsonl beside a train.jsonl "
                    "--data, else the last --val-fraction of the pairs)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=fraction, default=0.05)
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the KL constraint to the reference")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
+    p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the KL constraint to the reference")
+    p.add_argument("--label-smoothing", type=fraction0, default=0.0,
                    help="assumed share of flipped labels (conservative DPO), in [0, 0.5)")
     p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
     p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the reference log-probs of every pair once, before training")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-iters", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
-    p.add_argument("--lr", type=float, default=1.5e-4)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=0,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per micro-batch per process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step, summed over all processes")
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--max-iters", type=nonneg_int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
+    p.add_argument("--lr", type=positive_float, default=1.5e-4)
+    p.add_argument("--min-lr", type=nonneg_float, default=1e-5)
+    p.add_argument("--warmup", type=nonneg_int, default=10)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--eval-interval", type=nonneg_int, default=0,
                    help="score the held-out pairs (and save) every N steps; 0 = only at the end")
     p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's "
                    "review test prompts, judged by world.sentiment_score), a prompts .jsonl, or 'none'")
-    p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
+    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step")
     p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
     add_common_args(p, out="out/dpo")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.ref = args.ref or args.init
-    if args.beta <= 0:
-        raise UserError(f"--beta must be positive, not {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
     return args
@@ -302,17 +305,19 @@ def prepare_pairs(args, enc, policy, ref, ctx):
         gap = sum(p["score_chosen"] - p["score_rejected"] for p in scored) / max(1, len(scored))
         print(f"pairs: {len(pairs.train)} train / {len(pairs.val)} held-out" +
               (f", mean score gap {gap:.3f}" if scored else "") +
-              f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters")
+              f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters "
+              "without the position embeddings")
     if args.precompute_ref:
         pairs.ref_train = reference_logps(ref, pairs.train, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
         pairs.ref_val = reference_logps(ref, pairs.val, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
     return pairs, max_iters
 
 
-def save(args, policy, optimizer, enc, step, metrics, samples=()):
-    save_train_state(args.out, policy, optimizer, step)
+def save(args, policy, optimizer, enc, step, metrics, samples=(), finished=False):
+    """The resumable state and the model; config.json says whether the run finished (run.sh skips only those)."""
+    save_train_state(args.out, policy, optimizer, step, args=args)
     save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": step, "metrics": metrics,
-                                            "samples": list(samples)})
+                                            "samples": list(samples), "finished": finished})
 
 
 # ----------------------------------------------------------------------------- main
@@ -374,7 +379,7 @@ def main(argv=None):
         heldout, samples = heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast)
         metrics.update(heldout)
         metrics["time_s"] = round(time.time() - t0, 1)
-        save(args, policy, optimizer, enc, max_iters, metrics, samples)
+        save(args, policy, optimizer, enc, max_iters, metrics, samples, finished=True)
         print_final(metrics, samples)
     return metrics
 

@@ -51,7 +51,6 @@ The exact check (--toy), on the tabular two-token policy of ppo.py (answers aa a
       instead of pi*'s exp(-(r_max - r_a) / beta).
 """
 
-import argparse
 import math
 import os
 import re
@@ -62,7 +61,8 @@ import torch
 
 import data
 import world
-from common import UserError, run_cli
+from common import (ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int,
+                    run_cli)
 from evals import strip_eos, task_accuracy
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from align import (TOY_ANSWERS, eval_prompts, frozen, heldout_eval, kl_regularised_optimum,
@@ -78,8 +78,8 @@ EXACT_TASKS = ("domain_facts", "facts", "addition")
 FORGETTING_TASKS = ("facts", "domain_facts", "addition", "sentiment")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
     p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
     p.add_argument("--reward", default="out/reward", help="a reward model (reward.py), 'gold' (the lexicon judge "
@@ -98,44 +98,44 @@ def parse_args(argv=None):
                         "before the advantages (default with rloo)")
     p.add_argument("--loss-agg", choices=LOSS_AGGS, default="token-sum-norm",
                    help="token averaging of the loss (see the docstring; default token-sum-norm)")
-    p.add_argument("--iters", type=int, default=40, help="iterations (rollout + update)")
-    p.add_argument("--rollout-batch", type=int, default=8, help="prompts sampled per iteration")
-    p.add_argument("--group-size", type=int, default=4, help="completions sampled per prompt (G)")
-    p.add_argument("--minibatch", type=int, default=8, help="completions per optimizer step")
-    p.add_argument("--epochs", type=int, default=2, help="passes over each rollout")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in every log-prob")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--min-lr", type=float, default=5e-5)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--kl-coef", type=float, default=0.1, help="beta of the KL to the reference")
-    p.add_argument("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
-    p.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of a completion "
+    p.add_argument("--iters", type=positive_int, default=40, help="iterations (rollout + update)")
+    p.add_argument("--rollout-batch", type=positive_int, default=8, help="prompts sampled per iteration")
+    p.add_argument("--group-size", type=positive_int, default=4, help="completions sampled per prompt (G)")
+    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step")
+    p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
+    p.add_argument("--lr", type=positive_float, default=5e-5)
+    p.add_argument("--min-lr", type=nonneg_float, default=5e-5)
+    p.add_argument("--warmup", type=nonneg_int, default=0)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--kl-coef", type=nonneg_float, default=0.1, help="beta of the KL to the reference")
+    p.add_argument("--cliprange", type=positive_float, default=0.2, help="policy ratio clip epsilon")
+    p.add_argument("--no-eos-penalty", type=nonneg_float, default=1.0, help="subtracted from the score of a completion "
                    "that never emits EOS (0 = none)")
     p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
                    "test prompts, judged by world.sentiment_score), a prompts file, or 'none'; with --reward "
                    "exact: the task's test split and the forgetting check, or a file of questions with answers")
-    p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
-    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this iteration")
+    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this iteration")
     p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
     add_common_args(p, out="out/grpo")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.ref = args.ref or args.init
     args.scale_rewards = args.scale_rewards or ("group" if args.advantage == "grpo" else "none")
     args.kl_in = args.kl_in or ("loss" if args.advantage == "grpo" else "reward")
     if args.advantage == "rloo" and args.scale_rewards == "group":
         raise UserError("--scale-rewards group is GRPO's; RLOO's advantage r_i - mean of the others is not scaled")
-    if min(args.minibatch, args.epochs, args.rollout_batch, args.max_new_tokens, args.iters) < 1:
-        raise UserError("--minibatch, --epochs, --rollout-batch, --max-new-tokens and --iters must be at least 1")
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: a group needs at least 2 completions to be its own baseline")
     if (args.rollout_batch * args.group_size) % args.minibatch:
         raise UserError(f"--rollout-batch x --group-size = {args.rollout_batch * args.group_size} completions must be "
                         f"a multiple of --minibatch {args.minibatch}")
-    if args.kl_coef < 0 or args.temperature <= 0:
-        raise UserError("--kl-coef must be >= 0 and --temperature > 0")
     return args
 
 
@@ -491,7 +491,9 @@ def main(argv=None):
                               None if answers is None else [answers[i] for i in idx], args, gen)
             stats = grpo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
         stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
-        row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": ro["kl"].mean().item(),
+        # the world's sentiment judge means something on its review prompts only
+        gold = {} if args.prompts or args.reward == "exact" else {"gold": ro["gold"].mean().item()}
+        row = {"score": ro["score"].mean().item(), **gold, "kl": ro["kl"].mean().item(),
                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(),
                "zero_std_groups": ro["zero_std"].item(), **stats}
         for k, v in row.items():
@@ -502,11 +504,12 @@ def main(argv=None):
             dt, t_last = time.time() - t_last, time.time()
             window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
             log.log(done, **window, lr=lr, samples_per_s=round(len(ro["texts"]) * n_logged / max(dt, 1e-9), 1))
-            print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
+            judge = "gold" if gold else "score"
+            print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
         if stop.requested or done == args.stop_at:
-            save_train_state(args.out, policy, optimizer, done)
-            save_checkpoint(args.out, policy, enc, meta | {"step": done, "metrics": {}})
+            save_train_state(args.out, policy, optimizer, done, args=args)
+            save_checkpoint(args.out, policy, enc, meta | {"step": done, "metrics": {}, "finished": False})
             print(f"stopped at iteration {done}; continue with: python grpo.py --resume --out {args.out} "
                   f"(and the same options)")
             return {"stopped_at": done, **row}
@@ -515,8 +518,9 @@ def main(argv=None):
     with ctx.autocast():
         evaluated, samples = final_eval(policy, ref, rm, enc, args, ctx)
     metrics.update(evaluated, time_s=round(time.time() - t0, 1))
-    save_train_state(args.out, policy, optimizer, args.iters)
-    save_checkpoint(args.out, policy, enc, meta | {"step": args.iters, "metrics": metrics, "samples": samples})
+    save_train_state(args.out, policy, optimizer, args.iters, args=args)
+    save_checkpoint(args.out, policy, enc, meta | {"step": args.iters, "metrics": metrics, "samples": samples,
+                                                   "finished": True})
     print_final(metrics, samples)
     return metrics
 

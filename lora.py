@@ -27,7 +27,6 @@ Hugging Face's GPT-2 keeps these projections in Conv1D layers whose weight is st
 and lora_B are ordinary nn.Linear layers with the shapes above, so one file serves both models.
 """
 
-import argparse
 import json
 import math
 import os
@@ -36,7 +35,8 @@ import re
 import torch
 import torch.nn as nn
 
-from common import UserError, atomic_save_safetensors, atomic_write_json, read_safetensors, run_cli
+from common import (ArgumentParser, UserError, atomic_save_safetensors, atomic_write_json, positive_float,
+                    positive_int, read_safetensors, run_cli)
 from gpt import GPT, GPTConfig, load_checkpoint
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every attention and MLP linear of a GPT-2 block
@@ -333,16 +333,20 @@ def load_adapter(model, adapter_dir):
 
 # ----------------------------------------------------------------------------- python lora.py
 
-def main():
-    p = argparse.ArgumentParser(description="Inject LoRA into a GPT, print the trainable-parameter table and "
-                                "check that merging the adapters changes no output.")
+def build_parser():
+    p = ArgumentParser(description="Inject LoRA into a GPT, print the trainable-parameter table and "
+                       "check that merging the adapters changes no output.")
     p.add_argument("--init", default="", help="checkpoint directory (default: a fresh model of gpt.GPTConfig())")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2r, a scale of 2)")
+    p.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=positive_float, default=None, help="LoRA alpha (default: 2r, a scale of 2)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module-name suffixes")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, hint="python pretrain.py")[0] if args.init else GPT(GPTConfig())
     model.eval()

@@ -21,7 +21,6 @@ whole completion. At the end the policy and the reference each answer held-out p
 and the gold judge scores them: mean gold reward +- 95% interval, win rate, sequence KL, EOS rate.
 """
 
-import argparse
 import math
 import os
 import time
@@ -34,7 +33,8 @@ import data
 import world
 from align import (TOY_Y1, eval_prompts, frozen, heldout_eval, kl_regularised_optimum, load_policy_and_reference,
                    print_final, print_toy_table, toy_problem, toy_token_logps)
-from common import UserError, atomic_save_safetensors, run_cli
+from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, nonneg_int, positive_float,
+                    positive_int, prob, run_cli)
 from evals import strip_eos
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
@@ -43,8 +43,8 @@ from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_
                       save_train_state, set_lr, setup)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
     p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
     p.add_argument("--reward", default="out/reward", help="frozen reward model (reward.py), or 'gold': "
@@ -54,46 +54,46 @@ def parse_args(argv=None):
                         "zero with --reward gold); starting from the reward head halves the KL for the same reward")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train prompts)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
-    p.add_argument("--iters", type=int, default=40, help="PPO iterations (rollout + update)")
-    p.add_argument("--rollout-batch", type=int, default=32, help="prompts sampled per iteration")
-    p.add_argument("--minibatch", type=int, default=8, help="completions per optimizer step")
-    p.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in every log-prob")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--min-lr", type=float, default=5e-5)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--kl-coef", type=float, default=0.1, help="beta of the KL penalty (initial value if adaptive)")
+    p.add_argument("--iters", type=positive_int, default=40, help="PPO iterations (rollout + update)")
+    p.add_argument("--rollout-batch", type=positive_int, default=32, help="prompts sampled per iteration")
+    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step")
+    p.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
+    p.add_argument("--lr", type=positive_float, default=5e-5)
+    p.add_argument("--min-lr", type=nonneg_float, default=5e-5)
+    p.add_argument("--warmup", type=nonneg_int, default=0)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--kl-coef", type=nonneg_float, default=0.1, help="beta of the KL penalty (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1",
                    help="per-token KL: k1 = log pi - log pi_ref; k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi")
-    p.add_argument("--target-kl", type=float, default=0.0, help="adaptive beta aiming at this sequence KL (0 = fixed beta)")
-    p.add_argument("--horizon", type=int, default=10000, help="adaptive KL controller horizon, in samples")
+    p.add_argument("--target-kl", type=nonneg_float, default=0.0, help="adaptive beta aiming at this sequence KL (0 = fixed beta)")
+    p.add_argument("--horizon", type=positive_int, default=10000, help="adaptive KL controller horizon, in samples")
     p.add_argument("--reward-shape", choices=("terminal", "discounted"), default="terminal",
                    help="score at the last token, or spread as r_t = r_T * gamma^(T - t) over all tokens")
-    p.add_argument("--shape-gamma", type=float, default=0.9, help="gamma of the discounted reward shape")
-    p.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of a completion "
+    p.add_argument("--shape-gamma", type=prob, default=0.9, help="gamma of the discounted reward shape")
+    p.add_argument("--no-eos-penalty", type=nonneg_float, default=1.0, help="subtracted from the score of a completion "
                    "that never emits EOS (0 = none)")
-    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
-    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    p.add_argument("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
-    p.add_argument("--cliprange-value", type=float, default=0.2, help="value clip around the old values")
-    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    p.add_argument("--gamma", type=prob, default=1.0, help="GAE discount")
+    p.add_argument("--lam", type=prob, default=0.95, help="GAE lambda")
+    p.add_argument("--cliprange", type=positive_float, default=0.2, help="policy ratio clip epsilon")
+    p.add_argument("--cliprange-value", type=positive_float, default=0.2, help="value clip around the old values")
+    p.add_argument("--vf-coef", type=nonneg_float, default=0.1, help="weight of the value loss")
     p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
                    "test prompts, judged by world.sentiment_score), a prompts file, or 'none'")
-    p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
-    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this iteration")
+    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this iteration")
     p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
     add_common_args(p, out="out/ppo")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.ref = args.ref or args.init
-    if min(args.minibatch, args.ppo_epochs, args.rollout_batch, args.max_new_tokens) < 1:
-        raise UserError("--minibatch, --ppo-epochs, --rollout-batch and --max-new-tokens must be at least 1")
     if args.rollout_batch % args.minibatch:
         raise UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
-    if args.kl_coef < 0 or args.temperature <= 0:
-        raise UserError("--kl-coef must be >= 0 and --temperature > 0")
     if args.critic_init is None:
         args.critic_init = "zero" if args.reward == "gold" else "reward"
     if args.critic_init == "reward" and args.reward == "gold":
@@ -411,14 +411,17 @@ def iteration(policy, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx):
         ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
         stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
     stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
-    return ro, {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": ro["kl"].mean().item(),
-                "beta": beta, "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
+    # the gold judge knows the world's review prompts only: on --prompts of your own it means nothing
+    gold = {} if args.prompts else {"gold": ro["gold"].mean().item()}
+    return ro, {"score": ro["score"].mean().item(), **gold, "kl": ro["kl"].mean().item(), "beta": beta,
+                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
 
 
 def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
-    save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta})
+    save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta}, args=args)
     save_checkpoint(args.out, policy.gpt, enc, {"stage": "ppo", "args": vars(args), "step": it,
-                                                "metrics": metrics, "samples": list(samples)})
+                                                "metrics": metrics, "samples": list(samples),
+                                                "finished": it == args.iters})
     save_value_head(args.out, policy.v_head)
 
 
@@ -436,7 +439,8 @@ def main(argv=None):
     policy, ref, rm, enc = load_models(args, ctx)
     prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
     print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
-          f"{'gold judge' if rm is None else args.reward}; model {policy.gpt.num_params() / 1e6:.2f}M parameters")
+          f"{'gold judge' if rm is None else args.reward}; model {policy.gpt.num_params() / 1e6:.2f}M parameters "
+          "without the position embeddings")
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start, beta = 0, args.kl_coef
@@ -459,8 +463,10 @@ def main(argv=None):
         if done % args.log_interval == 0 or done == args.iters:
             dt, t_last = time.time() - t_last, time.time()
             window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
-            log.log(done, **window, lr=lr, samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
-            print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
+            log.log(done, **window, lr=lr,
+                    samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
+            judge = "score" if args.prompts else "gold"
+            print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
         if stop.requested or done == args.stop_at:
             save(args, policy, optimizer, enc, done, beta, {})

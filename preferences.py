@@ -21,7 +21,6 @@ completion of each validation prompt {"prompt", "completions", "scores"} (reward
 Kendall's tau); meta.json with the counts and time_s. Train and validation never share a prompt.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -32,18 +31,19 @@ import torch
 
 import data
 import world
-from common import UserError, atomic_write, atomic_write_json, run_cli
+from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, claim_output_dir, fraction0,
+                    nonneg_int, positive_float, positive_int, positive_prob, run_cli)
 from evals import strip_eos
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import setup
+from training import add_threads_arg, setup
 
 JUDGES = {"sentiment": None, "exact": world.exact_match, "jaccard": world.jaccard, "bleu": world.bleu,
           "rougeL": world.rouge_l}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--init", default="out/sft", help="policy that samples the completions")
     p.add_argument("--judge", choices=list(JUDGES), default="sentiment",
                    help="sentiment: lexicon score; exact/jaccard/bleu/rougeL: similarity to the reference output")
@@ -53,27 +53,30 @@ def parse_args(argv=None):
                    "reference judges need Alpaca 'output' or 'completion'); split by prompt with --val-fraction")
     p.add_argument("--labels", default=None, help="preference pairs made elsewhere (prompt/chosen/rejected JSONL, "
                    "Anthropic HH); split by prompt with --val-fraction and written the same way; no sampling")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts held out (--prompts/--labels)")
+    p.add_argument("--val-fraction", type=fraction0, default=0.15, help="share of prompts held out (--prompts/--labels)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N train prompts (0 = all)")
-    p.add_argument("--n", type=int, default=4, help="completions sampled per prompt")
+    p.add_argument("--limit", type=nonneg_int, default=0, help="use only the first N train prompts (0 = all)")
+    p.add_argument("--n", type=positive_int, default=4, help="completions sampled per prompt")
     p.add_argument("--pairs", choices=("all", "best-worst"), default="all")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = all)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=positive_prob, default=1.0, help="nucleus sampling mass (1.0 = all)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--keep-truncated", action="store_true",
                    help="keep completions that hit --max-new-tokens without EOS (dropped by default)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences sampled together")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences sampled together")
     p.add_argument("--out", default="out/preferences", help="output directory")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=1337)
+    add_threads_arg(p)
     p.set_defaults(compile=False)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.n < 2 and not args.labels:
         raise UserError(f"--n must be at least 2 to make pairs, not {args.n}")
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), not {args.val_fraction}")
     if args.task == "auto":
         args.task = "review" if args.judge == "sentiment" else "facts"
     return args
@@ -197,7 +200,7 @@ def write_jsonl(path, rows):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    claim_output_dir(args.out)
     counts = {k: 0 for k in ("sampled", "eos", "truncated", "empty", "duplicates", "ties")}
     groups_path = os.path.join(args.out, "val_groups.jsonl")
     meta = {"args": vars(args)}

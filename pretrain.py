@@ -11,7 +11,6 @@ At the end it reports validation loss (nats per token, bits per byte) and fact r
 how many facts of the world it read it completes correctly ("The flag of X is" -> colour).
 """
 
-import argparse
 import contextlib
 import os
 import time
@@ -20,7 +19,7 @@ import torch
 
 import data
 import world
-from common import run_cli
+from common import ArgumentParser, fraction, fraction0, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
 from evals import fact_recall, text_loss
 from gpt import GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
@@ -28,33 +27,38 @@ from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, ch
                       make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="*", default=None, help="plain-text files (default: the embedded world)")
+def build_parser():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--data", nargs="*", default=None, help="plain-text files; documents are separated by blank "
+                   "lines (default: the embedded world)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--init", default=None, help="start from this checkpoint instead of random weights")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
-    p.add_argument("--max-iters", type=int, default=700)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step "
-                   "(as Ctrl-C would; for tests and job schedulers)")
-    p.add_argument("--recall-limit", type=int, default=400, help="fact-recall prompts to test (0 = none)")
+    p.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary, 256 bytes + merges + EOS")
+    p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--n-embd", type=positive_int, default=256)
+    p.add_argument("--dropout", type=fraction0, default=0.0)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step, summed over all processes")
+    p.add_argument("--max-iters", type=positive_int, default=700, help="optimizer steps")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=nonneg_float, default=2e-4, help="learning rate at the last step (cosine decay)")
+    p.add_argument("--warmup", type=nonneg_int, default=50, help="steps of linear warm-up")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--eval-interval", type=positive_int, default=100, help="steps between validation (and a save)")
+    p.add_argument("--eval-tokens", type=positive_int, default=65536, help="validation tokens per evaluation")
+    p.add_argument("--val-fraction", type=fraction, default=0.05, help="share of the documents held out")
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step "
+                   "(as Ctrl-C would, but exit 0; for tests and job schedulers; 0 = never)")
+    p.add_argument("--recall-limit", type=nonneg_int, default=400, help="fact-recall prompts to test (0 = none)")
     add_common_args(p, out="out/pretrain")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- data
@@ -62,7 +66,7 @@ def parse_args(argv=None):
 def load_corpus(args):
     """-> (train documents, validation documents, fact-recall cloze prompts)."""
     if args.data:
-        docs, cloze = data.read_text(args.data), []
+        docs, cloze = data.read_text(args.data, split_blank_lines=True), []
     else:
         w = world.make_world(args.world_seed)
         docs, cloze = world.pretrain_docs(w), world.fact_cloze(w)
@@ -107,8 +111,10 @@ def train_step(train_model, train_tokens, args, ctx, step, accum):
 
 
 def save(args, model, optimizer, enc, step, metrics):
-    save_train_state(args.out, model, optimizer, step)
-    save_checkpoint(args.out, model, enc, {"stage": "pretrain", "args": vars(args), "step": step, "metrics": metrics})
+    """The resumable state and the model; config.json says whether the run finished (run.sh skips only those)."""
+    save_train_state(args.out, model, optimizer, step, args=args)
+    save_checkpoint(args.out, model, enc, {"stage": "pretrain", "args": vars(args), "step": step, "metrics": metrics,
+                                           "finished": step == args.max_iters})
 
 
 def print_sample(model, enc, seed, device):
@@ -133,7 +139,7 @@ def main(argv=None):
     val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
     if ctx.master:
         print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {enc.n_vocab}; "
-              f"model: {model.num_params() / 1e6:.2f}M parameters")
+              f"model: {model.num_params() / 1e6:.2f}M parameters without the position embeddings")
 
     model.to(ctx.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)

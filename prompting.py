@@ -40,29 +40,29 @@ import torch
 
 import data
 import world
-from common import UserError, atomic_write, run_cli
+from common import ArgumentParser, UserError, atomic_write, nonneg_int, positive_int, run_cli
 from gpt import completion_logprobs, generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import setup
+from training import add_threads_arg, setup
 
 TASKS = ("facts", "sentiment", "addition")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--init", default="out/pretrain", help="checkpoint to prompt")
     p.add_argument("--out", default="out/prompting", help="where results.json goes")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--tasks", default=",".join(TASKS), help="tasks of the default world to evaluate")
-    p.add_argument("--n", type=int, default=100, help="test examples per task")
+    p.add_argument("--n", type=positive_int, default=100, help="test examples per task")
     p.add_argument("--ks", default="0,1,2,4,8", help="numbers of examples in the prompt")
     p.add_argument("--cot-ks", default="0,1,2", help="k for chain of thought vs direct answers (additions with carries)")
-    p.add_argument("--study-k", type=int, default=4, help="k of the ordering and example-choice studies")
-    p.add_argument("--orderings", type=int, default=6, help="orderings of one fixed set of --study-k examples")
-    p.add_argument("--max-new-tokens", type=int, default=0,
+    p.add_argument("--study-k", type=positive_int, default=4, help="k of the ordering and example-choice studies")
+    p.add_argument("--orderings", type=positive_int, default=6, help="orderings of one fixed set of --study-k examples")
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=0,
                    help="answer budget of greedy decoding (0 = longest example answer + 6 tokens)")
     p.add_argument("--no-doc-start", action="store_true", help="do not start prompts with EOS")
-    p.add_argument("--batch", type=int, default=50, help="prompts per forward pass")
+    p.add_argument("--batch", type=positive_int, default=50, help="prompts per forward pass")
     p.add_argument("--task-file", default=None, help="your own test examples (Alpaca/chat/prompt-completion JSONL)")
     p.add_argument("--examples-file", default=None, help="your own pool of shots for --task-file (never the test file)")
     p.add_argument("--labels", default=None, help="comma-separated finite answer set of --task-file: also "
@@ -72,7 +72,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=1337, help="seed of the shot draws")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    return p.parse_args(argv)
+    add_threads_arg(p)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def int_list(s, name):
@@ -485,7 +490,8 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     ev = Evaluator(model, enc, args, ctx)
-    print(f"prompting {args.init} ({config.get('stage', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
+    print(f"prompting {args.init} ({config.get('stage', '?')}, {model.num_params() / 1e6:.2f}M parameters "
+          "without the position embeddings, "
           f"context {ev.block}) on {args.task_file or 'the default world'}")
     if args.examples_file and not args.task_file:
         raise UserError("--examples-file needs --task-file (the test examples it gives shots for)")

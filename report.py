@@ -19,7 +19,6 @@ frontier of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Results are c
 by the weights' size and modification time), so a second run takes seconds.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -30,7 +29,7 @@ import numpy as np
 import data
 import evals
 import world
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, positive_int, run_cli
 from gpt import load_checkpoint, read_config
 from reward import load_reward_model, reward_scores
 from tokenizer import tokenizer_fingerprint
@@ -40,19 +39,23 @@ CACHE_VERSION = 2  # bump when the figures of a row change, so cached rows are r
 ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo", "grpo", "rloo")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="out", help="where the stages wrote their checkpoints")
     p.add_argument("--sft", default=None, help="the reference policy for win rate and KL (default OUT_DIR/sft)")
     p.add_argument("--reward", default=None, help="reward model for the RM score (default OUT_DIR/reward)")
-    p.add_argument("--n", type=int, default=100, help="held-out examples per task and cloze prompts")
-    p.add_argument("--prompts", type=int, default=64, help="held-out review prompts for the alignment figures")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--n", type=positive_int, default=100, help="held-out examples per task and cloze prompts")
+    p.add_argument("--prompts", type=positive_int, default=64, help="held-out review prompts for the alignment figures")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--world-seed", type=int, default=1337)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="re-evaluate even when a cached result exists")
     p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -25,7 +25,6 @@ tokenizer.json, and reward_head.safetensors (ln.weight, ln.bias, head.weight, he
 ppo.py and report.py use load_reward_model and reward_scores.
 """
 
-import argparse
 import copy
 import math
 import os
@@ -37,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import UserError, atomic_save_safetensors, read_safetensors, run_cli
+from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, nonneg_int, positive_float,
+                    positive_int, prob, read_safetensors, run_cli)
 from gpt import check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config, save_checkpoint
 from lora import inject_lora, merge_lora
 from tokenizer import pad_id
@@ -52,8 +52,8 @@ __all__ = ["RewardModel", "bradley_terry_loss", "kendall_tau", "load_reward_mode
            "check_same_tokenizer"]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--init", default="out/sft", help="checkpoint whose transformer becomes the trunk")
     p.add_argument("--data", default=DEFAULT_PAIRS, help="training pairs (prompt/chosen/rejected JSONL, Anthropic HH)")
     p.add_argument("--val-data", default=None, help="held-out pairs (default: val.jsonl beside --data)")
@@ -61,20 +61,26 @@ def parse_args(argv=None):
                    "Kendall's tau (default: val_groups.jsonl beside --data; skipped when absent)")
     p.add_argument("--train", nargs="+", default=["all"], metavar="MODE",
                    help="what trains: 'all' (trunk + head), 'head' (trunk frozen), or 'lora R' (rank-R adapters + head)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2R)")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (2x rows: chosen and rejected)")
-    p.add_argument("--epochs", type=int, default=None, help=f"passes over the pairs (default {DEFAULT_EPOCHS})")
-    p.add_argument("--max-iters", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULT_LR})")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = this x --lr (cosine decay)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--eval-batch", type=int, default=32)
-    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default 2R)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x rows: chosen and rejected)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the pairs (default: "
+                   + ", ".join(f"{v} with --train {k}" for k, v in DEFAULT_EPOCHS.items()) + ")")
+    p.add_argument("--max-iters", type=nonneg_int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: "
+                   + ", ".join(f"{v:g} with --train {k}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--min-lr-ratio", type=prob, default=0.1, help="final lr = this x --lr (cosine decay)")
+    p.add_argument("--warmup", type=nonneg_int, default=10)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--eval-interval", type=positive_int, default=100)
+    p.add_argument("--eval-batch", type=positive_int, default=32)
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step")
     add_common_args(p, out="out/reward")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     mode = args.train[0]
     if mode not in ("all", "head", "lora") or (mode == "lora") != (len(args.train) == 2) or len(args.train) > 2:
         raise UserError(f"--train {' '.join(args.train)}: use 'all', 'head' or 'lora R' (R a positive integer)")
@@ -291,6 +297,8 @@ def main(argv=None):
     P, W, L = encode_pairs(train_pairs, enc, block, args.data)
     val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
     groups = load_groups(args.val_groups) if args.val_groups else []
+    if val is None:
+        print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
     per_epoch = max(1, len(P) // args.batch_size)
     total = args.max_iters or args.epochs * per_epoch
     print(f"pairs: {len(P)} train, {len(val[0]) if val else 0} val, {len(groups)} val groups | trunk {args.init} "
@@ -324,13 +332,13 @@ def main(argv=None):
     log = MetricsLog(args.out, total, ctx.master, resume=args.resume)
 
     def save(step, metrics):
-        save_train_state(args.out, rm, optimizer, step)
+        save_train_state(args.out, rm, optimizer, step, args=args)
         atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
         trunk_out = rm.trunk
         if args.mode == "lora":  # GPT keys only on disk: a merged copy of the trunk, adapters folded in
                 trunk_out = merge_lora(copy.deepcopy(rm.trunk))
         save_checkpoint(args.out, trunk_out, enc, {"stage": "reward", "args": vars(args), "step": step,
-                                                   "init": args.init, "metrics": metrics})
+                                                   "init": args.init, "metrics": metrics, "finished": step == total})
 
     # the loop
     rm.train()

@@ -5,41 +5,68 @@
 #   bash run.sh --quick      the same stages at toy size, a few minutes (tests/test_run.py runs it)
 #   bash run.sh --force      redo stages whose output already exists (default: skip them)
 #   bash run.sh --out DIR    write everything under DIR instead of out/
+#   bash run.sh --until NAME stop after stage NAME (pretrain, prompting, sft, ...)
 #
 # Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
 # -> SFT on the adapted model -> preference pairs -> reward model -> DPO (sweep of beta) and PPO
 # (sweep of the KL coefficient) from the SFT model -> GRPO and RLOO (critic-free, same sweep of the KL
 # coefficient) -> DPO straight from the base model -> report.py.
 # "SFT alone" is the out/sft row of the report. Any stage can be rerun by hand with the command it
-# prints. Stop with Ctrl-C: a stage interrupted mid-training can be continued with its --resume.
+# prints. Ctrl-C stops the pipeline: the stage in training saves a resumable state, and `bash run.sh`
+# again skips the finished stages and continues that one with --resume.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=out QUICK=0 FORCE=0
+OUT=out QUICK=0 FORCE=0 UNTIL=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --force) FORCE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --until) UNTIL="$2"; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
 PY=${PYTHON:-python3}
+RERUN="bash run.sh"   # the command that continues this pipeline
+[ "$QUICK" = 1 ] && RERUN="$RERUN --quick"
+[ "$OUT" != out ] && RERUN="$RERUN --out $OUT"
+[ -n "$UNTIL" ] && RERUN="$RERUN --until $UNTIL"
 START=$(date +%s)
 
-# stage NAME DONE_FILE command...: run unless DONE_FILE exists (and not --force)
+# finished DONE_FILE: it exists, and if it is a checkpoint's config.json, not one saved mid-run
+finished() {
+  [ -e "$1" ] && ! grep -q '"finished": false' "$1"
+}
+
+# stage NAME DONE_FILE command...: run unless finished (and not --force); a stage whose directory holds
+# a resumable state (stopped by Ctrl-C) continues with --resume; one that fails stops the pipeline
 stage() {
   local name=$1 done_file=$2; shift 2
-  if [ "$FORCE" = 0 ] && [ -e "$done_file" ]; then
+  local dir resume=() code=0
+  dir=$(dirname "$done_file")
+  if [ "$FORCE" = 0 ] && finished "$done_file"; then
     echo "== $name: $done_file exists, skipped (--force to redo)"
-    return
+  else
+    if [ "$FORCE" = 0 ] && [ -e "$dir/resume/state.safetensors" ]; then
+      resume=(--resume)
+    fi
+    echo "== $name: $* ${resume[*]}"
+    local t0=$(date +%s)
+    "$@" "${resume[@]}" || code=$?
+    if [ "$code" != 0 ]; then
+      echo "== $name stopped (exit $code); continue with: $RERUN (finished stages are skipped," \
+           "a stage with a saved state resumes)" >&2
+      exit "$code"
+    fi
+    echo "== $name done in $(( $(date +%s) - t0 )) s"
   fi
-  echo "== $name: $*"
-  local t0=$(date +%s)
-  "$@"
-  echo "== $name done in $(( $(date +%s) - t0 )) s"
+  if [ "$name" = "$UNTIL" ]; then
+    echo "== stopped after $name (--until)"
+    exit 0
+  fi
 }
 
 if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be good

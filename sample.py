@@ -29,7 +29,6 @@ Sampling, one token at a time with the KV cache (gpt.generate):
     --temperature 0 takes the argmax. The same --seed gives the same text on the same device.
 """
 
-import argparse
 import codecs
 import functools
 import sys
@@ -37,7 +36,7 @@ import sys
 import torch
 
 import data
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, positive_prob, run_cli
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 
@@ -189,8 +188,8 @@ def chat(model, enc, args, template, generator, read_line, out):
 
 # ----------------------------------------------------------------------------- main
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint directory of this project or a Hugging Face GPT-2 directory")
     p.add_argument("prompt", nargs="?", default=None,
                    help="answer this once and exit (default: chat on a terminal, or one answer per line of stdin)")
@@ -199,25 +198,23 @@ def parse_args(argv=None):
                    help="render prompts in the instruction template (default: as the checkpoint's stage says)")
     g.add_argument("--raw", dest="template", action="store_const", const=False, help="continue the text as typed")
     p.add_argument("--chat", action="store_true", help="with stdin not a terminal: the lines are one conversation")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per answer (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="T; 0 = greedy, the argmax (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 = all (default %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus: the smallest set of tokens reaching this probability, "
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="at most this many tokens per answer (default %(default)s)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="T; 0 = greedy, the argmax (default %(default)s)")
+    p.add_argument("--top-k", type=nonneg_int, default=50, help="sample among the k likeliest tokens, 0 = all (default %(default)s)")
+    p.add_argument("--top-p", type=positive_prob, default=0.95, help="nucleus: the smallest set of tokens reaching this probability, "
                    "1 = all (default %(default)s)")
-    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt, not in the chat (default %(default)s)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="answers per prompt, not in the chat (default %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args, interactive):
-    for name, ok, rule in [("--max-new-tokens", args.max_new_tokens >= 1, "be at least 1"),
-                           ("--temperature", args.temperature >= 0, "be 0 (greedy) or more"),
-                           ("--top-k", args.top_k >= 0, "be 0 (all tokens) or more"),
-                           ("--top-p", 0 < args.top_p <= 1, "be in (0, 1]"),
-                           ("--num-samples", args.num_samples >= 1, "be at least 1")]:
-        if not ok:
-            raise UserError(f"{name} must {rule}")
+    """The ranges of the numeric options are checked by their types in build_parser."""
     if interactive and args.num_samples > 1:
         raise UserError("--num-samples applies to a prompt on the command line or piped lines, not to the chat")
 

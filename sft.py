@@ -24,7 +24,6 @@ validation loss and fact recall of the pre-training text, before and after. All 
 OUT/config.json. LoRA runs also write the adapters (PEFT layout) and save the merged model.
 """
 
-import argparse
 import contextlib
 import math
 import os
@@ -35,7 +34,8 @@ import torch
 
 import data
 import world
-from common import UserError, run_cli
+from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float, nonneg_int, positive_float,
+                    positive_int, run_cli)
 from evals import fact_recall, task_accuracy, text_loss
 from gpt import cross_entropy_loss, load_checkpoint, save_checkpoint
 from lora import format_parameter_table, inject_lora, merge_lora, parameter_counts, save_adapter
@@ -48,46 +48,48 @@ TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
 EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--mode", choices=("instruct", "domain"), default="instruct")
     p.add_argument("--init", default="out/pretrain", help="checkpoint to fine-tune (ours or a Hugging Face GPT-2 dir)")
     p.add_argument("--data", nargs="*", default=None, help="instruct: Alpaca/messages JSONL files; domain: .txt "
                    "files (default: the embedded world's task train splits / held-out region's text)")
     p.add_argument("--val-data", nargs="*", default=None, help="held-out files of the same kind (default: the world's "
                    "test splits / held-out domain text; with --data and no --val-data, the last --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=fraction, default=0.05)
     p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="world tasks to train on (instruct mode)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
-    p.add_argument("--replay", type=float, default=0.5, help="domain mode: share of each batch drawn from the "
+    p.add_argument("--replay", type=fraction0, default=0.5, help="domain mode: share of each batch drawn from the "
                    "pre-training text (rehearsal, against forgetting)")
     p.add_argument("--replay-data", nargs="*", default=None, help="pre-training .txt files for --replay "
                    "(default: the embedded world's corpus)")
-    p.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters only")
-    p.add_argument("--qlora", type=int, default=0, metavar="R", help="rank-R LoRA adapters on a 4-bit base")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2r: scale 2)")
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora", type=nonneg_int, default=0, metavar="R", help="train rank-R LoRA adapters only")
+    p.add_argument("--qlora", type=nonneg_int, default=0, metavar="R", help="rank-R LoRA adapters on a 4-bit base")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default 2r: scale 2)")
+    p.add_argument("--lora-dropout", type=fraction0, default=0.05)
     p.add_argument("--quant", choices=("nf4", "fp4", "int4"), default="nf4", help="4-bit code of --qlora")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per process "
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch per process "
                    "(default 32 instruct, 16 domain)")
-    p.add_argument("--block-size", type=int, default=0, help="domain mode window (default: the model's context)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, summed over all processes")
-    p.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default 300 instruct, 200 domain)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full instruct, 1e-3 full domain, 2e-3 LoRA)")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-n", type=int, default=100, help="held-out examples per task in the final evaluation")
-    p.add_argument("--recall-limit", type=int, default=400, help="fact-recall prompts for the forgetting check")
-    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
+    p.add_argument("--block-size", type=nonneg_int, default=0, help="domain mode window (default: the model's context)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step, summed over all processes")
+    p.add_argument("--max-iters", type=positive_int, default=None, help="optimizer steps (default 300 instruct, 200 domain)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 3e-4 full instruct, 1e-3 full domain, 2e-3 LoRA)")
+    p.add_argument("--warmup", type=nonneg_int, default=20)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--eval-n", type=positive_int, default=100, help="held-out examples per task in the final evaluation")
+    p.add_argument("--recall-limit", type=nonneg_int, default=400, help="fact-recall prompts for the forgetting check")
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step")
     add_common_args(p, out="out/sft")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     domain = args.mode == "domain"
     if domain and args.data and not args.replay_data and args.replay:
         print("note: --replay needs --replay-data (pre-training text) with your own domain text; none is mixed in")
         args.replay = 0.0
-    if not 0 <= args.replay < 1:
-        raise UserError(f"--replay must be in [0, 1), not {args.replay}")
     if args.lora and args.qlora:
         raise UserError("choose --lora R or --qlora R, not both")
     args.batch_size = args.batch_size or (16 if domain else 32)
@@ -257,7 +259,7 @@ def train_step(train_model, d, args, ctx, pad, block_size, step, accum):
 def save(args, model, optimizer, enc, step, metrics, rank):
     """The resumable state; with final metrics also the model: adapters in PEFT's layout, then the merged
     model as an ordinary checkpoint (an interrupted run keeps only its resumable state)."""
-    save_train_state(args.out, model, optimizer, step)
+    save_train_state(args.out, model, optimizer, step, args=args)
     if not metrics:
         return
     meta = {"stage": "domain" if args.mode == "domain" else "sft", "mode": args.mode, "init": args.init,
@@ -301,7 +303,7 @@ def main(argv=None):
     rank = adapt(model, args)
     trainable, total = parameter_counts(model)
     if ctx.master:
-        print(f"{args.mode}: {d.size} from {args.init}; model {total / 1e6:.2f}M parameters, "
+        print(f"{args.mode}: {d.size} from {args.init}; model {total / 1e6:.2f}M parameters in all, "
               f"training {trainable:,} ({trainable / total:.2%})")
         if rank:
             print(format_parameter_table(model))

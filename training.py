@@ -24,10 +24,20 @@ import torch.distributed as dist
 
 from safetensors import safe_open
 
-from common import UserError, atomic_save_safetensors, read_safetensors
+from common import (UserError, atomic_save_safetensors, atomic_write, claim_output_dir, nonneg_int, note_stop_signal,
+                    positive_int, read_safetensors)
 
 
 # ----------------------------------------------------------------------------- CLI and device
+
+# --resume takes back the options of the run it continues (saved with its state), except those that
+# belong to this command alone. Of the options typed again, these may differ: where and how fast it
+# runs, how often it logs, how long it trains, how much the final evaluation measures. Any other one
+# typed differently (data, model, optimizer, seeds) is refused.
+RESUME_NOT_SAVED = {"out", "resume", "stop_at"}
+RESUME_MAY_CHANGE = {"device", "compile", "threads", "log_interval", "eval_interval", "max_iters", "iters",
+                     "recall_limit", "eval_n", "eval_limit", "eval_tokens", "eval_prompts", "eval_batch"}
+
 
 def add_common_args(p, out):
     g = p.add_argument_group("common")
@@ -36,13 +46,23 @@ def add_common_args(p, out):
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT where it stopped, with the "
+                   "data, model and optimizer options it was started with")
+    g.add_argument("--log-interval", type=positive_int, default=10, help="steps between log lines")
+    add_threads_arg(g)
     return p
 
 
+def add_threads_arg(p):
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads, 0 = torch's default (one "
+                   "per core); use 1 when other work shares the cores: much faster then")
+
+
 def setup(args):
-    """Device, precision, seeds and (under torchrun) the process group."""
+    """Threads, device, precision, seeds, (under torchrun) the process group; then the output directory
+    checked and locked, and for --resume the saved options taken back, all before any work."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -56,6 +76,10 @@ def setup(args):
         if device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
+    if rank == 0 and getattr(args, "out", None):
+        claim_output_dir(args.out)
+    if getattr(args, "resume", False):
+        resume_options(args)
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -137,9 +161,66 @@ def check_finite(loss, step):
 
 # ----------------------------------------------------------------------------- resumable state
 
-def save_train_state(out_dir, model, optimizer, step, extra=None):
+def state_path(out_dir):
+    return os.path.join(out_dir, "resume", "state.safetensors")
+
+
+def read_state_meta(out_dir):
+    """The JSON header of OUT/resume/state.safetensors (step, options, ...) without reading the tensors."""
+    path = state_path(out_dir)
+    if not os.path.exists(path):
+        raise UserError(f"--resume: no training state in {os.path.dirname(path)}; run without --resume first")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads(f.metadata()["state"])
+    except Exception:  # a truncated or foreign file
+        raise UserError(f"{path}: not a training state written by this project") from None
+
+
+def run_finished(out_dir):
+    """config.json is the done-marker: a checkpoint saved mid-run says "finished": false."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            return json.load(f).get("finished", True) is not False
+    except (OSError, ValueError):
+        return False
+
+
+def _option(key):
+    return "--" + key.replace("_", "-")
+
+
+def resume_options(args):
+    """--resume: take the options of the run being continued (its data, model, optimizer), refuse one
+    typed differently, and say when the run is finished already (exit 0) or --max-iters is behind it."""
+    meta = read_state_meta(args.out)
+    step, saved, given = meta["step"], meta.get("args", {}), getattr(args, "given", frozenset())
+    for key, then in saved.items():
+        if key in RESUME_NOT_SAVED or not hasattr(args, key):
+            continue
+        now = json.loads(json.dumps(getattr(args, key)))
+        if now == then or (key in given and key in RESUME_MAY_CHANGE):
+            continue
+        if key in given:
+            raise UserError(f"{_option(key)} {now} differs from the run in {args.out} ({then}); --resume "
+                            f"continues a run with its own options: drop {_option(key)}, or choose another --out")
+        setattr(args, key, then)
+    length = "iters" if hasattr(args, "iters") else "max_iters"
+    longer = length in given and getattr(args, length) > step
+    if run_finished(args.out) and not longer:
+        print(f"{args.out} holds a finished run ({step} steps): nothing to resume; a larger {_option(length)} "
+              "continues it")
+        sys.exit(0)
+    if length in given and getattr(args, length) and not longer:
+        raise UserError(f"{_option(length)} {getattr(args, length)}: the run in {args.out} is at step {step} "
+                        f"already; give a larger {_option(length)}")
+    print(f"resuming {args.out} at step {step} with the options it was started with")
+
+
+def save_train_state(out_dir, model, optimizer, step, extra=None, args=None):
     """OUT/resume/state.safetensors: trainable weights, optimizer moments, RNG states, and (as JSON in
-    its header) the step and hyper-parameters; written atomically, no pickle. With it --resume continues bit for bit on CPU."""
+    its header) the step, hyper-parameters and the run's options (args, which --resume takes back);
+    written atomically, no pickle. With it --resume continues bit for bit on CPU."""
     d = os.path.join(out_dir, "resume")
     os.makedirs(d, exist_ok=True)
     model = unwrap(model)
@@ -155,7 +236,8 @@ def save_train_state(out_dir, model, optimizer, step, extra=None):
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     # One file, so a kill mid-write leaves the previous state whole: the JSON part rides in the header.
-    state = {"step": step, "param_groups": groups, "python_rng": random.getstate(), "extra": extra or {}}
+    state = {"step": step, "param_groups": groups, "python_rng": random.getstate(), "extra": extra or {},
+             "args": vars(args) if args is not None else {}}
     atomic_save_safetensors(tensors, os.path.join(d, "state.safetensors"), metadata={"state": json.dumps(state)})
 
 
@@ -213,27 +295,36 @@ class StopFlag:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        note_stop_signal(signum)  # the stage saves, returns, and run_cli exits 128 + signum: not finished
         print(f"\n{signal.Signals(signum).name}: saving a resumable state, then stopping "
               "(press again to stop at once)", file=sys.stderr, flush=True)
 
 
 class MetricsLog:
-    """One line per log interval on stdout, the same records in OUT/metrics.jsonl."""
+    """One line per log interval on stdout, the same records in OUT/metrics.jsonl. After --resume the
+    ETA counts only the steps run since the resumed step, and records past that step (written before
+    a crash, then lost) are dropped."""
 
     def __init__(self, out_dir, total, master=True, resume=False):
         self.path, self.total, self.master = os.path.join(out_dir, "metrics.jsonl"), total, master
-        self.t0 = time.time()
+        self.t0, self.start = time.time(), 0
+        if resume and os.path.exists(state_path(out_dir)):
+            self.start = read_state_meta(out_dir)["step"]
         if master:
             os.makedirs(out_dir, exist_ok=True)
             if not resume and os.path.exists(self.path):
                 os.remove(self.path)
+            elif resume and os.path.exists(self.path):
+                kept = [line for line in open(self.path) if line.strip()
+                        and json.loads(line).get("step", 0) <= self.start]
+                atomic_write(self.path, "".join(kept))
 
     def log(self, step, **metrics):
         if not self.master:
             return
         elapsed = time.time() - self.t0
-        done = max(step, 1)
-        eta = elapsed / done * max(self.total - step, 0) if step else float("nan")
+        done = step - self.start
+        eta = elapsed / done * max(self.total - step, 0) if done > 0 else float("nan")
         parts = [f"step {step}/{self.total}"]
         for k, v in metrics.items():
             parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")

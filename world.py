@@ -21,7 +21,6 @@ Every fact is known, so every stage is checked against the truth:
 `python world.py` writes all of it to out/data (a few MB, under a second) and prints a summary.
 """
 
-import argparse
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import time
 from collections import Counter, namedtuple
 from dataclasses import asdict, dataclass
 
-from common import atomic_write, run_cli
+from common import ArgumentParser, atomic_write, positive_int, run_cli
 from data import format_completion, format_prompt
 
 
@@ -659,15 +658,19 @@ def ensure_default_data(out_dir="out/data", seed=1337):
     return write_default_data(out_dir, seed)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the default world's data files and print a summary.")
+def build_parser():
+    p = ArgumentParser(description="Write the default world's data files and print a summary.")
     p.add_argument("--out", default="out/data")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--force", action="store_true", help="rewrite even if the files are there")
     p.add_argument("--pairs", metavar="FILE", help="instead, write the review train split's preference pairs "
                    "(prompt/chosen/rejected JSONL) to FILE")
-    p.add_argument("--max-prompts", type=int, default=None, help="with --pairs: only the first N review prompts")
-    args = p.parse_args(argv)
+    p.add_argument("--max-prompts", type=positive_int, default=None, help="with --pairs: only the first N review prompts")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     t0 = time.time()
     if args.pairs:
         pairs = review_pairs(make_world(args.seed), args.max_prompts)
