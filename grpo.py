@@ -491,8 +491,8 @@ def main(argv=None):
                               None if answers is None else [answers[i] for i in idx], args, gen)
             stats = grpo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
         stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
-        # the world's sentiment judge means something on its review prompts only
-        gold = {} if args.prompts or args.reward == "exact" else {"gold": ro["gold"].mean().item()}
+        # gold: the exact answer's correctness, or the world's sentiment judge, which knows its review prompts only
+        gold = {} if args.prompts and args.reward != "exact" else {"gold": ro["gold"].mean().item()}
         row = {"score": ro["score"].mean().item(), **gold, "kl": ro["kl"].mean().item(),
                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(),
                "zero_std_groups": ro["zero_std"].item(), **stats}
