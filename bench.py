@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 import data
 from common import UserError, run_cli
-from gpt import GPT, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
+from gpt import GPT, PRESETS, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
 from lora import inject_lora
 from quant4 import quantize_model
 from training import make_optimizer, setup, wrap_model
 
-PRESETS = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)}
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what --preset sets (gpt.PRESETS)
 # dense bf16 peak of one GPU (tensor cores, no sparsity), in FLOP/s; matched against the device name
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SECTIONS = ("train", "sample", "rl", "memory")
@@ -44,7 +44,8 @@ NO_EOS = -1  # an id no model emits: every sample runs its full length
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["none", *PRESETS], default="none", help="gpt2 = GPT-2 124M (12/12/768, ctx 1024, vocab 50257); overrides the shape options")
+    p.add_argument("--preset", choices=["none", *PRESETS], default="none", help="gpt2 = GPT-2 124M (12/12/768, ctx 1024, vocab 50257), gpt2-medium/-large/-xl (gpt.PRESETS); "
+                   "overrides the shape options")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
@@ -74,8 +75,8 @@ def parse_args(argv=None):
                    help="torch.compile the training models (default: on for CUDA, off elsewhere)")
     args = p.parse_args(argv)
     if args.preset != "none":
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k.replace("-", "_"), v)
+        for k in SHAPE:
+            setattr(args, k, getattr(PRESETS[args.preset], k))
     bad = set(args.only.split(",")) - set(SECTIONS)
     if bad:
         raise UserError(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
