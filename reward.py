@@ -395,7 +395,7 @@ def main(argv=None):
     rm.train()
     if features is not None:
         rm.trunk.eval()
-    loss = torch.zeros(())
+    stats = (0.0, 0.0, 0.0)  # the last step's loss, accuracy and margin over its whole batch
     t_last = time.time()
     for step in range(start, total):
         lr = lr_at(step, args.lr, args.warmup, total, args.lr * args.min_lr_ratio)
@@ -412,14 +412,15 @@ def main(argv=None):
         loss = bradley_terry_loss(r_w, r_l)
         loss.backward()
         check_finite(loss, step)
+        stats = batch_stats(r_w, r_l, len(idx), ctx if features is None else None)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % args.log_interval == 0 or done == total:
             dt, t_last = time.time() - t_last, time.time()
-            step_loss, acc, margin = batch_stats(r_w, r_l, len(idx), ctx if features is None else None)
-            log.log(done, loss=step_loss, acc=acc, margin=margin, grad_norm=grad_norm.item(), lr=lr, pairs_per_s=round(len(idx) * args.log_interval / max(dt, 1e-9), 1))
+            log.log(done, loss=stats[0], acc=stats[1], margin=stats[2], grad_norm=grad_norm.item(), lr=lr,
+                    pairs_per_s=round(len(idx) * args.log_interval / max(dt, 1e-9), 1))
         if val and done % args.eval_interval == 0 and done < total:
             m = evaluate(rm, enc, val, [], args.eval_batch, ctx)
             log.log(done, val_loss=m["val_loss"], val_accuracy=m["pairwise_accuracy"])
@@ -430,11 +431,10 @@ def main(argv=None):
             save(done, {})
             say(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
                 f"(and the same options)")
-            return {"train_loss": batch_stats(r_w, r_l, len(idx), ctx if features is None else None)[0], "step": done}
+            return {"train_loss": stats[0], "step": done}
 
     # final evaluation and save
-    train_loss = batch_stats(r_w, r_l, len(idx), ctx if features is None else None)[0] if total > start else loss.item()
-    metrics = {"train_loss": train_loss, **evaluate(rm, enc, val, groups, args.eval_batch, ctx),
+    metrics = {"train_loss": stats[0], **evaluate(rm, enc, val, groups, args.eval_batch, ctx),
                "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"), "train_pairs": len(P),
                "trainable_params": n_train, "train_mode": " ".join(args.train)}
     metrics["time_s"] = round(time.time() - t0, 2)
