@@ -1,9 +1,7 @@
 """GPT-2 sizes by name: the presets every entry point shares, and the grown tokenizer that lets a random
 model of GPT-2's vocabulary run every stage (bench.py --only stages)."""
-import json
 import os
 
-import pytest
 
 import bench
 import pretrain
