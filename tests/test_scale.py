@@ -2,7 +2,6 @@
 model of GPT-2's vocabulary run every stage (bench.py --only stages)."""
 import os
 
-
 import bench
 import pretrain
 from gpt import GPT, PRESETS
