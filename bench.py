@@ -4,6 +4,7 @@
     python bench.py --vs hf                            # + Hugging Face GPT2LMHeadModel, same config, side by side
     python bench.py --preset gpt2 --device cuda --compile --json out/bench/gpt2.json   # GPT-2 124M on a GPU
     python bench.py --only train,sample --repeats 7    # some sections, more repeats
+    python bench.py --only stages --preset gpt2        # every stage's own CLI, a few steps each: s/step, peak RSS
 
 Everything runs the project's own pieces: gpt.GPT, gpt.cross_entropy_loss, gpt.generate,
 gpt.completion_logprobs, data.completion_batch, training.setup / make_optimizer / wrap_model
@@ -14,6 +15,12 @@ weights, and sampling always runs the full length (no EOS can stop it).
 Timing: warm-up first, then `--repeats` timed runs; with --vs hf the two models alternate run
 by run (and swap order every repeat) so a noisy shared machine slows both alike; figures are
 medians. Speed lives here, never in tests.
+
+The stages section (not in the default --only) runs the stage files themselves as subprocesses on a random
+model of the bench shape, saved with a byte-level BPE grown to the model's vocabulary (so every sampled id
+decodes), and on small files made from the default world: full SFT, LoRA, QLoRA, the reward model, DPO
+and PPO, --stage-steps steps each. Seconds per step come from each run's metrics.jsonl (logged every step,
+so loading and the final evaluation are left out); peak RSS is the process's own (wait4's ru_maxrss).
 """
 
 import argparse
@@ -22,6 +29,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,17 +38,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import world
 from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, run_cli
-from gpt import GPT, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
+from gpt import (GPT, GPTConfig, PRESETS, completion_logprobs, cross_entropy_loss, generate, save_checkpoint,
+                 token_logprobs)
 from grpo import grpo_advantages, grpo_loss, token_weights
 from lora import inject_lora
 from quant4 import quantize_model
+from tokenizer import encoding_from_merges, train_tokenizer
 from training import make_optimizer, setup, wrap_model
 
-PRESETS = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)}
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what --preset sets (gpt.PRESETS)
 # dense bf16 peak of one GPU (tensor cores, no sparsity), in FLOP/s; matched against the device name
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-SECTIONS = ("train", "sample", "rl", "memory")
+SECTIONS = ("train", "sample", "rl", "memory", "stages")
+DEFAULT_SECTIONS = SECTIONS[:4]  # stages runs every stage file: ask for it by name
+ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EOS = -1  # an id no model emits: every sample runs its full length
 
 
@@ -52,7 +66,7 @@ def build_parser():
     p.add_argument("--block-size", type=positive_int, default=256)
     p.add_argument("--vocab-size", type=positive_int, default=4096)
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per training step")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--vs", choices=["none", "hf"], default="none", help="hf: also time transformers' GPT2LMHeadModel")
     p.add_argument("--steps", type=positive_int, default=3, help="training steps per timed run")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per measurement (median reported)")
@@ -68,6 +82,8 @@ def build_parser():
     p.add_argument("--ppo-minibatches", type=positive_int, default=2)
     p.add_argument("--grpo-group", type=positive_int, default=4, help="GRPO: completions per prompt (divides --batch-size)")
     p.add_argument("--lora-r", type=positive_int, default=8)
+    p.add_argument("--stage-steps", type=positive_int, default=3, help="stages: optimizer steps (PPO: iterations) per stage")
+    p.add_argument("--stage-out", default="out/bench/stages", help="stages: checkpoints, data and runs go here")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", default="", help="write every figure to this JSON file")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
@@ -80,8 +96,8 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.preset != "none":
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k.replace("-", "_"), v)
+        for k in SHAPE:
+            setattr(args, k, getattr(PRESETS[args.preset], k))
     bad = set(args.only.split(",")) - set(SECTIONS)
     if bad:
         raise UserError(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
@@ -517,6 +533,103 @@ def bench_memory(args, ctx):
 
 # ----------------------------------------------------------------------------- report
 
+# ----------------------------------------------------------------------------- the stages themselves
+
+def grown_tokenizer(text, n_vocab):
+    """A byte-level BPE learned on text (at most 4096 tokens), then grown to exactly n_vocab tokens by extra
+    merges of two learned tokens into a new byte string, so that every id a random model of that vocabulary
+    samples decodes. The extra merges rank after the learned ones: the text is still split as learned."""
+    enc = train_tokenizer(text, min(n_vocab, 4096))
+    merges, vocab = list(enc._merges), [bytes([b]) for b in range(256)]
+    for a, b in merges:
+        vocab.append(vocab[a] + vocab[b])
+    seen, learned = set(vocab), range(256, len(vocab))
+    for a in learned:
+        for b in learned:
+            if 256 + len(merges) + 2 >= n_vocab:
+                break
+            if vocab[a] + vocab[b] not in seen:
+                seen.add(vocab[a] + vocab[b])
+                merges.append((a, b))
+    grown = encoding_from_merges(merges, name=f"bpe{256 + len(merges) + 2}")
+    grown._merges = merges
+    return grown
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def stage_fixture(model, d, seed):
+    """d/init: the model with a grown BPE; d/sft*.jsonl (Alpaca rows), d/pairs/{train,val}.jsonl (prompt,
+    chosen, rejected), d/prompts.jsonl: the default world's review tasks, a few dozen rows each."""
+    w = world.make_world(seed)
+    enc = grown_tokenizer("\n\n".join(world.pretrain_docs(w)[:400]), model.config.vocab_size)
+    save_checkpoint(os.path.join(d, "init"), model, enc, {"stage": "bench", "args": {}, "metrics": {}})
+    review = world.task_sets(w)["review"]
+    train, val = review["train"][:64], review["val"][:8]
+    write_jsonl(os.path.join(d, "sft.jsonl"), train)
+    write_jsonl(os.path.join(d, "sft_val.jsonl"), val[:2])
+    os.makedirs(os.path.join(d, "pairs"), exist_ok=True)
+    for name, rows in (("train", train), ("val", val)):
+        write_jsonl(os.path.join(d, "pairs", f"{name}.jsonl"), [
+            {"prompt": data.format_prompt(e["instruction"], e["input"]), "chosen": data.format_completion(e["output"]),
+             "rejected": data.format_completion(rows[(i + 1) % len(rows)]["output"])} for i, e in enumerate(rows)])
+    write_jsonl(os.path.join(d, "prompts.jsonl"), [{"prompt": data.format_prompt(e["instruction"], e["input"])}
+                                                   for e in train[:16]])
+
+
+def stage_commands(d, steps, device):
+    """(name, stage file, arguments): a few steps each, small batches, a log line every step, evaluations cut short."""
+    n, common = str(steps), ["--device", device, "--log-interval", "1", "--warmup", "1"]
+    sft = ["--init", f"{d}/init", "--data", f"{d}/sft.jsonl", "--val-data", f"{d}/sft_val.jsonl", "--batch-size", "4",
+           "--max-iters", n, "--eval-n", "1", "--recall-limit", "0"] + common
+    pairs = ["--init", f"{d}/init", "--data", f"{d}/pairs/train.jsonl", "--batch-size", "4", "--max-iters", n] + common
+    return [("SFT full", "sft.py", sft + ["--out", f"{d}/sft"]),
+            ("SFT LoRA r=8", "sft.py", sft + ["--lora", "8", "--out", f"{d}/lora"]),
+            ("SFT QLoRA r=8 (NF4)", "sft.py", sft + ["--qlora", "8", "--out", f"{d}/qlora"]),
+            ("reward model (all)", "reward.py", pairs + ["--out", f"{d}/reward"]),
+            ("DPO", "dpo.py", pairs + ["--eval-prompts", "none", "--out", f"{d}/dpo"]),
+            ("PPO (iteration)", "ppo.py", ["--init", f"{d}/init", "--reward", f"{d}/reward", "--prompts",
+             f"{d}/prompts.jsonl", "--iters", n, "--rollout-batch", "4", "--minibatch", "4", "--ppo-epochs", "1",
+             "--max-new-tokens", "32", "--eval-prompts", "none", "--out", f"{d}/ppo"] + common)]
+
+
+def run_stage(script, argv, out):
+    """-> (exit code, seconds per step from out/metrics.jsonl, peak RSS bytes of the stage process, wall seconds)."""
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        print(f"  {script} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    path = os.path.join(out, "metrics.jsonl")
+    logs = [r for r in (json.loads(l) for l in open(path)) if "lr" in r] if os.path.exists(path) else []
+    per_step = (logs[-1]["elapsed"] - logs[0]["elapsed"]) / (logs[-1]["step"] - logs[0]["step"]) if len(logs) > 1 else None
+    return proc.returncode, per_step, usage.ru_maxrss * 1024, time.time() - t0  # ru_maxrss: KiB on Linux
+
+
+def bench_stages(args, ctx, model):
+    d = os.path.abspath(args.stage_out)
+    os.makedirs(d, exist_ok=True)
+    stage_fixture(model, d, args.seed)
+    rows = []
+    for name, script, argv in stage_commands(d, args.stage_steps, ctx.device.split(":")[0]):
+        rc, per_step, rss, wall = run_stage(script, argv, argv[argv.index("--out") + 1])
+        rows.append({"stage": name, "command": f"python {script} " + " ".join(argv).replace(d, "$D"), "exit": rc,
+                     "s_per_step": per_step, "peak_rss_bytes": rss, "wall_s": round(wall, 1)})
+        print(f"  {name}: {fmt(per_step)} s/step, peak RSS {fmt(mib(rss))} MiB, {wall:.0f}s in all", flush=True)
+    qlora = os.path.join(d, "qlora", "config.json")
+    if os.path.exists(qlora):
+        m = json.load(open(qlora))["metrics"]
+        rows.append({"stage": "QLoRA frozen base", "frozen_base_bytes_4bit": m["frozen_base_bytes_4bit"],
+                     "frozen_base_bytes_bf16": m["frozen_base_bytes_bf16"], "ratio": m["frozen_base_memory_ratio"]})
+    return rows
+
+
 def fmt(v, unit=""):
     if v is None:
         return "n/a"
@@ -621,6 +734,16 @@ def main(argv=None):
                for m, r in mem.items()])
         if not ctx.cuda:
             print("(CPU: no peak-memory counter; activations are the bytes autograd saved, measured by hooks)")
+
+    if "stages" in sections:
+        st = results["stages"] = bench_stages(args, ctx, model)
+        table(f"the stage files, {args.stage_steps} steps each (s/step from metrics.jsonl; PPO: s per iteration)",
+              ["stage", "s/step", "peak RSS MiB", "exit"],
+              [[r["stage"], r["s_per_step"], mib(r["peak_rss_bytes"]), r["exit"]] for r in st if "exit" in r])
+        for r in st:
+            if "ratio" in r:
+                print(f"QLoRA frozen base: {fmt(mib(r['frozen_base_bytes_4bit']))} MiB 4-bit vs "
+                      f"{fmt(mib(r['frozen_base_bytes_bf16']))} MiB bf16 = {r['ratio']:.2f}x smaller")
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

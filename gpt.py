@@ -45,6 +45,17 @@ class GPTConfig:
     bias: bool = True
 
 
+# GPT-2's published shapes (OpenAI's 124M, 355M, 774M, 1.5B checkpoints): every field but dropout and bias.
+# pretrain.py --preset and bench.py --preset build these; every later stage takes its shape from --init
+# (a checkpoint pretrain.py --preset wrote, or a Hugging Face GPT-2 directory such as gpt2-medium's).
+PRESETS = {
+    "gpt2": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
+}
+
+
 # ----------------------------------------------------------------------------- model
 
 class CausalSelfAttention(nn.Module):

@@ -6,9 +6,14 @@ judge, and write (prompt, chosen, rejected) pairs for the reward model and DPO.
     python preferences.py --prompts my.jsonl --judge bleu   # your prompts (+ reference outputs for bleu)
     python preferences.py --labels pairs.jsonl          # preferences made elsewhere (people, a larger LLM)
     python preferences.py --pairs best-worst --n 8 --temperature 1.2
+    torchrun --nproc_per_node=4 -- preferences.py --n 8 # sampling split across 4 processes, the same files
 
 For each prompt the policy samples --n completions (temperature, top-k, top-p; batched with a KV
-cache). A judge scores each one: `sentiment` (the lexicon score of world.sentiment_score, the default
+cache). The rows (prompt x sample) go in batches of --batch-size, batch k with its own generator seeded
+from (--seed, split, k); under torchrun batch k is sampled by process k mod N and the completions are
+gathered in order, so any number of processes writes the very same files as one. ("--" ends torchrun's own
+options, which would otherwise take --n for an abbreviation of its --nnodes/--nproc_per_node.)
+A judge scores each one: `sentiment` (the lexicon score of world.sentiment_score, the default
 world's alignment objective) needs no reference; `exact`, `jaccard`, `bleu`, `rougeL` compare with the
 prompt's reference output. Exact duplicates, completions cut off at --max-new-tokens (no EOS) and pairs
 with equal scores are dropped and counted. `--pairs all` keeps every pair of distinct scores,
@@ -28,6 +33,7 @@ import random
 import time
 
 import torch
+import torch.distributed as dist
 
 import data
 import world
@@ -150,17 +156,49 @@ def make_pairs(prompt, completions, scores, policy="all"):
     return pairs, ties
 
 
-def sample_and_score(model, enc, items, judge, args, generator, counts):
+def batch_seed(seed, split, k):
+    """The generator seed of batch k of a split (0 train, 1 val): a pure function, so a batch's samples do
+    not depend on which process draws it, nor on the batches drawn before it."""
+    return (seed * 1_000_003 + split * 100_003 + k) % 2 ** 63
+
+
+def all_gather_json(obj, ctx):
+    """-> [each process's obj], in rank order, on every process: JSON bytes in uint8 tensors (no pickle),
+    padded to the longest for all_gather."""
+    if not ctx.ddp:
+        return [obj]
+    device = ctx.device if ctx.cuda else "cpu"  # NCCL moves CUDA tensors only
+    raw = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(ctx.world)]
+    dist.all_gather(sizes, torch.tensor(len(raw), device=device))
+    longest = max(int(n) for n in sizes)
+    parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(ctx.world)]
+    dist.all_gather(parts, torch.cat([raw, raw.new_zeros(longest - len(raw))]))
+    return [json.loads(bytes(p[:int(n)].tolist()).decode()) for p, n in zip(parts, sizes)]
+
+
+def sample_rows(model, enc, rows, args, split, ctx):
+    """Completion token ids of every row (prompt, reference): batch k of --batch-size rows sampled by process
+    k mod N with generator batch_seed(seed, split, k), then gathered back in row order."""
+    starts = list(range(0, len(rows), args.batch_size))
+    mine = {}
+    for k in range(ctx.rank, len(starts), ctx.world):
+        chunk = rows[starts[k]:starts[k] + args.batch_size]
+        gen = torch.Generator(device=ctx.device).manual_seed(batch_seed(args.seed, split, k))
+        mine[k] = generate(model, [enc.encode_ordinary(p) for p, _ in chunk], args.max_new_tokens, eos_id=eos_id(enc),
+                           pad_id=pad_id(enc), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           generator=gen)
+        if ctx.master:
+            print(f"  sampled {min(starts[k] + args.batch_size, len(rows))}/{len(rows)}", end="\r", flush=True)
+    batches = {int(k): v for part in all_gather_json(mine, ctx) for k, v in part.items()}
+    return [ids for k in range(len(starts)) for ids in batches[k]]
+
+
+def sample_and_score(model, enc, items, judge, args, split, ctx, counts):
     """Sample args.n completions per prompt, drop duplicates and truncated ones, score the rest.
     -> [(prompt, [completion texts], [scores])]; counts gets sampled/eos/duplicates/truncated/empty."""
     rows = [(p, ref) for p, ref in items for _ in range(args.n)]
-    outs = []
-    for i in range(0, len(rows), args.batch_size):
-        chunk = rows[i:i + args.batch_size]
-        outs += generate(model, [enc.encode_ordinary(p) for p, _ in chunk], args.max_new_tokens, eos_id=eos_id(enc),
-                         pad_id=pad_id(enc), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=generator)
-        print(f"  sampled {min(i + args.batch_size, len(rows))}/{len(rows)}", end="\r", flush=True)
+    outs = sample_rows(model, enc, rows, args, split, ctx)
     groups = []
     for k, (prompt, ref) in enumerate(items):
         texts, seen = [], set()
@@ -204,28 +242,28 @@ def main(argv=None):
     counts = {k: 0 for k in ("sampled", "eos", "truncated", "empty", "duplicates", "ties")}
     groups_path = os.path.join(args.out, "val_groups.jsonl")
     meta = {"args": vars(args)}
+    ctx = setup(args)
+    say = print if ctx.master else (lambda *a, **k: None)
     if args.labels:
         train, val = label_pairs(args)
-        if os.path.exists(groups_path):  # no scored groups come with outside labels
+        if ctx.master and os.path.exists(groups_path):  # no scored groups come with outside labels
             os.remove(groups_path)
     else:
-        ctx = setup(args)
         model, enc, config = load_checkpoint(args.init, ctx.device, hint="python sft.py")
         model.eval()
         meta["init"] = {"path": args.init, "stage": config.get("stage"), "tokenizer": config.get("tokenizer")}
         train_items, val_items = load_prompt_sets(args)
         judge = make_judge(args.judge)
-        gen = torch.Generator(device=ctx.device).manual_seed(args.seed)
         split_pairs = {}
-        for split, items in (("train", train_items), ("val", val_items)):
-            print(f"{split}: {len(items)} prompts x {args.n} samples from {args.init}, judge {args.judge}")
-            groups = sample_and_score(model, enc, items, judge, args, gen, counts)
+        for k, (split, items) in enumerate((("train", train_items), ("val", val_items))):
+            say(f"{split}: {len(items)} prompts x {args.n} samples from {args.init}, judge {args.judge}")
+            groups = sample_and_score(model, enc, items, judge, args, k, ctx, counts)
             split_pairs[split] = []
             for prompt, texts, scores in groups:
                 pairs, ties = make_pairs(prompt, texts, scores, args.pairs)
                 split_pairs[split] += pairs
                 counts["ties"] += ties
-            if split == "val":
+            if split == "val" and ctx.master:
                 write_jsonl(groups_path, [{"prompt": p, "completions": t, "scores": s} for p, t, s in groups if len(t) > 1])
             all_scores = [s for _, _, ss in groups for s in ss]
             meta[f"{split}_mean_score"] = sum(all_scores) / max(1, len(all_scores))
@@ -236,22 +274,24 @@ def main(argv=None):
                              "--temperature, or use another --judge")
     overlap = {p["prompt"] for p in train} & {p["prompt"] for p in val}
     assert not overlap, f"prompts in both splits: {sorted(overlap)[:3]}"
-    write_jsonl(os.path.join(args.out, "train.jsonl"), train)
-    write_jsonl(os.path.join(args.out, "val.jsonl"), val)
+    if ctx.master:
+        write_jsonl(os.path.join(args.out, "train.jsonl"), train)
+        write_jsonl(os.path.join(args.out, "val.jsonl"), val)
 
     gap = lambda ps: sum(p["score_chosen"] - p["score_rejected"] for p in ps) / max(1, len(ps))
     meta.update({"train_pairs": len(train), "val_pairs": len(val), "counts": counts,
                  "train_mean_gap": gap(train), "val_mean_gap": gap(val),
                  "train_prompts": len({p["prompt"] for p in train}), "val_prompts": len({p["prompt"] for p in val}),
                  "time_s": round(time.time() - t0, 2)})
-    atomic_write_json(meta, os.path.join(args.out, "meta.json"))
-    print(f"pairs: {len(train)} train ({meta['train_prompts']} prompts), {len(val)} val ({meta['val_prompts']} prompts) "
+    if ctx.master:
+        atomic_write_json(meta, os.path.join(args.out, "meta.json"))
+    say(f"pairs: {len(train)} train ({meta['train_prompts']} prompts), {len(val)} val ({meta['val_prompts']} prompts) "
           f"| mean score gap {meta['train_mean_gap']:.3f} train, {meta['val_mean_gap']:.3f} val")
     if not args.labels:
-        print(f"dropped: {counts['ties']} tied pairs, {counts['duplicates']} duplicate, {counts['truncated']} "
+        say(f"dropped: {counts['ties']} tied pairs, {counts['duplicates']} duplicate, {counts['truncated']} "
               f"truncated (no EOS), {counts['empty']} empty completions of {counts['sampled']} sampled "
               f"| EOS rate {counts['eos_rate']:.3f} | mean judge score {meta['train_mean_score']:.3f} train")
-    print(f"wrote {args.out}/train.jsonl, val.jsonl" + ("" if args.labels else ", val_groups.jsonl") +
+    say(f"wrote {args.out}/train.jsonl, val.jsonl" + ("" if args.labels else ", val_groups.jsonl") +
           f", meta.json in {meta['time_s']:.1f}s")
     return meta
 

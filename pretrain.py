@@ -3,6 +3,7 @@
     python pretrain.py                       # the embedded default world, CPU, ~8 minutes
     python pretrain.py --data my/*.txt       # your own plain-text files
     torchrun --nproc_per_node=4 pretrain.py  # DistributedDataParallel, same effective batch
+    python pretrain.py --preset gpt2 --data my/*.txt   # GPT-2 124M's shape (gpt.PRESETS)
 
 Reads the corpus, trains a byte-level BPE tokenizer on it (or takes the one of --init),
 caches the tokens as flat arrays on disk, trains a GPT with the cross-entropy loss, and
@@ -21,7 +22,7 @@ import data
 import world
 from common import ArgumentParser, fraction, fraction0, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
 from evals import fact_recall, text_loss
-from gpt import GPT, GPTConfig, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
+from gpt import GPT, GPTConfig, PRESETS, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
                       make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
@@ -33,6 +34,9 @@ def build_parser():
                    "lines (default: the embedded world)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--init", default=None, help="start from this checkpoint instead of random weights")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="GPT-2's shape (gpt2 = 124M: 12 layers, "
+                   "12 heads, 768 wide, context 1024, vocab 50257); overrides --n-layer/--n-head/--n-embd/--block-size "
+                   "and --vocab-size (the model's vocabulary is the tokenizer's: a small corpus may give a BPE with fewer)")
     p.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary, 256 bytes + merges + EOS")
     p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
     p.add_argument("--n-layer", type=positive_int, default=4)
@@ -58,7 +62,12 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.preset:
+        shape = PRESETS[args.preset]
+        args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size = (
+            shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, shape.vocab_size)
+    return args
 
 
 # ----------------------------------------------------------------------------- data

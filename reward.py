@@ -5,6 +5,13 @@ preference pairs (x, y_w, y_l) with the Bradley-Terry loss.
     python reward.py --train head          # trunk frozen, only LayerNorm + head train (parameter-efficient)
     python reward.py --train lora 8        # LoRA adapters of rank 8 on the trunk + the head
     python reward.py --data pairs.jsonl --val-data held_out.jsonl   # your prompt/chosen/rejected JSONL
+    torchrun --nproc_per_node=4 reward.py  # DistributedDataParallel: each process a quarter of each batch
+
+Under torchrun each process scores its contiguous share of each step's --batch-size pairs (the batch is the same
+as with one process) and DDP averages the gradients, so the step is the one-process step; the logged loss,
+accuracy and margin, and the held-out accuracy and Kendall's tau, are computed over all the pairs (scores are
+gathered). Under --train head every process runs the (cheap) head step on the whole batch; the trunk's features
+are computed once, split across the processes. Only the first process writes files.
 
 Architecture: the SFT model's transformer (a gpt.GPT, language-model head unused) is the trunk;
 gpt.GPT.hidden_states ends in the trunk's final LayerNorm ln_f, and on top of it sit two new modules,
@@ -32,6 +39,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -197,11 +205,36 @@ def reward_scores(rm, enc, prompt_ids, completion_ids, batch=32):
     return out
 
 
-def unique_scores(rm, enc, prompt_ids, completion_ids, batch=32):
-    """reward_scores, computing each distinct (prompt, completion) once (a completion sits in several pairs)."""
+def rank_slice(n, ctx=None):
+    """This process's contiguous share [lo, hi) of n items: ceil(n / world) each (the last fewer); all of them
+    without torchrun."""
+    if ctx is None or not ctx.ddp:
+        return 0, n
+    m = -(-n // ctx.world)
+    return min(n, ctx.rank * m), min(n, (ctx.rank + 1) * m)
+
+
+def gather_rows(x, n, ctx=None):
+    """Each process's rows x of rank_slice(n) -> all n rows in order, on every process."""
+    if ctx is None or not ctx.ddp:
+        return x
+    m = -(-n // ctx.world)
+    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=ctx.device)  # all_gather needs equal sizes
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    dist.all_gather(parts, padded)
+    counts = [max(0, min(n, (r + 1) * m) - r * m) for r in range(ctx.world)]
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+
+
+def unique_scores(rm, enc, prompt_ids, completion_ids, batch=32, ctx=None):
+    """reward_scores, computing each distinct (prompt, completion) once (a completion sits in several pairs);
+    under torchrun each process scores its share of the distinct rows and every process gets all the scores."""
     keys = [(tuple(p), tuple(c)) for p, c in zip(prompt_ids, completion_ids)]
     distinct = list(dict.fromkeys(keys))
-    scores = reward_scores(rm, enc, [list(p) for p, _ in distinct], [list(c) for _, c in distinct], batch)
+    lo, hi = rank_slice(len(distinct), ctx)
+    mine = reward_scores(rm, enc, [list(p) for p, _ in distinct[lo:hi]], [list(c) for _, c in distinct[lo:hi]], batch)
+    scores = gather_rows(mine, len(distinct), ctx)
     at = {k: i for i, k in enumerate(distinct)}
     return scores[[at[k] for k in keys]] if keys else scores
 
@@ -253,12 +286,13 @@ def kendall_tau(a, b):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(rm, enc, val, groups, batch):
-    """Held-out loss, pairwise accuracy, mean margin r_w - r_l, and mean Kendall's tau over the groups."""
+def evaluate(rm, enc, val, groups, batch, ctx=None):
+    """Held-out loss, pairwise accuracy, mean margin r_w - r_l, and mean Kendall's tau over the groups
+    (under torchrun the scoring is split across processes; every process gets the metrics of the whole set)."""
     P, W, L = val or ([], [], [])
     gp = [enc.encode_ordinary(p) for p, cs, _ in groups for _ in cs]
     gc = [enc.encode_ordinary(c) + [enc.eot_token] for _, cs, _ in groups for c in cs]
-    r = unique_scores(rm, enc, P + P + gp, W + L + gc, batch)  # a completion is scored once, however often it recurs
+    r = unique_scores(rm, enc, P + P + gp, W + L + gc, batch, ctx)  # a completion is scored once, however often it recurs
     out = {}
     if P:
         r_w, r_l = r[:len(P)], r[len(P):2 * len(P)]
@@ -275,6 +309,37 @@ def evaluate(rm, enc, val, groups, batch):
     return out
 
 
+# ----------------------------------------------------------------------------- sharding the step (torchrun)
+
+def check_shares(n_pairs, batch_size, ctx):
+    """Equal shares of every batch, so that DDP's average of the per-process means is the batch mean."""
+    if min(n_pairs, batch_size) % ctx.world:
+        raise UserError(f"--batch-size {min(n_pairs, batch_size)} pairs must be a multiple of the {ctx.world} processes")
+
+
+def batch_stats(r_w, r_l, n, ctx):
+    """Bradley-Terry loss, pairwise accuracy and mean margin of the whole step's n pairs (shares gathered)."""
+    delta = gather_rows((r_w - r_l).detach().float(), n, ctx)
+    return -F.logsigmoid(delta).mean().item(), (delta > 0).float().mean().item(), delta.mean().item()
+
+
+@torch.no_grad()
+def frozen_features(rm, enc, P, W, L, batch, ctx):
+    """--train head: the frozen trunk's h_last of every row (chosen rows 0..n-1, rejected n..2n-1), each distinct
+    row computed once, the distinct rows split across the processes and gathered."""
+    rm.trunk.eval()
+    keys = [(tuple(x), tuple(y)) for x, y in zip(P + P, W + L)]
+    distinct = list(dict.fromkeys(keys))
+    lo, hi = rank_slice(len(distinct), ctx)
+    feats = [torch.zeros(0, rm.config.n_embd, device=ctx.device)]
+    for i in range(lo, hi, batch):
+        chunk = distinct[i:min(i + batch, hi)]
+        b = data.completion_batch([x for x, _ in chunk], [y for _, y in chunk], pad_id(enc))
+        feats.append(rm.features({k: v.to(ctx.device) for k, v in b.items()}).float())
+    at = {k: i for i, k in enumerate(distinct)}
+    return gather_rows(torch.cat(feats), len(distinct), ctx)[[at[k] for k in keys]], len(distinct)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -282,6 +347,7 @@ def main(argv=None):
     t0 = time.time()
     ctx = setup(args)
     os.makedirs(args.out, exist_ok=True)
+    say = print if ctx.master else (lambda *a, **k: None)
     if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
         raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
 
@@ -301,37 +367,30 @@ def main(argv=None):
         print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
     per_epoch = max(1, len(P) // args.batch_size)
     total = args.max_iters or args.epochs * per_epoch
-    print(f"pairs: {len(P)} train, {len(val[0]) if val else 0} val, {len(groups)} val groups | trunk {args.init} "
+    check_shares(len(P), args.batch_size, ctx)
+    say(f"pairs: {len(P)} train, {len(val[0]) if val else 0} val, {len(groups)} val groups | trunk {args.init} "
           f"| --train {' '.join(args.train)}: {n_train:,} of {n_all:,} parameters train | {total} steps")
 
     # the trunk is frozen under --train head: its features are computed once, the head trains on them
     features = None
     if args.mode == "head":
-        rm.trunk.eval()
-        with torch.no_grad():
-            keys = [(tuple(x), tuple(y)) for x, y in zip(P + P, W + L)]  # rows 0..n-1 chosen, n..2n-1 rejected
-            distinct = list(dict.fromkeys(keys))
-            feats = []
-            for i in range(0, len(distinct), args.eval_batch):
-                chunk = distinct[i:i + args.eval_batch]
-                b = data.completion_batch([x for x, _ in chunk], [y for _, y in chunk], pad_id(enc))
-                feats.append(rm.features({k: v.to(ctx.device) for k, v in b.items()}))
-            at = {k: i for i, k in enumerate(distinct)}
-            features = torch.cat(feats)[[at[k] for k in keys]]
-        print(f"trunk frozen: features of the {len(distinct)} distinct rows computed once")
+        features, n_distinct = frozen_features(rm, enc, P, W, L, args.eval_batch, ctx)
+        say(f"trunk frozen: features of the {n_distinct} distinct rows computed once")
 
     optimizer = make_optimizer(rm, args.lr, args.weight_decay, ctx=ctx)
     start = 0
     if args.resume:
         start, _ = load_train_state(args.out, rm, optimizer)
     train_rm = wrap_model(rm, ctx) if features is None else rm
-    init_metrics = evaluate(rm, enc, val, [], args.eval_batch) if start == 0 else {}
+    init_metrics = evaluate(rm, enc, val, [], args.eval_batch, ctx) if start == 0 else {}
     if init_metrics:
-        print(f"before training: val pairwise accuracy {init_metrics['pairwise_accuracy']:.3f}")
+        say(f"before training: val pairwise accuracy {init_metrics['pairwise_accuracy']:.3f}")
     stop = StopFlag()
     log = MetricsLog(args.out, total, ctx.master, resume=args.resume)
 
     def save(step, metrics):
+        if not ctx.master:
+            return
         save_train_state(args.out, rm, optimizer, step, args=args)
         atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
         trunk_out = rm.trunk
@@ -344,7 +403,7 @@ def main(argv=None):
     rm.train()
     if features is not None:
         rm.trunk.eval()
-    loss = torch.zeros(())
+    stats = (0.0, 0.0, 0.0)  # the last step's loss, accuracy and margin over its whole batch
     t_last = time.time()
     for step in range(start, total):
         lr = lr_at(step, args.lr, args.warmup, total, args.lr * args.min_lr_ratio)
@@ -353,40 +412,42 @@ def main(argv=None):
         if features is not None:
             r_w, r_l = rm.score(features[idx]), rm.score(features[[i + len(P) for i in idx]])
         else:
-            b = data.completion_batch(*pair_rows(P, W, L, idx), pad_id(enc))
+            mine = idx[slice(*rank_slice(len(idx), ctx))]  # this process's share; DDP averages the gradients
+            b = data.completion_batch(*pair_rows(P, W, L, mine), pad_id(enc))
             with ctx.autocast():
                 r = train_rm({k: v.to(ctx.device) for k, v in b.items()})
-            r_w, r_l = r[:len(idx)], r[len(idx):]
+            r_w, r_l = r[:len(mine)], r[len(mine):]
         loss = bradley_terry_loss(r_w, r_l)
         loss.backward()
         check_finite(loss, step)
+        stats = batch_stats(r_w, r_l, len(idx), ctx if features is None else None)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % args.log_interval == 0 or done == total:
             dt, t_last = time.time() - t_last, time.time()
-            log.log(done, loss=loss.item(), acc=pairwise_accuracy(r_w, r_l), margin=(r_w - r_l).mean().item(),
-                    grad_norm=grad_norm.item(), lr=lr, pairs_per_s=round(len(idx) * args.log_interval / max(dt, 1e-9), 1))
+            log.log(done, loss=stats[0], acc=stats[1], margin=stats[2], grad_norm=grad_norm.item(), lr=lr,
+                    pairs_per_s=round(len(idx) * args.log_interval / max(dt, 1e-9), 1))
         if val and done % args.eval_interval == 0 and done < total:
-            m = evaluate(rm, enc, val, [], args.eval_batch)
+            m = evaluate(rm, enc, val, [], args.eval_batch, ctx)
             log.log(done, val_loss=m["val_loss"], val_accuracy=m["pairwise_accuracy"])
             rm.train()
             if features is not None:
                 rm.trunk.eval()
         if stop.requested or done == args.stop_at:
             save(done, {})
-            print(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
-                  f"(and the same options)")
-            return {"train_loss": loss.item(), "step": done}
+            say(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
+                f"(and the same options)")
+            return {"train_loss": stats[0], "step": done}
 
     # final evaluation and save
-    metrics = {"train_loss": loss.item(), **evaluate(rm, enc, val, groups, args.eval_batch),
+    metrics = {"train_loss": stats[0], **evaluate(rm, enc, val, groups, args.eval_batch, ctx),
                "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"), "train_pairs": len(P),
                "trainable_params": n_train, "train_mode": " ".join(args.train)}
     metrics["time_s"] = round(time.time() - t0, 2)
     save(total, metrics)
-    print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    say("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import data
 from common import UserError, read_safetensors, unique_state_dict
 from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
-from hf import export_hf
+from hf import INDEX_FILE, export_hf, plan_shards, shard_name
 from tokenizer import tokenizer_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,6 +182,94 @@ def test_cli_import_then_stages_then_export_round_trip(tmp_path, hf_model):
     orig = {"transformer." + k: v for k, v in orig.items() if k.split(".")[-2:] not in (["attn", "bias"], ["attn", "masked_bias"])}
     assert back.keys() == orig.keys() and all(torch.equal(back[k], orig[k]) for k in back)
     assert os.path.exists(tmp_path / "hf2" / "vocab.json")
+
+
+# ----------------------------------------------------------------------------- sharded safetensors
+
+def test_plan_shards_packs_in_order_and_isolates_a_tensor_over_the_limit():
+    assert plan_shards([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert plan_shards([4, 20, 4, 3, 2], 8) == [[0], [1], [2, 3], [4]]  # 20 > 8: a shard of its own
+    assert plan_shards([4, 4], 100) == [[0, 1]] and plan_shards([], 8) == []
+    assert shard_name(2, 13) == "model-00002-of-00013.safetensors"
+
+
+def test_sharded_export_imports_with_the_single_file_logits(tmp_path, hf_model):
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    export_hf(hf_model, single)
+    export_hf(hf_model, sharded, max_shard_bytes=20_000)
+    index = json.load(open(os.path.join(sharded, INDEX_FILE)))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards[0] == shard_name(1, len(shards)) and not os.path.exists(f"{sharded}/model.safetensors")
+    assert sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors")) == shards
+    one = read_safetensors(os.path.join(single, "model.safetensors"))
+    assert index["weight_map"].keys() == one.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
+    for shard in shards:  # no shard past the limit unless it holds a single larger tensor
+        part = read_safetensors(os.path.join(sharded, shard))
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 20_000 or len(part) == 1
+    for d in (single, sharded):
+        write_gpt2_tokenizer(d)
+    a, _, _ = load_checkpoint(single)
+    b, _, config = load_checkpoint(sharded)
+    assert config["stage"] == "hf_import"
+    idx = tokens(272, B=2, T=32)
+    with torch.no_grad():
+        assert torch.equal(a(idx), b(idx))
+    assert_same_weights(b, hf_model)
+    export_hf(hf_model, sharded)  # exporting again unsharded leaves one set of weights
+    assert sorted(f for f in os.listdir(sharded) if "safetensors" in f) == ["model.safetensors"]
+
+
+def test_sharded_directory_refuses_a_missing_shard_and_index_mismatches(tmp_path, hf_model):
+    def fresh(name):
+        d = str(tmp_path / name)
+        export_hf(hf_model, d, max_shard_bytes=20_000)
+        write_gpt2_tokenizer(d)
+        return d, json.load(open(os.path.join(d, INDEX_FILE)))
+
+    d, index = fresh("missing")
+    last = sorted(set(index["weight_map"].values()))[-1]
+    os.remove(os.path.join(d, last))
+    with pytest.raises(UserError, match=f"shard {last} is missing"):
+        load_checkpoint(d)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "gpt.py"), "import", d, str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and last in r.stderr
+    d, index = fresh("unlisted")  # a shard holds a tensor the index does not name
+    name = "transformer.h.0.attn.c_attn.bias"
+    del index["weight_map"][name]
+    json.dump(index, open(os.path.join(d, INDEX_FILE), "w"))
+    with pytest.raises(UserError, match=f"tensor {name} is not listed"):
+        load_checkpoint(d)
+    d, index = fresh("absent")  # the index names a tensor its shard lacks
+    index["weight_map"]["transformer.h.9.mlp.c_fc.bias"] = sorted(set(index["weight_map"].values()))[0]
+    json.dump(index, open(os.path.join(d, INDEX_FILE), "w"))
+    with pytest.raises(UserError, match="missing from their shards, e.g. transformer.h.9.mlp.c_fc.bias"):
+        load_checkpoint(d)
+    d, index = fresh("escape")
+    index["weight_map"][name] = "../model-00001-of-00002.safetensors"
+    json.dump(index, open(os.path.join(d, INDEX_FILE), "w"))
+    with pytest.raises(UserError, match="is not a file name"):
+        load_checkpoint(d)
+    open(os.path.join(d, INDEX_FILE), "w").write("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_checkpoint(d)
+
+
+def test_transformers_sharded_save_imports_with_the_single_file_logits(tmp_path, hf_model):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed: sharded save check skipped")
+    export_hf(hf_model, str(tmp_path / "hf"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "sharded" / INDEX_FILE) and not os.path.exists(tmp_path / "sharded" / "model.safetensors")
+    for d in ("hf", "sharded"):
+        write_gpt2_tokenizer(str(tmp_path / d))
+    a, _, _ = load_checkpoint(str(tmp_path / "hf"))
+    b, _, _ = load_checkpoint(str(tmp_path / "sharded"))
+    idx = tokens(272, B=2, T=32)
+    with torch.no_grad():
+        assert torch.equal(a(idx), b(idx))
+        assert (b(idx) - hf_logits(hf, idx)).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------- what is refused, in one line

@@ -1,4 +1,8 @@
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +12,8 @@ import preferences
 from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 from preferences import make_pairs, split_by_prompt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_jsonl(path):
@@ -81,3 +87,26 @@ def test_labels_are_split_and_written_the_same_way(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "chosen": " a", "rejected": " a"}) + "\n")
     with pytest.raises(UserError, match="identical"):
         preferences.main(["--labels", str(tmp_path / "bad.jsonl"), "--out", str(out)])
+
+
+def test_two_process_torchrun_writes_the_same_files(ckpt, tmp_path):
+    """Batch k is sampled by process k mod 2 with its own seeded generator and gathered in order: the files
+    are those of one process. ("--" ends torchrun's options: it would take --n for an abbreviation of its own.)"""
+    rows = [{"instruction": f"Describe {w}.", "output": f"the {w} is green"} for w in ("kettle", "inn", "pie", "flag",
+                                                                                       "river", "tosk", "cat", "mat")]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = lambda out: ["--init", ckpt, "--prompts", str(tmp_path / "p.jsonl"), "--judge", "jaccard", "--keep-truncated",
+                        "--max-new-tokens", "8", "--n", "3", "--batch-size", "5", "--out", str(tmp_path / out),
+                        "--device", "cpu"]
+    preferences.main(argv("one"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        "--", os.path.join(ROOT, "preferences.py"), *argv("two")], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("train.jsonl", "val.jsonl", "val_groups.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    assert read_jsonl(tmp_path / "one" / "train.jsonl")
+    assert json.load(open(tmp_path / "two" / "meta.json"))["counts"] == json.load(open(tmp_path / "one" / "meta.json"))["counts"]

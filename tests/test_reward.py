@@ -1,6 +1,10 @@
 import json
 import math
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from reward import (RewardModel, bradley_terry_loss, kendall_tau, load_reward_mo
                     set_trainable)
 from tokenizer import pad_id, train_tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Instruction: Review the kettle.\nOutput:", "Instruction: Review the inn.\nOutput:",
            "Instruction: Review the pie.\nOutput:", "Instruction: What is the flag of belmora?\nOutput:"]
 GOOD = [" a good kettle , an excellent pie .", " the inn is good .", " an excellent pie", " green , a good flag ."]
@@ -215,3 +220,75 @@ def test_bad_input_is_one_line(ckpt, pairs_dir, tmp_path, small_enc):
     with pytest.raises(UserError, match="different tokenizers"):
         load_reward_model(str(tmp_path / "rm"), policy_enc=other)
     reward.check_same_tokenizer(small_enc, load_reward_model(str(tmp_path / "rm"))[1], "rm", "policy")
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def reward_argv(ckpt, pairs_dir, out, *extra):
+    return ["--init", ckpt, "--data", str(pairs_dir / "train.jsonl"), "--out", str(out), "--device", "cpu",
+            "--batch-size", "4", "--max-iters", "6", "--warmup", "2", "--log-interval", "3", *extra]
+
+
+def torchrun(tmp_path, argv, nproc=2):
+    with socket.socket() as sock:  # a free port, so parallel test runs never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           os.path.join(ROOT, "reward.py"), *argv]
+    r = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_files(a, b, atol):
+    """Same weights, except ln.bias and head.bias: they add one constant to every reward, which leaves the
+    Bradley-Terry loss unchanged, so their gradient is 0 up to rounding, and Adam turns rounding into steps."""
+    for name in ("model.safetensors", "reward_head.safetensors"):
+        wa, wb = read_safetensors(str(a / name)), read_safetensors(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in set(wa) - {"ln.bias", "head.bias"}:
+            assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), (name, k)
+
+
+def test_rank_slices_cover_in_order_and_a_step_share_divides_the_batch():
+    from types import SimpleNamespace
+    for n, world in ((10, 3), (8, 2), (1, 4), (0, 2)):
+        ctxs = [SimpleNamespace(ddp=True, rank=r, world=world) for r in range(world)]
+        cover = [i for c in ctxs for i in range(*reward.rank_slice(n, c))]
+        assert cover == list(range(n))
+    with pytest.raises(UserError, match="multiple of the 3 processes"):
+        reward.check_shares(12, 4, SimpleNamespace(world=3))
+    reward.check_shares(2, 4, SimpleNamespace(world=2))  # fewer pairs than the batch: the batch is all of them
+
+
+def test_two_process_torchrun_matches_one_process_and_resumes(ckpt, pairs_dir, tmp_path):
+    """2 gloo processes, 2 pairs each per step, DDP-averaged = 1 process, 4 pairs a step: same losses,
+    same held-out accuracy and Kendall's tau, same weights; a torchrun stopped at step 3 resumes exactly."""
+    one = reward.main(reward_argv(ckpt, pairs_dir, tmp_path / "one", "--eval-interval", "3"))
+    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "two", "--eval-interval", "3"))
+    two = json.load(open(tmp_path / "two" / "config.json"))["metrics"]
+    for k in ("train_loss", "val_loss", "margin", "kendall_tau"):
+        assert two[k] == pytest.approx(one[k], abs=1e-5), k
+    assert two["pairwise_accuracy"] == one["pairwise_accuracy"] and two["kendall_groups"] == one["kendall_groups"]
+    assert_same_files(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    log1, log2 = ([json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two"))
+    assert [r["step"] for r in log1] == [r["step"] for r in log2]  # one log, written by the first process only
+    for r1, r2 in zip(log1, log2):
+        for k in ("loss", "acc", "margin", "val_loss", "val_accuracy"):
+            if k in r1:
+                assert r2[k] == pytest.approx(r1[k], abs=1e-5), k
+    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "half", "--eval-interval", "3", "--stop-at", "3"))
+    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "half", "--eval-interval", "3", "--resume"))
+    resumed = json.load(open(tmp_path / "half" / "config.json"))["metrics"]
+    assert resumed["train_loss"] == pytest.approx(two["train_loss"], abs=1e-6)
+    assert_same_files(tmp_path / "two", tmp_path / "half", atol=1e-6)
+
+
+def test_two_process_frozen_trunk_matches_one_process(ckpt, pairs_dir, tmp_path):
+    one = reward.main(reward_argv(ckpt, pairs_dir, tmp_path / "one", "--train", "head"))
+    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "two", "--train", "head"))
+    two = json.load(open(tmp_path / "two" / "config.json"))["metrics"]
+    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+    assert two["kendall_tau"] == pytest.approx(one["kendall_tau"], abs=1e-5)
+    assert_same_files(tmp_path / "one", tmp_path / "two", atol=1e-5)
