@@ -662,6 +662,66 @@ def machine(ctx):
     return m
 
 
+def print_sample(rows, hf):
+    hdr = ["batch", "new", "cached tok/s", "recompute tok/s", "speedup", "identical"]
+    if hf is not None:
+        hdr += ["HF cached tok/s", "HF recompute tok/s", "HF speedup", "ours/HF cached", "= HF tokens"]
+    table("greedy sampling (gpt.generate, KV cache vs full recompute)", hdr,
+          [[r["batch"], r["new_tokens"], r["ours_cache_tokens_per_s"], r["ours_recompute_tokens_per_s"],
+            r["cache_speedup"], r["identical"]] + ([r["hf_cache_tokens_per_s"], r["hf_recompute_tokens_per_s"],
+            r["hf_cache_speedup"], r["ours_over_hf_cache"], f"{100 * r['hf_token_agreement']:.0f}%"] if hf else [])
+           for r in rows])
+    if not all(r["identical"] for r in rows):  # exact in float32 on CPU; TF32/bf16 GPU kernels may round apart
+        print("WARNING: KV-cached and recomputed greedy samples differ (see cache_token_agreement)")
+
+
+def print_train(tr, args):
+    table(f"training throughput (batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps per run, "
+          f"median of {args.repeats}; FLOPs/token = 6N + 12LHQT = {tr['flops_per_token']:,})",
+          ["model", "tokens/s", "ms/step", "GFLOP/s", "MFU"],
+          [[name, tr[name]["tokens_per_s"], tr[name]["step_ms"], tr[name]["tokens_per_s"] * tr["flops_per_token"] / 1e9,
+            "n/a (no peak known; --peak-flops)" if tr[name]["mfu"] is None else f"{100 * tr[name]['mfu']:.1f}%"]
+           for name in ("ours", "hf") if name in tr])
+    if "ours_over_hf" in tr:
+        print(f"ours / HF training tokens/s: {tr['ours_over_hf']:.3f} (ratio of medians), "
+              f"{tr['ours_over_hf_paired']:.3f} (median of back-to-back pairs)")
+
+
+def print_rl(rl):
+    table(f"alignment step costs ({rl['rows']} prompts x {rl['prompt_len']} tokens, completions of "
+          f"{rl['completion_len']}; PPO: generate + ref/value/reward forwards + {rl['ppo_updates']} minibatch updates)",
+          ["step", "seconds", "x SFT step"],
+          [["SFT step", rl["sft_step_s"], 1.0], ["DPO step", rl["dpo_step_s"], rl["dpo_over_sft"]],
+           ["PPO iteration", rl["ppo_iteration_s"], rl["ppo_over_sft"]],
+           ["  of which generation", rl["ppo_generation_s"], rl["ppo_generation_s"] / rl["sft_step_s"]],
+           [f"GRPO iteration (G={rl['grpo_group']})", rl["grpo_iteration_s"], rl["grpo_over_sft"]]])
+    print(f"GRPO / PPO iteration time: {rl['grpo_over_ppo']:.2f} (no value head; same completions and updates)")
+    print(f"PPO time spent generating: {100 * rl['ppo_generation_share']:.0f}%")
+
+
+def print_memory(mem, args, ctx):
+    hdr = ["mode", "trainable", "params MiB", "grads MiB", "AdamW MiB", "activations MiB", "tokens/s"]
+    if ctx.cuda:
+        hdr += ["CUDA peak MiB"]
+    table(f"memory per training step (batch {args.batch_size} x {args.block_size}; activations = tensors "
+          f"saved for backward; LoRA r={args.lora_r}, QLoRA = NF4 base + LoRA)", hdr,
+          [[m, r["trainable_params"], mib(r["params_bytes"]), mib(r["grad_bytes"]), mib(r["optimizer_bytes"]),
+            mib(r["activation_bytes_saved"]), r["tokens_per_s"]] + ([mib(r["cuda_peak_bytes"])] if ctx.cuda else [])
+           for m, r in mem.items()])
+    if not ctx.cuda:
+        print("(CPU: no peak-memory counter; activations are the bytes autograd saved, measured by hooks)")
+
+
+def print_stages(st, args):
+    table(f"the stage files, {args.stage_steps} steps each (s/step from metrics.jsonl; PPO: s per iteration)",
+          ["stage", "s/step", "peak RSS MiB", "exit"],
+          [[r["stage"], r["s_per_step"], mib(r["peak_rss_bytes"]), r["exit"]] for r in st if "exit" in r])
+    for r in st:
+        if "ratio" in r:
+            print(f"QLoRA frozen base: {fmt(mib(r['frozen_base_bytes_4bit']))} MiB 4-bit vs "
+                  f"{fmt(mib(r['frozen_base_bytes_bf16']))} MiB bf16 = {r['ratio']:.2f}x smaller")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -684,67 +744,21 @@ def main(argv=None):
         else:
             import transformers
             results["machine"]["transformers"] = transformers.__version__
-
     if "sample" in sections:  # before training touches the weights, so ours and HF's stay equal
-        rows = results["sample"] = bench_sample(args, ctx, model, hf)
-        hdr = ["batch", "new", "cached tok/s", "recompute tok/s", "speedup", "identical"]
-        if hf is not None:
-            hdr += ["HF cached tok/s", "HF recompute tok/s", "HF speedup", "ours/HF cached", "= HF tokens"]
-        table("greedy sampling (gpt.generate, KV cache vs full recompute)", hdr,
-              [[r["batch"], r["new_tokens"], r["ours_cache_tokens_per_s"], r["ours_recompute_tokens_per_s"],
-                r["cache_speedup"], r["identical"]] + ([r["hf_cache_tokens_per_s"], r["hf_recompute_tokens_per_s"],
-                r["hf_cache_speedup"], r["ours_over_hf_cache"], f"{100 * r['hf_token_agreement']:.0f}%"] if hf else [])
-               for r in rows])
-        if not all(r["identical"] for r in rows):  # exact in float32 on CPU; TF32/bf16 GPU kernels may round apart
-            print("WARNING: KV-cached and recomputed greedy samples differ (see cache_token_agreement)")
-
+        results["sample"] = bench_sample(args, ctx, model, hf)
+        print_sample(results["sample"], hf)
     if "train" in sections:
-        tr = results["train"] = bench_train(args, ctx, model, hf)
-        table(f"training throughput (batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps per run, "
-              f"median of {args.repeats}; FLOPs/token = 6N + 12LHQT = {tr['flops_per_token']:,})",
-              ["model", "tokens/s", "ms/step", "GFLOP/s", "MFU"],
-              [[name, tr[name]["tokens_per_s"], tr[name]["step_ms"], tr[name]["tokens_per_s"] * tr["flops_per_token"] / 1e9,
-                "n/a (no peak known; --peak-flops)" if tr[name]["mfu"] is None else f"{100 * tr[name]['mfu']:.1f}%"]
-               for name in ("ours", "hf") if name in tr])
-        if "ours_over_hf" in tr:
-            print(f"ours / HF training tokens/s: {tr['ours_over_hf']:.3f} (ratio of medians), "
-                  f"{tr['ours_over_hf_paired']:.3f} (median of back-to-back pairs)")
-
+        results["train"] = bench_train(args, ctx, model, hf)
+        print_train(results["train"], args)
     if "rl" in sections:
-        rl = results["rl"] = bench_rl(args, ctx)
-        table(f"alignment step costs ({rl['rows']} prompts x {rl['prompt_len']} tokens, completions of "
-              f"{rl['completion_len']}; PPO: generate + ref/value/reward forwards + {rl['ppo_updates']} minibatch updates)",
-              ["step", "seconds", "x SFT step"],
-              [["SFT step", rl["sft_step_s"], 1.0], ["DPO step", rl["dpo_step_s"], rl["dpo_over_sft"]],
-               ["PPO iteration", rl["ppo_iteration_s"], rl["ppo_over_sft"]],
-               ["  of which generation", rl["ppo_generation_s"], rl["ppo_generation_s"] / rl["sft_step_s"]],
-               [f"GRPO iteration (G={rl['grpo_group']})", rl["grpo_iteration_s"], rl["grpo_over_sft"]]])
-        print(f"GRPO / PPO iteration time: {rl['grpo_over_ppo']:.2f} (no value head; same completions and updates)")
-        print(f"PPO time spent generating: {100 * rl['ppo_generation_share']:.0f}%")
-
+        results["rl"] = bench_rl(args, ctx)
+        print_rl(results["rl"])
     if "memory" in sections:
-        mem = results["memory"] = bench_memory(args, ctx)
-        hdr = ["mode", "trainable", "params MiB", "grads MiB", "AdamW MiB", "activations MiB", "tokens/s"]
-        if ctx.cuda:
-            hdr += ["CUDA peak MiB"]
-        table(f"memory per training step (batch {args.batch_size} x {args.block_size}; activations = tensors "
-              f"saved for backward; LoRA r={args.lora_r}, QLoRA = NF4 base + LoRA)", hdr,
-              [[m, r["trainable_params"], mib(r["params_bytes"]), mib(r["grad_bytes"]), mib(r["optimizer_bytes"]),
-                mib(r["activation_bytes_saved"]), r["tokens_per_s"]] + ([mib(r["cuda_peak_bytes"])] if ctx.cuda else [])
-               for m, r in mem.items()])
-        if not ctx.cuda:
-            print("(CPU: no peak-memory counter; activations are the bytes autograd saved, measured by hooks)")
-
+        results["memory"] = bench_memory(args, ctx)
+        print_memory(results["memory"], args, ctx)
     if "stages" in sections:
-        st = results["stages"] = bench_stages(args, ctx, model)
-        table(f"the stage files, {args.stage_steps} steps each (s/step from metrics.jsonl; PPO: s per iteration)",
-              ["stage", "s/step", "peak RSS MiB", "exit"],
-              [[r["stage"], r["s_per_step"], mib(r["peak_rss_bytes"]), r["exit"]] for r in st if "exit" in r])
-        for r in st:
-            if "ratio" in r:
-                print(f"QLoRA frozen base: {fmt(mib(r['frozen_base_bytes_4bit']))} MiB 4-bit vs "
-                      f"{fmt(mib(r['frozen_base_bytes_bf16']))} MiB bf16 = {r['ratio']:.2f}x smaller")
-
+        results["stages"] = bench_stages(args, ctx, model)
+        print_stages(results["stages"], args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

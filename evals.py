@@ -5,6 +5,8 @@ figures of DPO and PPO (gold reward, win rate against a reference policy, sequen
 
 import contextlib
 import math
+import re
+from collections import Counter
 
 import numpy as np
 import torch
@@ -19,6 +21,59 @@ from tokenizer import eos_id, pad_id
 def batched(items, n):
     for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+# ----------------------------------------------------------------------------- judges that compare with a reference
+
+def normalize(text):
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def exact_match(prediction, reference):
+    """1.0 if the answers are equal after strip, lowercase, trailing period removed; else 0.0."""
+    return float(normalize(prediction) == normalize(reference))
+
+
+def words(text):
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def jaccard(a, b):
+    """|A ∩ B| / |A ∪ B| over the sets of lowercase words (1.0 if both are empty)."""
+    A, B = set(re.findall(r"\w+", a.lower())), set(re.findall(r"\w+", b.lower()))
+    return len(A & B) / len(A | B) if A | B else 1.0
+
+
+def bleu(candidate, reference, max_n=4):
+    """Sentence BLEU = BP * exp(1/N sum_n log p_n), N = max_n, p_n = clipped n-gram precision:
+    p_n = sum_g min(count_cand(g), count_ref(g)) / (number of candidate n-grams). Add-one smoothing for
+    n > 1 (p_n = (m_n + 1) / (c_n + 1), Lin & Och 2004) so one missing 4-gram does not zero the score;
+    p_1 is not smoothed (no word in common -> 0). BP = 1 if c > r else exp(1 - r/c), c, r = lengths."""
+    c, r = words(candidate), words(reference)
+    if not c:
+        return 0.0
+    logp = 0.0
+    for n in range(1, max_n + 1):
+        cand, ref = Counter(zip(*[c[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
+        m, total = sum(min(k, ref[g]) for g, k in cand.items()), sum(cand.values())
+        if n == 1 and m == 0:
+            return 0.0
+        logp += math.log(m / total if n == 1 else (m + 1) / (total + 1))
+    bp = 1.0 if len(c) > len(r) else math.exp(1 - len(r) / len(c))
+    return bp * math.exp(logp / max_n)
+
+
+def rouge_l(candidate, reference):
+    """ROUGE-L F1 (beta = 1): L = |LCS(c, r)| over words, P = L/|c|, R = L/|r|, F = 2PR / (P + R)."""
+    c, r = words(candidate), words(reference)
+    prev = [0] * (len(r) + 1)
+    for x in c:  # LCS by dynamic programming, one row at a time
+        row = [0]
+        for j, y in enumerate(r):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+        prev = row
+    L = prev[-1]
+    return 0.0 if L == 0 else 2 * (L / len(c)) * (L / len(r)) / (L / len(c) + L / len(r))
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -111,7 +166,7 @@ def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64):
         for e, out in zip(chunk, outs):
             text = enc.decode(strip_eos(out, enc)).strip()
             preds.append(text)
-            correct += world.exact_match(text, e["output"])
+            correct += exact_match(text, e["output"])
             formatted += bool(out) and out[-1] == eos_id(enc) and format_ok(task, text)
     n = max(1, len(examples))
     return correct / n, formatted / n, preds

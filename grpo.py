@@ -61,12 +61,11 @@ import torch
 
 import data
 import world
-from common import (ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int,
-                    run_cli)
-from evals import strip_eos, task_accuracy
+from align import (TOY_ANSWERS, eval_prompts, frozen, heldout_eval, kl_regularised_optimum, load_policy_and_reference,
+                   print_final, toy_problem, toy_token_logps)
+from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
+from evals import exact_match, strip_eos, task_accuracy
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
-from align import (TOY_ANSWERS, eval_prompts, frozen, heldout_eval, kl_regularised_optimum,
-                   load_policy_and_reference, print_final, toy_problem, toy_token_logps)
 from ppo import kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sequence_scores, training_prompts
 from reward import load_reward_model
 from tokenizer import eos_id, pad_id
@@ -214,11 +213,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, weights, beta=0.0, cliprange=0.2):
 def exact_reward(text, answer):
     """Verifiable reward: 1.0 if the completion's answer is the known answer, else 0.0. A numeric answer
     (addition, a population) is read with world.extract_answer_number ("The answer is 132." counts as 132);
-    any other answer must match as world.exact_match does (case, spaces and a final period ignored)."""
+    any other answer must match as evals.exact_match does (case, spaces and a final period ignored)."""
     if re.fullmatch(r"-?\d[\d,]*", answer.strip()):
         got = world.extract_answer_number(text)
         return float(got is not None and got == int(answer.strip().replace(",", "")))
-    return world.exact_match(text, answer)
+    return exact_match(text, answer)
 
 
 # ----------------------------------------------------------------------------- the exact check

@@ -37,15 +37,14 @@ import torch.distributed as dist
 
 import data
 import world
-from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, claim_output_dir, fraction0,
-                    nonneg_int, positive_float, positive_int, positive_prob, run_cli)
-from evals import strip_eos
+from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, claim_output_dir, fraction0, nonneg_int,
+                    positive_float, positive_int, positive_prob, run_cli)
+from evals import bleu, exact_match, jaccard, rouge_l, strip_eos
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 from training import add_threads_arg, setup
 
-JUDGES = {"sentiment": None, "exact": world.exact_match, "jaccard": world.jaccard, "bleu": world.bleu,
-          "rougeL": world.rouge_l}
+JUDGES = {"sentiment": None, "exact": exact_match, "jaccard": jaccard, "bleu": bleu, "rougeL": rouge_l}
 
 
 def build_parser():

@@ -39,6 +39,7 @@ import time
 import torch
 
 import data
+import evals
 import world
 from common import ArgumentParser, UserError, atomic_write, nonneg_int, positive_int, run_cli
 from gpt import completion_logprobs, generate, load_checkpoint
@@ -249,14 +250,14 @@ def argmax_candidates(model, enc, prompt_ids, candidates, batch=50, autocast=Non
 def contains_answer(pred, ref):
     """The reference occurs in the answer as whole words ("The flag of X is grey." contains "grey"):
     knowledge without the format, reported beside exact match."""
-    return float(re.search(r"(?<!\w)" + re.escape(world.normalize(ref)) + r"(?!\w)", world.normalize(pred)) is not None)
+    return float(re.search(r"(?<!\w)" + re.escape(evals.normalize(ref)) + r"(?!\w)", evals.normalize(pred)) is not None)
 
 
 def correct(pred, ref, metric):
     if metric == "number":
         got = world.extract_answer_number(pred)
         return float(got is not None and got == world.extract_answer_number(ref))
-    return world.exact_match(pred, ref)
+    return evals.exact_match(pred, ref)
 
 
 class Evaluator:

@@ -36,6 +36,7 @@ import copy
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -340,6 +341,49 @@ def frozen_features(rm, enc, P, W, L, batch, ctx):
     return gather_rows(torch.cat(feats), len(distinct), ctx)[[at[k] for k in keys]], len(distinct)
 
 
+# ----------------------------------------------------------------------------- one step and saving
+
+def load_data(args, enc, block):
+    """Train pairs as (prompt, chosen, rejected) token lists, held-out pairs (or None) and held-out groups."""
+    if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
+        raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
+    P, W, L = encode_pairs(data.load_preference_pairs(args.data), enc, block, args.data)
+    val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
+    if val is None:
+        print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
+    groups = load_groups(args.val_groups) if args.val_groups else []
+    return SimpleNamespace(P=P, W=W, L=L, val=val, groups=groups)
+
+
+def step_scores(rm, train_rm, features, d, idx, enc, ctx):
+    """(r(x, y_w), r(x, y_l)) of the step's pairs: from the cached trunk features under --train head (every
+    process the whole batch), else a forward of this process's share (DDP averages the gradients)."""
+    if features is not None:
+        return rm.score(features[idx]), rm.score(features[[i + len(d.P) for i in idx]])
+    mine = idx[slice(*rank_slice(len(idx), ctx))]
+    b = data.completion_batch(*pair_rows(d.P, d.W, d.L, mine), pad_id(enc))
+    with ctx.autocast():
+        r = train_rm({k: v.to(ctx.device) for k, v in b.items()})
+    return r[:len(mine)], r[len(mine):]
+
+
+def train_mode(rm, features):
+    """Dropout and LayerNorm as in training; a trunk whose features are cached stays in eval mode."""
+    rm.train()
+    if features is not None:
+        rm.trunk.eval()
+
+
+def save(args, rm, optimizer, enc, step, metrics, total):
+    """Resumable state, the head, and the trunk as a GPT checkpoint (under --train lora a merged copy, so
+    the files hold GPT keys only)."""
+    save_train_state(args.out, rm, optimizer, step, args=args)
+    atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
+    trunk_out = merge_lora(copy.deepcopy(rm.trunk)) if args.mode == "lora" else rm.trunk
+    save_checkpoint(args.out, trunk_out, enc, {"stage": "reward", "args": vars(args), "step": step,
+                                               "init": args.init, "metrics": metrics, "finished": step == total})
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -347,76 +391,37 @@ def main(argv=None):
     t0 = time.time()
     ctx = setup(args)
     os.makedirs(args.out, exist_ok=True)
-    say = print if ctx.master else (lambda *a, **k: None)
-    if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
-        raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
-
-    # the model: SFT trunk + new LayerNorm and head
-    trunk, enc, _ = load_checkpoint(args.init, hint="python sft.py")
+    trunk, enc, _ = load_checkpoint(args.init, hint="python sft.py")   # the SFT trunk + a new LayerNorm and head
     rm = set_trainable(RewardModel(trunk), args.mode, args.lora_r, args.lora_alpha).to(ctx.device)
-    block = trunk.config.block_size
     n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in rm.parameters())
-
-    # data
-    train_pairs = data.load_preference_pairs(args.data)
-    P, W, L = encode_pairs(train_pairs, enc, block, args.data)
-    val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
-    groups = load_groups(args.val_groups) if args.val_groups else []
-    if val is None:
-        print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
-    per_epoch = max(1, len(P) // args.batch_size)
-    total = args.max_iters or args.epochs * per_epoch
-    check_shares(len(P), args.batch_size, ctx)
-    say(f"pairs: {len(P)} train, {len(val[0]) if val else 0} val, {len(groups)} val groups | trunk {args.init} "
-          f"| --train {' '.join(args.train)}: {n_train:,} of {n_all:,} parameters train | {total} steps")
-
-    # the trunk is frozen under --train head: its features are computed once, the head trains on them
-    features = None
+    d = load_data(args, enc, trunk.config.block_size)
+    total = args.max_iters or args.epochs * max(1, len(d.P) // args.batch_size)
+    check_shares(len(d.P), args.batch_size, ctx)
+    if ctx.master:
+        print(f"pairs: {len(d.P)} train, {len(d.val[0]) if d.val else 0} val, {len(d.groups)} val groups | trunk "
+              f"{args.init} | --train {' '.join(args.train)}: {n_train:,} of {n_all:,} parameters train | {total} steps")
+    features = None   # the trunk is frozen under --train head: its features are computed once
     if args.mode == "head":
-        features, n_distinct = frozen_features(rm, enc, P, W, L, args.eval_batch, ctx)
-        say(f"trunk frozen: features of the {n_distinct} distinct rows computed once")
+        features, n_distinct = frozen_features(rm, enc, d.P, d.W, d.L, args.eval_batch, ctx)
+        if ctx.master:
+            print(f"trunk frozen: features of the {n_distinct} distinct rows computed once")
 
     optimizer = make_optimizer(rm, args.lr, args.weight_decay, ctx=ctx)
-    start = 0
-    if args.resume:
-        start, _ = load_train_state(args.out, rm, optimizer)
+    start = load_train_state(args.out, rm, optimizer)[0] if args.resume else 0
     train_rm = wrap_model(rm, ctx) if features is None else rm
-    init_metrics = evaluate(rm, enc, val, [], args.eval_batch, ctx) if start == 0 else {}
-    if init_metrics:
-        say(f"before training: val pairwise accuracy {init_metrics['pairwise_accuracy']:.3f}")
+    init_metrics = evaluate(rm, enc, d.val, [], args.eval_batch, ctx) if start == 0 else {}
+    if init_metrics and ctx.master:
+        print(f"before training: val pairwise accuracy {init_metrics['pairwise_accuracy']:.3f}")
     stop = StopFlag()
     log = MetricsLog(args.out, total, ctx.master, resume=args.resume)
-
-    def save(step, metrics):
-        if not ctx.master:
-            return
-        save_train_state(args.out, rm, optimizer, step, args=args)
-        atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
-        trunk_out = rm.trunk
-        if args.mode == "lora":  # GPT keys only on disk: a merged copy of the trunk, adapters folded in
-                trunk_out = merge_lora(copy.deepcopy(rm.trunk))
-        save_checkpoint(args.out, trunk_out, enc, {"stage": "reward", "args": vars(args), "step": step,
-                                                   "init": args.init, "metrics": metrics, "finished": step == total})
-
-    # the loop
-    rm.train()
-    if features is not None:
-        rm.trunk.eval()
-    stats = (0.0, 0.0, 0.0)  # the last step's loss, accuracy and margin over its whole batch
-    t_last = time.time()
+    train_mode(rm, features)
+    stats, t_last = (0.0, 0.0, 0.0), time.time()   # the last step's loss, accuracy and margin over its whole batch
     for step in range(start, total):
         lr = lr_at(step, args.lr, args.warmup, total, args.lr * args.min_lr_ratio)
         set_lr(optimizer, lr)
-        idx = data.step_indices(len(P), args.batch_size, args.seed, step)
-        if features is not None:
-            r_w, r_l = rm.score(features[idx]), rm.score(features[[i + len(P) for i in idx]])
-        else:
-            mine = idx[slice(*rank_slice(len(idx), ctx))]  # this process's share; DDP averages the gradients
-            b = data.completion_batch(*pair_rows(P, W, L, mine), pad_id(enc))
-            with ctx.autocast():
-                r = train_rm({k: v.to(ctx.device) for k, v in b.items()})
-            r_w, r_l = r[:len(mine)], r[len(mine):]
+        idx = data.step_indices(len(d.P), args.batch_size, args.seed, step)
+        r_w, r_l = step_scores(rm, train_rm, features, d, idx, enc, ctx)
         loss = bradley_terry_loss(r_w, r_l)
         loss.backward()
         check_finite(loss, step)
@@ -429,25 +434,24 @@ def main(argv=None):
             dt, t_last = time.time() - t_last, time.time()
             log.log(done, loss=stats[0], acc=stats[1], margin=stats[2], grad_norm=grad_norm.item(), lr=lr,
                     pairs_per_s=round(len(idx) * args.log_interval / max(dt, 1e-9), 1))
-        if val and done % args.eval_interval == 0 and done < total:
-            m = evaluate(rm, enc, val, [], args.eval_batch, ctx)
+        if d.val and done % args.eval_interval == 0 and done < total:
+            m = evaluate(rm, enc, d.val, [], args.eval_batch, ctx)
             log.log(done, val_loss=m["val_loss"], val_accuracy=m["pairwise_accuracy"])
-            rm.train()
-            if features is not None:
-                rm.trunk.eval()
+            train_mode(rm, features)
         if stop.requested or done == args.stop_at:
-            save(done, {})
-            say(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
-                f"(and the same options)")
+            if ctx.master:
+                save(args, rm, optimizer, enc, done, {}, total)
+                print(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
+                      f"(and the same options)")
             return {"train_loss": stats[0], "step": done}
 
     # final evaluation and save
-    metrics = {"train_loss": stats[0], **evaluate(rm, enc, val, groups, args.eval_batch, ctx),
-               "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"), "train_pairs": len(P),
-               "trainable_params": n_train, "train_mode": " ".join(args.train)}
-    metrics["time_s"] = round(time.time() - t0, 2)
-    save(total, metrics)
-    say("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    metrics = {"train_loss": stats[0], **evaluate(rm, enc, d.val, d.groups, args.eval_batch, ctx),
+               "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"), "train_pairs": len(d.P),
+               "trainable_params": n_train, "train_mode": " ".join(args.train), "time_s": round(time.time() - t0, 2)}
+    if ctx.master:
+        save(args, rm, optimizer, enc, total, metrics, total)
+        print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
 
 

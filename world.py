@@ -16,18 +16,18 @@ Every fact is known, so every stage is checked against the truth:
   fact_cloze      {"prompt": "The flag of Belwick is", "answer": "green"}: what a model recalls.
   task_sets       Alpaca-style tasks (facts, domain_facts, sentiment, addition, review, story)
                   whose train/val/test splits never share a question.
-  judges          exact_match, sentiment_score (a lexicon of tagged words), jaccard, bleu, rouge_l.
+  sentiment_score the gold judge of reviews: a lexicon of tagged words (evals.py has the judges that
+                  compare with a reference answer: exact_match, jaccard, bleu, rouge_l).
 
 `python world.py` writes all of it to out/data (a few MB, under a second) and prints a summary.
 """
 
 import json
-import math
 import os
 import random
 import re
 import time
-from collections import Counter, namedtuple
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 
 from common import ArgumentParser, atomic_write, positive_int, run_cli
@@ -553,10 +553,7 @@ def review_pairs(w, max_prompts=None):
                           "score_chosen": hi["score"], "score_rejected": lo["score"]})
     return pairs
 
-# ----------------------------------------------------------------------------- gold judges
-
-def words(text):
-    return re.findall(r"\w+|[^\w\s]", text.lower())
+# ----------------------------------------------------------------------------- the gold judge
 
 
 def sentiment_score(text):
@@ -568,51 +565,9 @@ def sentiment_score(text):
     return S / (abs(S) + 1)
 
 
-def normalize(text):
-    return " ".join(text.strip().lower().rstrip(".").split())
 
 
-def exact_match(prediction, reference):
-    """1.0 if the answers are equal after strip, lowercase, trailing period removed; else 0.0."""
-    return float(normalize(prediction) == normalize(reference))
 
-
-def jaccard(a, b):
-    """|A ∩ B| / |A ∪ B| over the sets of lowercase words (1.0 if both are empty)."""
-    A, B = set(re.findall(r"\w+", a.lower())), set(re.findall(r"\w+", b.lower()))
-    return len(A & B) / len(A | B) if A | B else 1.0
-
-
-def bleu(candidate, reference, max_n=4):
-    """Sentence BLEU = BP * exp(1/N sum_n log p_n), N = max_n, p_n = clipped n-gram precision:
-    p_n = sum_g min(count_cand(g), count_ref(g)) / (number of candidate n-grams). Add-one smoothing for
-    n > 1 (p_n = (m_n + 1) / (c_n + 1), Lin & Och 2004) so one missing 4-gram does not zero the score;
-    p_1 is not smoothed (no word in common -> 0). BP = 1 if c > r else exp(1 - r/c), c, r = lengths."""
-    c, r = words(candidate), words(reference)
-    if not c:
-        return 0.0
-    logp = 0.0
-    for n in range(1, max_n + 1):
-        cand, ref = Counter(zip(*[c[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
-        m, total = sum(min(k, ref[g]) for g, k in cand.items()), sum(cand.values())
-        if n == 1 and m == 0:
-            return 0.0
-        logp += math.log(m / total if n == 1 else (m + 1) / (total + 1))
-    bp = 1.0 if len(c) > len(r) else math.exp(1 - len(r) / len(c))
-    return bp * math.exp(logp / max_n)
-
-
-def rouge_l(candidate, reference):
-    """ROUGE-L F1 (beta = 1): L = |LCS(c, r)| over words, P = L/|c|, R = L/|r|, F = 2PR / (P + R)."""
-    c, r = words(candidate), words(reference)
-    prev = [0] * (len(r) + 1)
-    for x in c:  # LCS by dynamic programming, one row at a time
-        row = [0]
-        for j, y in enumerate(r):
-            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
-        prev = row
-    L = prev[-1]
-    return 0.0 if L == 0 else 2 * (L / len(c)) * (L / len(r)) / (L / len(c) + L / len(r))
 
 
 # ----------------------------------------------------------------------------- files of the default world

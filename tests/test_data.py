@@ -15,6 +15,7 @@ import tiktoken
 import torch
 
 import data
+import evals
 import world
 from common import UserError
 
@@ -280,34 +281,34 @@ def test_sentiment_score_by_hand():
 
 
 def test_exact_match():
-    assert world.exact_match("  Green. ", "green") == 1.0
-    assert world.exact_match("plum  cake", "Plum cake.") == 1.0
-    assert world.exact_match("green flag", "green") == 0.0
+    assert evals.exact_match("  Green. ", "green") == 1.0
+    assert evals.exact_match("plum  cake", "Plum cake.") == 1.0
+    assert evals.exact_match("green flag", "green") == 0.0
 
 
 def test_jaccard_by_hand():
-    assert world.jaccard("the cat sat", "The cat ran") == pytest.approx(2 / 4)
-    assert world.jaccard("a a b", "b") == pytest.approx(1 / 2)
-    assert world.jaccard("", "") == 1.0 and world.jaccard("x", "") == 0.0
+    assert evals.jaccard("the cat sat", "The cat ran") == pytest.approx(2 / 4)
+    assert evals.jaccard("a a b", "b") == pytest.approx(1 / 2)
+    assert evals.jaccard("", "") == 1.0 and evals.jaccard("x", "") == 0.0
 
 
 def test_bleu_by_hand():
-    assert world.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert evals.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     # p1 = 2/4 (clipped), p2 = (1+1)/(3+1), p3 = (0+1)/(2+1), p4 = (0+1)/(1+1); c = 4 > r = 3 so BP = 1
-    assert world.bleu("the cat the cat", "the cat sat") == pytest.approx((0.5 * 0.5 * (1 / 3) * 0.5) ** 0.25)
+    assert evals.bleu("the cat the cat", "the cat sat") == pytest.approx((0.5 * 0.5 * (1 / 3) * 0.5) ** 0.25)
     # every precision is 1 (smoothed n > 2), BP = exp(1 - 6/2)
-    assert world.bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
-    assert world.bleu("dog", "the cat") == 0.0 and world.bleu("", "the cat") == 0.0
+    assert evals.bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
+    assert evals.bleu("dog", "the cat") == 0.0 and evals.bleu("", "the cat") == 0.0
     # p1 = 3/3, p2 = (1+1)/(2+1) ("the cat" matches, "cat sat" does not), max_n = 2, BP = exp(1 - 4/3)
-    assert world.bleu("the cat ran", "the cat sat down", max_n=2) == pytest.approx(
+    assert evals.bleu("the cat ran", "the cat sat down", max_n=2) == pytest.approx(
         math.exp(1 - 4 / 3) * ((2 / 3) * (2 / 3)) ** 0.5)
 
 
 def test_rouge_l_by_hand():
-    assert world.rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)  # LCS 5
+    assert evals.rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)  # LCS 5
     # LCS("a b c d", "a c e") = "a c": P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7
-    assert world.rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
-    assert world.rouge_l("x y", "a b") == 0.0 and world.rouge_l("", "a") == 0.0
+    assert evals.rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
+    assert evals.rouge_l("x y", "a b") == 0.0 and evals.rouge_l("", "a") == 0.0
 
 
 # ----------------------------------------------------------------------------- loaders
