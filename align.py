@@ -23,10 +23,29 @@ import torch.nn.functional as F
 
 import data
 import world
-from common import UserError
+from common import UserError, nonneg_int
 from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
 from gpt import GPT, check_same_tokenizer, load_checkpoint
 from reward import reward_scores
+from training import add_common_args
+
+
+# ----------------------------------------------------------------------------- command-line options they share
+
+def add_policy_args(p):
+    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
+    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    return p
+
+
+def add_run_args(p, out, eval_help):
+    """The final evaluation's prompts, stopping early, the exact check, then every stage's common options."""
+    p.add_argument("--eval-prompts", default="review", help=eval_help)
+    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step")
+    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
+    return add_common_args(p, out=out)
 
 
 # ----------------------------------------------------------------------------- the policy and its reference

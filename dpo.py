@@ -28,14 +28,13 @@ import torch.nn.functional as F
 
 import data
 import world
-from align import (eval_prompts, heldout_eval, kl_regularised_optimum, load_policy_and_reference, print_final,
-                   print_toy_table, toy_problem, toy_token_logps)
-from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float, nonneg_int, positive_float,
-                    positive_int, run_cli)
+from align import (add_policy_args, add_run_args, eval_prompts, heldout_eval, kl_regularised_optimum,
+                   load_policy_and_reference, print_final, print_toy_table, toy_problem, toy_token_logps)
+from common import ArgumentParser, UserError, fraction, fraction0, nonneg_int, positive_float, positive_int, run_cli
 from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
-                      make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_finite, load_train_state, lr_at,
+                      make_optimizer, micro_steps, optimizer_step, save_train_state, set_lr, setup, wrap_model)
 
 
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -43,15 +42,13 @@ DEFAULT_PAIRS = "out/preferences/train.jsonl"
 
 def build_parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
-    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    add_policy_args(p)
     p.add_argument("--data", default=DEFAULT_PAIRS,
                    help="preference pairs (.jsonl/.json: prompt/chosen/rejected or Anthropic HH), or 'world' "
                         "for the default world's review pairs")
     p.add_argument("--val-data", default=None, help="held-out pairs (default: val.jsonl beside a train.jsonl "
                    "--data, else the last --val-fraction of the pairs)")
     p.add_argument("--val-fraction", type=fraction, default=0.05)
-    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the KL constraint to the reference")
     p.add_argument("--label-smoothing", type=fraction0, default=0.0,
                    help="assumed share of flipped labels (conservative DPO), in [0, 0.5)")
@@ -62,21 +59,11 @@ def build_parser():
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step, summed over all processes")
     p.add_argument("--epochs", type=positive_int, default=1)
     p.add_argument("--max-iters", type=nonneg_int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
-    p.add_argument("--lr", type=positive_float, default=1.5e-4)
-    p.add_argument("--min-lr", type=nonneg_float, default=1e-5)
-    p.add_argument("--warmup", type=nonneg_int, default=10)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup=10)
     p.add_argument("--eval-interval", type=nonneg_int, default=0,
                    help="score the held-out pairs (and save) every N steps; 0 = only at the end")
-    p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's "
-                   "review test prompts, judged by world.sentiment_score), a prompts .jsonl, or 'none'")
-    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step")
-    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
-    add_common_args(p, out="out/dpo")
-    return p
+    return add_run_args(p, "out/dpo", "final evaluation prompts: 'review' (the world's "
+                        "review test prompts, judged by world.sentiment_score), a prompts .jsonl, or 'none'")
 
 
 def parse_args(argv=None):
@@ -348,9 +335,7 @@ def main(argv=None):
         idx = data.step_indices(len(pairs.train), per_step, args.seed, step)
         loss, stats = train_step(train_model, ref, pairs, idx, accum, pad, args, ctx)
         check_finite(loss, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
         for key, v in stats.items():
             sums[key] = sums.get(key, 0.0) + v
         done, n_logged = step + 1, n_logged + 1

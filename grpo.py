@@ -52,7 +52,6 @@ The exact check (--toy), on the tabular two-token policy of ppo.py (answers aa a
 """
 
 import math
-import os
 import re
 import time
 
@@ -61,16 +60,16 @@ import torch
 
 import data
 import world
-from align import (TOY_ANSWERS, eval_prompts, frozen, heldout_eval, kl_regularised_optimum, load_policy_and_reference,
-                   print_final, toy_problem, toy_token_logps)
-from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
+from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval,
+                   kl_regularised_optimum, load_policy_and_reference, print_final, toy_problem, toy_token_logps)
+from common import ArgumentParser, UserError, nonneg_float, positive_float, positive_int, run_cli
 from evals import exact_match, strip_eos, task_accuracy
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from ppo import kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sequence_scores, training_prompts
 from reward import load_reward_model
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      save_train_state, set_lr, setup)
+from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, save_train_state, set_lr, setup)
 
 LOSS_AGGS = ("token-sum-norm", "seq-mean-token-mean", "token-mean")
 EXACT_TASKS = ("domain_facts", "facts", "addition")
@@ -79,15 +78,13 @@ FORGETTING_TASKS = ("facts", "domain_facts", "addition", "sentiment")
 
 def build_parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
-    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    add_policy_args(p)
     p.add_argument("--reward", default="out/reward", help="a reward model (reward.py), 'gold' (the lexicon judge "
                    "world.sentiment_score) or 'exact' (1 if the answer equals the known answer, else 0)")
     p.add_argument("--task", choices=EXACT_TASKS, default="domain_facts", help="with --reward exact: the world's "
                    "questions to train on (train split) and to test on (test split)")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train "
                    "prompts; with --reward exact, Alpaca/prompt-completion records whose output is the answer)")
-    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--advantage", choices=("grpo", "rloo"), default="grpo",
                    help="grpo: (r - group mean) / group std; rloo: r - mean of the other G-1")
     p.add_argument("--scale-rewards", choices=("group", "none"), default=None,
@@ -104,23 +101,14 @@ def build_parser():
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
-    p.add_argument("--lr", type=positive_float, default=5e-5)
-    p.add_argument("--min-lr", type=nonneg_float, default=5e-5)
-    p.add_argument("--warmup", type=nonneg_int, default=0)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    add_optimizer_args(p, lr=5e-5, min_lr=5e-5, warmup=0)
     p.add_argument("--kl-coef", type=nonneg_float, default=0.1, help="beta of the KL to the reference")
     p.add_argument("--cliprange", type=positive_float, default=0.2, help="policy ratio clip epsilon")
     p.add_argument("--no-eos-penalty", type=nonneg_float, default=1.0, help="subtracted from the score of a completion "
                    "that never emits EOS (0 = none)")
-    p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
-                   "test prompts, judged by world.sentiment_score), a prompts file, or 'none'; with --reward "
-                   "exact: the task's test split and the forgetting check, or a file of questions with answers")
-    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
-    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this iteration")
-    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
-    add_common_args(p, out="out/grpo")
-    return p
+    return add_run_args(p, "out/grpo", "final evaluation prompts: 'review' (the world's review "
+                        "test prompts, judged by world.sentiment_score), a prompts file, or 'none'; with --reward "
+                        "exact: the task's test split and the forgetting check, or a file of questions with answers")
 
 
 def parse_args(argv=None):
@@ -401,9 +389,7 @@ def grpo_update(policy, optimizer, ro, args, rng, it=0):
                                                           beta, args.cliprange)
             check_finite(loss, it)  # a NaN/inf stops the run; the last checkpoint stays
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
             for k, v in (("loss", loss), ("pg_loss", pg), ("k3", k3), ("clipfrac", clipfrac),
                          ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
                 stats.setdefault(k, []).append(v.item())
@@ -461,10 +447,7 @@ def main(argv=None):
     if args.toy:
         return toy_report()
     t0 = time.time()
-    ctx = setup(args)
-    if ctx.ddp:
-        raise UserError("grpo.py runs in one process; start it with python, not torchrun")
-    os.makedirs(args.out, exist_ok=True)
+    ctx = setup(args, single_process="grpo.py")
     policy, ref, rm, enc = load_models(args, ctx)
     if args.reward == "exact":
         prompts, prompt_ids, answers = exact_prompts(args, enc, policy.config.block_size)

@@ -31,40 +31,34 @@ import torch.nn as nn
 
 import data
 import world
-from align import (TOY_Y1, eval_prompts, frozen, heldout_eval, kl_regularised_optimum, load_policy_and_reference,
-                   print_final, print_toy_table, toy_problem, toy_token_logps)
-from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, nonneg_int, positive_float,
-                    positive_int, prob, run_cli)
+from align import (TOY_Y1, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval, kl_regularised_optimum,
+                   load_policy_and_reference, print_final, print_toy_table, toy_problem, toy_token_logps)
+from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, positive_float, positive_int,
+                    prob, run_cli)
 from evals import strip_eos
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      save_train_state, set_lr, setup)
+from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, save_train_state, set_lr, setup)
 
 
 def build_parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
-    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    add_policy_args(p)
     p.add_argument("--reward", default="out/reward", help="frozen reward model (reward.py), or 'gold': "
                    "PPO against the gold judge world.sentiment_score of the decoded text")
     p.add_argument("--critic-init", choices=("zero", "reward"), default=None,
                    help="value head: zeros, or a copy of the reward model's scalar head (default: reward, or "
                         "zero with --reward gold); starting from the reward head halves the KL for the same reward")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train prompts)")
-    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--iters", type=positive_int, default=40, help="PPO iterations (rollout + update)")
     p.add_argument("--rollout-batch", type=positive_int, default=32, help="prompts sampled per iteration")
     p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step")
     p.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
-    p.add_argument("--lr", type=positive_float, default=5e-5)
-    p.add_argument("--min-lr", type=nonneg_float, default=5e-5)
-    p.add_argument("--warmup", type=nonneg_int, default=0)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    add_optimizer_args(p, lr=5e-5, min_lr=5e-5, warmup=0)
     p.add_argument("--kl-coef", type=nonneg_float, default=0.1, help="beta of the KL penalty (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1",
                    help="per-token KL: k1 = log pi - log pi_ref; k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi")
@@ -80,13 +74,8 @@ def build_parser():
     p.add_argument("--cliprange", type=positive_float, default=0.2, help="policy ratio clip epsilon")
     p.add_argument("--cliprange-value", type=positive_float, default=0.2, help="value clip around the old values")
     p.add_argument("--vf-coef", type=nonneg_float, default=0.1, help="weight of the value loss")
-    p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
-                   "test prompts, judged by world.sentiment_score), a prompts file, or 'none'")
-    p.add_argument("--eval-limit", type=nonneg_int, default=0, help="use only the first N evaluation prompts (0 = all)")
-    p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this iteration")
-    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
-    add_common_args(p, out="out/ppo")
-    return p
+    return add_run_args(p, "out/ppo", "final evaluation prompts: 'review' (the world's review "
+                        "test prompts, judged by world.sentiment_score), a prompts file, or 'none'")
 
 
 def parse_args(argv=None):
@@ -284,9 +273,7 @@ def ppo_update(policy, optimizer, ro, args, rng, it=0):
             loss = pg_loss + args.vf_coef * vf_loss
             check_finite(loss, it)  # a NaN/inf stops the run; the last checkpoint stays
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
             for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
                          ("vf_clipfrac", vf_clipfrac), ("grad_norm", grad_norm)):
                 stats.setdefault(k, []).append(v.item())
@@ -432,10 +419,7 @@ def main(argv=None):
     if args.toy:
         return toy_report()
     t0 = time.time()
-    ctx = setup(args)
-    if ctx.ddp:
-        raise UserError("ppo.py runs in one process; start it with python, not torchrun")
-    os.makedirs(args.out, exist_ok=True)
+    ctx = setup(args, single_process="ppo.py")
     policy, ref, rm, enc = load_models(args, ctx)
     prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
     print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "

@@ -20,12 +20,13 @@ import torch
 
 import data
 import world
-from common import ArgumentParser, fraction, fraction0, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
+from common import ArgumentParser, fraction, fraction0, nonneg_int, positive_int, run_cli
 from evals import fact_recall, text_loss
 from gpt import GPT, GPTConfig, PRESETS, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
-from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
-                      make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, add_optimizer_args, all_reduce_mean, check_finite,
+                      load_train_state, lr_at, make_optimizer, micro_steps, optimizer_step, save_train_state, set_lr,
+                      setup, wrap_model)
 
 
 def build_parser():
@@ -46,11 +47,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step, summed over all processes")
     p.add_argument("--max-iters", type=positive_int, default=700, help="optimizer steps")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
-    p.add_argument("--min-lr", type=nonneg_float, default=2e-4, help="learning rate at the last step (cosine decay)")
-    p.add_argument("--warmup", type=nonneg_int, default=50, help="steps of linear warm-up")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this")
+    add_optimizer_args(p, lr=2e-3, min_lr=2e-4, warmup=50, weight_decay=0.1)
     p.add_argument("--eval-interval", type=positive_int, default=100, help="steps between validation (and a save)")
     p.add_argument("--eval-tokens", type=positive_int, default=65536, help="validation tokens per evaluation")
     p.add_argument("--val-fraction", type=fraction, default=0.05, help="share of the documents held out")
@@ -163,9 +160,7 @@ def main(argv=None):
         set_lr(optimizer, lr)
         loss = train_step(train_model, train_tokens, args, ctx, step, accum)
         check_finite(loss, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
         done = step + 1
         if done % args.log_interval == 0 or done == args.max_iters:
             dt, t_last = time.time() - t_last, time.time()

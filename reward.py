@@ -51,7 +51,7 @@ from gpt import check_same_tokenizer, load_checkpoint, load_tensors_strict, read
 from lora import inject_lora, merge_lora
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      save_train_state, set_lr, setup, wrap_model)
+                      optimizer_step, save_train_state, set_lr, setup, wrap_model)
 
 HEAD_FILE = "reward_head.safetensors"
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -426,9 +426,7 @@ def main(argv=None):
         loss.backward()
         check_finite(loss, step)
         stats = batch_stats(r_w, r_l, len(idx), ctx if features is None else None)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(rm, optimizer, args.grad_clip)
         done = step + 1
         if done % args.log_interval == 0 or done == total:
             dt, t_last = time.time() - t_last, time.time()

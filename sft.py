@@ -42,7 +42,7 @@ from lora import format_parameter_table, inject_lora, merge_lora, parameter_coun
 from quant4 import Linear4bit, dequantize_model, quantize_model
 from tokenizer import pad_id, tokenizer_fingerprint
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
-                      make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
+                      make_optimizer, micro_steps, optimizer_step, save_train_state, set_lr, setup, wrap_model)
 
 TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
 EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
@@ -320,9 +320,7 @@ def main(argv=None):
         loss, n = train_step(train_model, d, args, ctx, pad, block_size, step, accum)
         n_tokens += n
         check_finite(loss, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
         done = step + 1
         if done % args.log_interval == 0 or done == args.max_iters:
             dt, t_last = time.time() - t_last, time.time()

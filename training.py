@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from safetensors import safe_open
 
-from common import (UserError, atomic_save_safetensors, atomic_write, claim_output_dir, nonneg_int, note_stop_signal,
-                    positive_int, read_safetensors)
+from common import (UserError, atomic_save_safetensors, atomic_write, claim_output_dir, nonneg_float, nonneg_int,
+                    note_stop_signal, positive_float, positive_int, read_safetensors)
 
 
 # ----------------------------------------------------------------------------- CLI and device
@@ -58,12 +58,26 @@ def add_threads_arg(p):
                    "per core); use 1 when other work shares the cores: much faster then")
 
 
-def setup(args):
+def add_optimizer_args(p, lr, min_lr, warmup, weight_decay=0.0):
+    """AdamW and its schedule, with this stage's defaults: --lr, --min-lr, --warmup, --weight-decay, --grad-clip."""
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
+    g.add_argument("--min-lr", type=nonneg_float, default=min_lr, help="learning rate at the last step (cosine decay)")
+    g.add_argument("--warmup", type=nonneg_int, default=warmup, help="steps of linear warm-up")
+    g.add_argument("--weight-decay", type=nonneg_float, default=weight_decay, help="AdamW weight decay of the matrices")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this")
+    return p
+
+
+def setup(args, single_process=None):
     """Threads, device, precision, seeds, (under torchrun) the process group; then the output directory
-    checked and locked, and for --resume the saved options taken back, all before any work."""
+    checked and locked, and for --resume the saved options taken back, all before any work.
+    single_process: the name of a stage that runs in one process only, refused under torchrun."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp and single_process:
+        raise UserError(f"{single_process} runs in one process; start it with python, not torchrun")
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
@@ -134,6 +148,15 @@ def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), ctx=None):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = bool(ctx is not None and ctx.cuda)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def optimizer_step(model, optimizer, grad_clip):
+    """Clip the norm of the trainable parameters' gradient to grad_clip, step, zero the gradients;
+    -> the norm before clipping (what the logs call grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def lr_at(step, max_lr, warmup, total, min_lr):
