@@ -82,7 +82,7 @@ PLANS = {
         "reward": "--batch-size 4 --max-iters 3 --warmup 1 --eval-interval 1000 --eval-batch 16",
         "dpo": "--batch-size 4 --max-iters 3 --warmup 1 --eval-prompts none",
         "rl": "--iters 1 --rollout-batch 4 --minibatch 2 --max-new-tokens 6 --eval-prompts none",
-        "bench": "--n-layer 1 --n-head 2 --n-embd 32 --block-size 64 --vocab-size 256 --batch-size 2 --steps 1 "
+        "bench": "--n-layer 1 --n-head 2 --n-embd 32 --block-size 64 --vocab-size 256 --batch-size 2 --grpo-group 2 --steps 1 "
                  "--repeats 1 --warmup 1 --new-tokens 8 --sample-batches 1,2 --prompt-len 4 --sample-repeats 1 "
                  "--rl-prompt-len 8 --rl-completion-len 8 --lora-r 2",
         "timeout_reference": 120, "timeout_device": 120, "timeout_bench_compile": 120, "timeout_bench_eager": 120,

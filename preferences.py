@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 import data
 import world
-from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, claim_output_dir, fraction0, nonneg_int,
-                    positive_float, positive_int, positive_prob, run_cli)
+from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, fraction0, nonneg_int, positive_float,
+                    positive_int, positive_prob, run_cli)
 from evals import bleu, exact_match, jaccard, rouge_l, strip_eos
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
@@ -237,7 +237,6 @@ def write_jsonl(path, rows):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    claim_output_dir(args.out)
     counts = {k: 0 for k in ("sampled", "eos", "truncated", "empty", "duplicates", "ties")}
     groups_path = os.path.join(args.out, "val_groups.jsonl")
     meta = {"args": vars(args)}
