@@ -1,5 +1,6 @@
-"""Hugging Face GPT-2 directories, both ways: what gpt.load_checkpoint reads when --init names one,
-and what `python gpt.py export` writes.
+"""The Hugging Face formats, both ways: GPT-2 directories (what gpt.load_checkpoint reads when --init names
+one, and what `python gpt.py export` writes), and 4-bit weights in the bitsandbytes / transformers
+serialization (save_bnb, load_bnb; quant4.py computes the codes).
 
 A Hugging Face GPT-2 directory holds model.safetensors + config.json ({"model_type": "gpt2", "n_embd", ...})
 and, for OpenAI's tokenizer, vocab.json + merges.txt. Larger models are published sharded instead:
@@ -14,12 +15,14 @@ Our MLP uses the tanh approximation of GELU, which is HF's "gelu_new" (also "gel
 """
 
 import json
+import math
 import os
 
 import torch
 import torch.nn as nn
 
 from common import UserError, atomic_save_safetensors, atomic_write_json, read_safetensors, unique_state_dict
+from quant4 import DYNAMIC8, Linear4bit, QState, codebook
 from tokenizer import copy_gpt2_vocab, gpt2_tokenizer, load_tokenizer, save_tokenizer
 
 
@@ -232,3 +235,174 @@ def export_hf(model, out_dir, enc=None, max_shard_bytes=None):
         else:
             save_tokenizer(enc, os.path.join(out_dir, OUR_TOKENIZER_FILE))
     atomic_write_json(hf_config(model.config, enc), os.path.join(out_dir, "config.json"))
+
+
+# ----------------------------------------------------------------------------- bitsandbytes' 4-bit weights
+#
+# The bitsandbytes / transformers serialization of 4-bit weights (quant4.py computes them).
+# For a quantized Linear X, bitsandbytes' Linear4bit._save_to_state_dict writes X.weight (the packed
+# codes, uint8 of shape (ceil(n/2), 1)), X.bias, and QuantState.as_dict(packed=True) under "X.weight.":
+# absmax (uint8 codes when nested, else fp32), quant_map (the 16 values), nested_absmax (fp32 s2),
+# nested_quant_map (the 256 values of DYNAMIC8) and quant_state.bitsandbytes__<nf4|fp4>, the UTF-8
+# bytes of json.dumps({"quant_type", "blocksize", "dtype", "shape", and when nested "nested_blocksize",
+# "nested_dtype", "nested_offset" (the mean m)}) as a uint8 tensor.
+
+BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # those bitsandbytes' quantize_4bit accepts
+BNB_DTYPES = ("float32", "float16", "bfloat16")
+QS_KEY = "weight.quant_state.bitsandbytes__"
+
+
+def join(prefix, key):
+    return f"{prefix}.{key}" if prefix else key
+
+
+def bnb_tensors(state, prefix=""):
+    """A QState as bitsandbytes' tensors for the Linear named prefix (keys prefix.weight, prefix.weight.*),
+    in as_dict's order, with its JSON byte for byte (json.dumps of the same dict in the same order)."""
+    if state.code not in ("nf4", "fp4") or state.block_size not in BNB_BLOCK_SIZES:
+        raise UserError(f"{prefix or 'weight'}: bitsandbytes stores nf4 or fp4 with block size in "
+                        f"{BNB_BLOCK_SIZES}, not {state.code} at block size {state.block_size}")
+    nested = state.absmax is None
+    out = {"weight": state.packed.view(-1, 1),
+           "weight.absmax": state.absmax_q if nested else state.absmax,
+           "weight.quant_map": codebook(state.code).clone()}
+    fields = {"quant_type": state.code, "blocksize": state.block_size, "dtype": state.dtype, "shape": list(state.shape)}
+    if nested:
+        out["weight.nested_absmax"] = state.absmax_scale
+        out["weight.nested_quant_map"] = DYNAMIC8.clone()
+        fields.update(nested_blocksize=state.dq_block_size, nested_dtype="float32",
+                      nested_offset=state.absmax_mean.item())
+    out[QS_KEY + state.code] = torch.tensor(list(json.dumps(fields).encode()), dtype=torch.uint8)
+    return {join(prefix, k): v.detach().cpu() for k, v in out.items()}
+
+
+def read_quant_fields(tensor, where):
+    """The JSON fields of a quant_state.bitsandbytes__* tensor, checked: quant_type, block sizes, dtypes."""
+    try:
+        fields = json.loads(bytes(tensor.to(torch.uint8).flatten().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: quant_state is not JSON ({e})")
+    if not isinstance(fields, dict):
+        raise UserError(f"{where}: quant_state is not a JSON object")
+    nested = "nested_blocksize" in fields
+    wants = {"quant_type": ("nf4", "fp4"), "blocksize": BNB_BLOCK_SIZES, "dtype": BNB_DTYPES}
+    if nested:
+        wants.update(nested_blocksize=BNB_BLOCK_SIZES, nested_dtype=("float32",))
+    for key, allowed in wants.items():
+        if fields.get(key) not in allowed:
+            raise UserError(f"{where}: quant_state {key} = {fields.get(key)!r} is not supported (choose from {list(allowed)})")
+    shape = fields.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise UserError(f"{where}: quant_state shape {shape!r} is not the (out, in) shape of a Linear weight")
+    if nested and not isinstance(fields.get("nested_offset"), (int, float)):
+        raise UserError(f"{where}: quant_state nested_offset {fields.get('nested_offset')!r} is not a number")
+    unknown = sorted(set(fields) - {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+                                    "nested_dtype", "nested_offset"})
+    if unknown:
+        raise UserError(f"{where}: quant_state has fields this loader does not know: {unknown}")
+    return fields
+
+
+def qstate_from_bnb(tensors, prefix="", where="state dict"):
+    """The QState of the Linear named prefix from bitsandbytes' tensors (inverse of bnb_tensors): the
+    JSON fields checked, quant_map and nested_quant_map equal to NF4/FP4 and DYNAMIC8 exactly, every
+    tensor of the dtype and size the fields imply; anything else -> UserError naming the tensor."""
+    where = f"{where}: {join(prefix, 'weight')}"
+    qs = [k for k in tensors if k.startswith(join(prefix, QS_KEY))]
+    if len(qs) != 1:
+        raise UserError(f"{where}: expected one quant_state.bitsandbytes__nf4 or __fp4 tensor, found {len(qs)}")
+    fields = read_quant_fields(tensors[qs[0]], where)
+    if qs[0] != join(prefix, QS_KEY + fields["quant_type"]):
+        raise UserError(f"{where}: {qs[0]} holds quant_type {fields['quant_type']!r}")
+    nested = "nested_blocksize" in fields
+    numel = fields["shape"][0] * fields["shape"][1]
+    n_blocks = math.ceil(numel / fields["blocksize"])
+    expect = {"weight": (torch.uint8, (math.ceil(numel / 2), 1)), "weight.quant_map": (torch.float32, (16,)),
+              "weight.absmax": (torch.uint8 if nested else torch.float32, (n_blocks,))}
+    if nested:
+        expect["weight.nested_absmax"] = (torch.float32, (math.ceil(n_blocks / fields["nested_blocksize"]),))
+        expect["weight.nested_quant_map"] = (torch.float32, (256,))
+    extra = sorted(k for k in tensors if k.startswith(join(prefix, "weight.")) and k != qs[0]
+                   and k[len(join(prefix, "")):] not in expect)
+    if extra:
+        raise UserError(f"{where}: unexpected tensor {extra[0]} for a {'nested ' if nested else ''}quant state")
+    got = {}
+    for key, (dtype, shape) in expect.items():
+        t = tensors.get(join(prefix, key))
+        if t is None:
+            raise UserError(f"{where}: {join(prefix, key)} is missing")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise UserError(f"{where}: {join(prefix, key)} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        got[key] = t
+    if not torch.equal(got["weight.quant_map"], codebook(fields["quant_type"])):
+        raise UserError(f"{where}: quant_map is not the {fields['quant_type']} codebook")
+    if nested and not torch.equal(got["weight.nested_quant_map"], DYNAMIC8):
+        raise UserError(f"{where}: nested_quant_map is not the 8-bit dynamic map")
+    state = QState(got["weight"].flatten(), None if nested else got["weight.absmax"], tuple(fields["shape"]),
+                   fields["blocksize"], fields["quant_type"], numel, dtype=fields["dtype"])
+    if nested:
+        state.absmax_q, state.absmax_scale = got["weight.absmax"], got["weight.nested_absmax"]
+        state.absmax_mean = torch.tensor(float(fields["nested_offset"]), dtype=torch.float32)
+        state.dq_block_size = fields["nested_blocksize"]
+    return state
+
+
+def bnb_state_dict(model):
+    """model's tensors (tied duplicates once) with every Linear4bit's buffers replaced by bitsandbytes'
+    tensors under the Linear's name: what bitsandbytes' Linear4bit.state_dict() gives in a transformers model."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    out = {}
+    for key, tensor in unique_state_dict(model).items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in quantized or leaf == "bias":
+            out[key] = tensor
+        elif leaf == "packed":
+            out.update(bnb_tensors(quantized[prefix].qstate(), prefix))
+    return out
+
+
+def load_bnb_state_dict(model, tensors, where="state dict"):
+    """Load bitsandbytes-format tensors into model, in place: each Linear (or Linear4bit) X that has an
+    X.weight.quant_state.bitsandbytes__* entry becomes a Linear4bit holding that quantized weight; all
+    other tensors load as usual. Missing, unexpected or mis-shaped entries -> UserError. Returns model."""
+    modules = dict(model.named_modules())
+    prefixes = [k[:-len(QS_KEY) - 3].removesuffix(".") for k in tensors if k[-3:] in ("nf4", "fp4")
+                and k[:-3].endswith(QS_KEY)]
+    for prefix in prefixes:
+        module = modules.get(prefix)
+        if not prefix or not isinstance(module, (nn.Linear, Linear4bit)):
+            raise UserError(f"{where}: {join(prefix, 'weight')} is a 4-bit weight but the model has no Linear "
+                            f"named {prefix!r} inside it")
+        state = qstate_from_bnb(tensors, prefix, where)
+        if state.shape != (module.out_features, module.in_features):
+            raise UserError(f"{where}: {join(prefix, 'weight')} has shape {state.shape}, the model's Linear "
+                            f"{(module.out_features, module.in_features)}")
+        device = module.packed.device if isinstance(module, Linear4bit) else module.weight.device
+        shell = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        layer = Linear4bit(shell, state=state)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(device))
+    expected = bnb_state_dict(model)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (model wants {tuple(v.shape)})"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 f"mis-shaped {wrong[:3]}" if wrong else ""]
+        raise UserError(f"{where}: 4-bit checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
+    own = unique_state_dict(model)      # the bias, embeddings, LayerNorms...: not the 4-bit entries
+    model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    return model
+
+
+def save_bnb(model, path):
+    """Write model with its Linear4bit layers in bitsandbytes' serialization to a safetensors file (atomic)."""
+    atomic_save_safetensors(bnb_state_dict(model), path, metadata={"format": "pt"})
+
+
+def load_bnb(model, path):
+    """Read a bitsandbytes-format safetensors file (save_bnb's, or a transformers 4-bit model's with
+    matching names) into model, in place (see load_bnb_state_dict). Returns model."""
+    return load_bnb_state_dict(model, read_safetensors(path), where=path)

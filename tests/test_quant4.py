@@ -17,12 +17,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import UserError
-from quant4 import (CODEBOOKS, DYNAMIC8, FP4, INT4, Linear4bit, NF4, NF4_OFFSET, QS_KEY, bits_per_parameter,
-                    block_scales, bnb_state_dict, bnb_tensors, dequantize_blockwise, dequantize_model,
-                    double_dequantize, double_quantize, dynamic_map, load_bnb, load_bnb_state_dict, max_half_gap,
-                    nearest_code, nf4_from_normal_quantiles, outlier_weight, pack_nibbles, qstate_from_bnb,
-                    quantize_blockwise, quantize_model, reconstruction_error, save_bnb, second_level_error,
-                    unpack_nibbles)
+from hf import QS_KEY, bnb_state_dict, bnb_tensors, load_bnb, load_bnb_state_dict, qstate_from_bnb, save_bnb
+from quant4 import (CODEBOOKS, DYNAMIC8, FP4, INT4, Linear4bit, NF4, NF4_OFFSET, bits_per_parameter, block_scales,
+                    dequantize_blockwise, dequantize_model, double_dequantize, double_quantize, dynamic_map,
+                    max_half_gap, nearest_code, nf4_from_normal_quantiles, outlier_weight, pack_nibbles,
+                    quantize_blockwise, quantize_model, reconstruction_error, second_level_error, unpack_nibbles)
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bnb_reference.json")
 
