@@ -62,6 +62,7 @@ def build_parser():
     add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup=10)
     p.add_argument("--eval-interval", type=nonneg_int, default=0,
                    help="score the held-out pairs (and save) every N steps; 0 = only at the end")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of the evaluation's sampled reviews")
     return add_run_args(p, "out/dpo", "final evaluation prompts: 'review' (the world's "
                         "review test prompts, judged by world.sentiment_score), a prompts .jsonl, or 'none'")
 
