@@ -3,6 +3,7 @@
 
     python dpo.py                          # policy = reference = out/sft, pairs out/preferences/train.jsonl
     python dpo.py --beta 0.5 --out out/dpo_beta0.5
+    python dpo.py --rpo-alpha 1 --out out/dpo_rpo1     # + alpha * NLL of the chosen answers (RPO)
     python dpo.py --init out/pretrain --out out/dpo_from_base   # pre-trained model -> DPO, no SFT (ref = init)
     python dpo.py --data world             # pairs from the world's review train split (no preferences.py)
     python dpo.py --data pairs.jsonl --eval-prompts none   # your prompt/chosen/rejected JSONL or Anthropic HH
@@ -11,8 +12,9 @@
 log pi(y|x) is the sum of the completion tokens' log-probs (prompt and padding masked out); chosen
 and rejected rows go through the model in one padded batch. Every log interval prints the loss and
 the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers, their accuracy and
-margin; held-out pairs are scored every --eval-interval steps. At the end the policy and the
-reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
+margin, and the drift of log pi(y_w|x) and log pi(y_l|x) from the reference (DPO alone lets both
+fall: likelihood displacement; --rpo-alpha holds the chosen one up); held-out pairs are scored every
+--eval-interval steps. At the end the policy and the reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
 (world.sentiment_score) scores them: mean gold reward, win rate against the reference, and the
 sequence KL(pi || pi_ref) the policy paid, all in OUT/config.json.
 """
@@ -29,7 +31,7 @@ import data
 import world
 from common import UserError, run_cli
 from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
-from gpt import GPT, check_same_tokenizer, completion_logprobs, load_checkpoint, save_checkpoint
+from gpt import GPT, check_same_tokenizer, completion_logprobs, disable_dropout, load_checkpoint, save_checkpoint
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
                       make_optimizer, save_train_state, set_lr, setup, wrap_model)
@@ -53,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="assumed share of flipped labels (conservative DPO), in [0, 0.5)")
     p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="weight of the negative log-likelihood of the chosen answers added to the loss (RPO, "
+                        "Pang et al. 2024); 0 = plain DPO")
     p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the reference log-probs of every pair once, before training")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch per process")
@@ -77,6 +82,8 @@ def parse_args(argv=None):
     args.ref = args.ref or args.init
     if args.beta <= 0:
         raise UserError(f"--beta must be positive, not {args.beta}")
+    if args.rpo_alpha < 0:
+        raise UserError(f"--rpo-alpha must be >= 0, not {args.rpo_alpha}")
     if not 0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
     return args
@@ -173,12 +180,31 @@ def dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, bet
     return losses.mean(), rewards_chosen.detach(), rewards_rejected.detach()
 
 
-def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected):
-    """What DPO runs log: mean implicit rewards, how often chosen out-rewards rejected, the margin, log-probs."""
-    return {"rewards/chosen": rewards_chosen.mean().item(), "rewards/rejected": rewards_rejected.mean().item(),
-            "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
-            "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
-            "logps/chosen": logp_chosen.detach().mean().item(), "logps/rejected": logp_rejected.detach().mean().item()}
+def rpo_loss(dpo_loss_value, logp_chosen, chosen_tokens, alpha):
+    """RPO (Pang et al. 2024): DPO plus the negative log-likelihood of the chosen answers,
+        L_RPO = L_DPO + alpha * NLL,   NLL = -sum_i log pi(y_w_i|x_i) / sum_i |y_w_i|
+    normalised as TRL's rpo_alpha: the chosen answers' summed log-probs over the batch's total number of
+    chosen tokens (a per-token mean over the batch; the paper divides each log pi(y_w|x) by its own length
+    before the mean over pairs). The NLL keeps pushing log pi(y_w|x) up, where DPO alone only pushes the
+    margin and lets both log-probs fall (likelihood displacement). alpha = 0 is DPO.
+    Returns (L_RPO, NLL)."""
+    nll = -logp_chosen.sum() / chosen_tokens.clamp(min=1)
+    return dpo_loss_value + alpha * nll, nll.detach()
+
+
+def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected, ref_logp_chosen=None,
+                     ref_logp_rejected=None):
+    """What DPO runs log: mean implicit rewards, how often chosen out-rewards rejected, the margin, log-probs,
+    and (given the reference's) their drift from the reference, mean log pi(y|x) - log pi_ref(y|x) over the
+    batch for chosen and rejected answers (both fall under likelihood displacement)."""
+    out = {"rewards/chosen": rewards_chosen.mean().item(), "rewards/rejected": rewards_rejected.mean().item(),
+           "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
+           "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
+           "logps/chosen": logp_chosen.detach().mean().item(), "logps/rejected": logp_rejected.detach().mean().item()}
+    if ref_logp_chosen is not None:
+        out["drift/chosen"] = (logp_chosen.detach() - ref_logp_chosen).mean().item()
+        out["drift/rejected"] = (logp_rejected.detach() - ref_logp_rejected).mean().item()
+    return out
 
 
 # ----------------------------------------------------------------------------- the exact check
@@ -257,6 +283,7 @@ def main(argv=None):
 
     # the policy pi_theta (trained) and the frozen reference pi_ref
     policy, enc, _ = load_checkpoint(args.init, hint="python sft.py")
+    disable_dropout(policy)  # train-mode log pi must equal the reference's eval-mode one at step 0
     if os.path.abspath(args.ref) == os.path.abspath(args.init):
         ref = frozen_copy(policy)
     else:
@@ -298,7 +325,10 @@ def main(argv=None):
         loss, rewards_chosen, rewards_rejected = dpo_loss(
             logp_chosen.float(), logp_rejected.float(), ref_logp_chosen.float(), ref_logp_rejected.float(),
             args.beta, args.label_smoothing, args.loss_type)
-        return loss, preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected)
+        loss, nll = rpo_loss(loss, logp_chosen.float(), (batch["targets"][:len(idx)] != -1).sum(), args.rpo_alpha)
+        stats = preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected,
+                                 ref_logp_chosen.float(), ref_logp_rejected.float())
+        return loss, {**stats, "nll/chosen": nll.item()}
 
     @torch.no_grad()
     def evaluate():
@@ -313,7 +343,8 @@ def main(argv=None):
             n += len(idx)
         policy.train()
         return {"eval_loss": sums["loss"] / n, "eval_accuracy": sums["rewards/accuracies"] / n,
-                "eval_margin": sums["rewards/margins"] / n} if n else {}
+                "eval_margin": sums["rewards/margins"] / n, "eval_drift_chosen": sums["drift/chosen"] / n,
+                "eval_drift_rejected": sums["drift/rejected"] / n} if n else {}
 
     # optimizer, resume, loop
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)

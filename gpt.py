@@ -157,6 +157,21 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(idx, attention_mask, position_ids))
 
 
+def disable_dropout(model):
+    """Dropout off for good (as TRL's disable_dropout_in_model): every nn.Dropout gets p = 0, attention's
+    dropout probability and config.dropout become 0. For a policy whose log-probs are compared with stored
+    ones or a reference's (DPO, PPO): with dropout on, train mode and eval mode give different log pi,
+    so PPO's first ratio would not be 1 and DPO's first loss not ln 2. Returns the model."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, CausalSelfAttention):
+            m.dropout = 0.0
+    if hasattr(model, "config"):
+        model.config.dropout = 0.0
+    return model
+
+
 def position_ids_from_mask(attention_mask):
     """Positions count real tokens only: a row [pad pad a b c] gets positions [0 0 0 1 2]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

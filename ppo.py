@@ -35,7 +35,7 @@ import data
 import world
 from common import UserError, atomic_save_safetensors, run_cli
 from evals import alignment_eval, strip_eos
-from gpt import GPT, check_same_tokenizer, generate, load_checkpoint, save_checkpoint, token_logprobs
+from gpt import GPT, check_same_tokenizer, disable_dropout, generate, load_checkpoint, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
 from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
@@ -425,7 +425,7 @@ def main(argv=None):
         rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
         check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
         rm = frozen(rm)
-    policy = ActorCritic(gpt)
+    policy = ActorCritic(disable_dropout(gpt))  # log pi_old (eval mode) and log pi (train mode) must agree
     if args.critic_init == "reward":
         value_head_from_reward(policy.v_head, rm)
     policy.to(ctx.device).train()
@@ -456,7 +456,7 @@ def main(argv=None):
         with ctx.autocast():
             ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
             stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
-        stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
+        # stats["ratio_first"]: max |ratio - 1| on the first minibatch, 0 when rollout and update see the same policy
         kl = ro["kl"].mean().item()
         row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": kl, "beta": beta,
                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}

@@ -5,6 +5,7 @@ preference pairs (x, y_w, y_l) with the Bradley-Terry loss.
     python reward.py --train head          # trunk frozen, only LayerNorm + head train (parameter-efficient)
     python reward.py --train lora 8        # LoRA adapters of rank 8 on the trunk + the head
     python reward.py --data pairs.jsonl --val-data held_out.jsonl   # your prompt/chosen/rejected JSONL
+    python reward.py --margin 1 --center-coef 0.01   # Llama 2's margin from the score gap; reward centering
 
 Architecture: the SFT model's transformer (a gpt.GPT, language-model head unused) is the trunk;
 gpt.GPT.hidden_states ends in the trunk's final LayerNorm ln_f, and on top of it sit two new modules,
@@ -70,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--margin", type=float, default=0.0, help="margin term (Llama 2): m = this x the pair's gold "
+                   "score gap (score_chosen - score_rejected, when the pairs have them); 0 = off")
+    p.add_argument("--center-coef", type=float, default=0.0, help="centering term (Eisenstein et al. 2023): "
+                   "+ this x mean (r_w + r_l)^2; 0 = off (the paper uses 0.01)")
     p.add_argument("--eval-interval", type=int, default=100)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this step")
@@ -84,6 +89,8 @@ def parse_args(argv=None):
             raise UserError(f"--train lora {args.train[1]}: the rank R must be a positive integer")
         args.lora_r = int(args.train[1])
     args.mode = mode
+    if args.margin < 0 or args.center_coef < 0:
+        raise UserError(f"--margin and --center-coef must be >= 0, not {args.margin} and {args.center_coef}")
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.epochs = DEFAULT_EPOCHS[mode] if args.epochs is None else args.epochs
     base = os.path.dirname(args.data)
@@ -213,12 +220,29 @@ def set_trainable(rm, mode, lora_r=0, lora_alpha=None):
 
 # ----------------------------------------------------------------------------- the loss and the metrics
 
-def bradley_terry_loss(r_chosen, r_rejected):
+def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef=0.0):
     """Bradley-Terry negative log-likelihood of the preferences:
         L = -1/N * sum_i log sigma(r(x_i, y_w_i) - r(x_i, y_l_i)) = -mean log sigma(delta),  delta = r_w - r_l
     (P(y_w preferred to y_l) = sigma(r_w - r_l)). logsigmoid keeps it finite for any delta; adding the
-    same constant to every reward changes nothing."""
-    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+    same constant to every reward changes nothing. Two optional terms:
+      margin m_i (Llama 2):  -mean log sigma(r_w - r_l - m_i), a pair labelled as far apart must be
+                             separated by at least m_i before its loss fades (m_i = 0: plain Bradley-Terry);
+      centering (Eisenstein et al. 2023):  + center_coef * mean (r_w + r_l)^2, which pins the free
+                             constant so that rewards stay near zero mean (center_coef = 0: none)."""
+    delta = r_chosen.float() - r_rejected.float()
+    if margin is not None:
+        delta = delta - margin.to(delta)
+    loss = -F.logsigmoid(delta).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen.float() + r_rejected.float()) ** 2).mean()
+    return loss
+
+
+def pair_margins(pairs, scale):
+    """m_i = scale * (score_chosen - score_rejected) of each pair, the gap the labeller's scores put between the
+    two answers (preferences.py writes them); 0 for a pair without scores. -> FloatTensor (N,)."""
+    return torch.tensor([scale * (p["score_chosen"] - p["score_rejected"])
+                         if "score_chosen" in p and "score_rejected" in p else 0.0 for p in pairs])
 
 
 def pairwise_accuracy(r_chosen, r_rejected):
@@ -289,6 +313,7 @@ def main(argv=None):
     # data
     train_pairs = data.load_preference_pairs(args.data)
     P, W, L = encode_pairs(train_pairs, enc, block, args.data)
+    margins = pair_margins(train_pairs, args.margin) if args.margin else None
     val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
     groups = load_groups(args.val_groups) if args.val_groups else []
     per_epoch = max(1, len(P) // args.batch_size)
@@ -349,7 +374,7 @@ def main(argv=None):
             with ctx.autocast():
                 r = train_rm({k: v.to(ctx.device) for k, v in b.items()})
             r_w, r_l = r[:len(idx)], r[len(idx):]
-        loss = bradley_terry_loss(r_w, r_l)
+        loss = bradley_terry_loss(r_w, r_l, None if margins is None else margins[idx], args.center_coef)
         loss.backward()
         check_finite(loss, step)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], args.grad_clip)
