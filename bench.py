@@ -1,4 +1,4 @@
-"""Benchmarks: training throughput and MFU, KV-cached sampling, the cost of DPO and PPO steps, memory.
+"""Benchmarks: training throughput and MFU, KV-cached sampling, the cost of DPO, PPO and GRPO steps, memory.
 
     python bench.py                                    # 4 layers, 4 heads, 256 wide, ctx 256, vocab 4096, batch 8
     python bench.py --vs hf                            # + Hugging Face GPT2LMHeadModel, same config, side by side
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import data
 from common import UserError, run_cli
 from gpt import GPT, GPTConfig, completion_logprobs, cross_entropy_loss, generate, token_logprobs
+from grpo import grpo_advantages, grpo_loss, token_weights
 from lora import inject_lora
 from quant4 import quantize_model
 from training import make_optimizer, setup, wrap_model
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--rl-completion-len", type=int, default=64)
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--ppo-minibatches", type=int, default=2)
+    p.add_argument("--grpo-group", type=int, default=4, help="GRPO: completions per prompt (divides --batch-size)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", default="", help="write every figure to this JSON file")
@@ -321,8 +323,9 @@ def slice_batch(batch, rows):
 
 
 def bench_rl(args, ctx):
-    """Seconds per SFT step, DPO step and PPO iteration on the same rows (B prompts of --rl-prompt-len
-    tokens, completions of --rl-completion-len), and the share of PPO's time spent generating."""
+    """Seconds per SFT step, DPO step, PPO iteration and GRPO iteration on the same rows (B prompts of
+    --rl-prompt-len tokens, completions of --rl-completion-len; GRPO: the same B completions as
+    --grpo-group samples of B / G prompts, no value head), and the share of PPO's time spent generating."""
     torch.manual_seed(args.seed)
     cfg = gpt_config(args)
     policy = GPT(cfg).to(ctx.device)
@@ -332,12 +335,15 @@ def bench_rl(args, ctx):
     reward_trunk = GPT(cfg).to(ctx.device).eval().requires_grad_(False)
     reward_head = nn.Linear(cfg.n_embd, 1).to(ctx.device).requires_grad_(False)
     optimizer = make_optimizer(actor_critic, 1e-5, ctx=ctx)
-    B, P, C = args.batch_size, args.rl_prompt_len, args.rl_completion_len
+    B, P, C, G = args.batch_size, args.rl_prompt_len, args.rl_completion_len, args.grpo_group
+    if G < 2 or B % G:
+        raise UserError(f"--grpo-group {G} must be at least 2 and divide --batch-size {B}")
     if P + C > cfg.block_size:
         raise UserError(f"--rl-prompt-len {P} + --rl-completion-len {C} exceed the context {cfg.block_size}")
     g = torch.Generator().manual_seed(args.seed)
     rand = lambda n: torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prompts = [rand(P - b % 4) for b in range(B)]
+    group_prompts = [p for p in prompts[:B // G] for _ in range(G)]       # GRPO: G samples of each prompt
     chosen, rejected = [rand(C - b % 3) for b in range(B)], [rand(C - b % 5) for b in range(B)]
     sft_batch = to_device(data.completion_batch(prompts, chosen, pad_id=0), ctx.device)
     pair_batch = to_device(data.completion_batch(prompts + prompts, chosen + rejected, pad_id=0), ctx.device)
@@ -396,11 +402,32 @@ def bench_rl(args, ctx):
                                              returns[rows], mask[rows])
                 update(loss)
 
-    times = interleaved({"sft": sft_step, "dpo": dpo_step, "ppo": ppo_iteration}, args.repeats, args.warmup, ctx.device)
-    sft, dpo, ppo = (median(times[k]) for k in ("sft", "dpo", "ppo"))
+    def grpo_iteration():
+        with ctx.autocast():
+            completions = generate(policy, group_prompts, C, eos_id=NO_EOS, pad_id=0, temperature=1.0,
+                                   generator=torch.Generator(device=ctx.device).manual_seed(args.seed))
+        batch = to_device(data.completion_batch(group_prompts, completions, pad_id=0), ctx.device)
+        mask = (batch["targets"] != -1).float()
+        with torch.no_grad(), ctx.autocast():
+            old_lp, ref_lp = completion_logprobs(policy, batch), completion_logprobs(ref, batch)
+            h = reward_trunk.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            score = reward_head(h[rows_all, batch["last_index"]]).squeeze(-1).float()
+            adv = grpo_advantages(score.view(-1, G)).flatten()[:, None] * mask     # no critic: the group is the baseline
+        for _ in range(args.ppo_epochs):
+            for rows in rows_all.chunk(args.ppo_minibatches):
+                mb = slice_batch(batch, rows)
+                with ctx.autocast():
+                    lp = completion_logprobs(policy, mb)
+                    loss = grpo_loss(lp, old_lp[rows], ref_lp[rows], adv[rows], token_weights(mask[rows], max_len=C), 0.1)[0]
+                update(loss)
+
+    times = interleaved({"sft": sft_step, "dpo": dpo_step, "ppo": ppo_iteration, "grpo": grpo_iteration},
+                        args.repeats, args.warmup, ctx.device)
+    sft, dpo, ppo, grpo = (median(times[k]) for k in ("sft", "dpo", "ppo", "grpo"))
     gen = median(gen_time[args.warmup:])
     return {"sft_step_s": sft, "dpo_step_s": dpo, "ppo_iteration_s": ppo, "dpo_over_sft": dpo / sft,
             "ppo_over_sft": ppo / sft, "ppo_generation_s": gen, "ppo_generation_share": gen / ppo,
+            "grpo_iteration_s": grpo, "grpo_over_sft": grpo / sft, "grpo_over_ppo": grpo / ppo, "grpo_group": G,
             "rows": B, "prompt_len": P, "completion_len": C, "ppo_updates": args.ppo_epochs * args.ppo_minibatches}
 
 
@@ -573,7 +600,9 @@ def main(argv=None):
               ["step", "seconds", "x SFT step"],
               [["SFT step", rl["sft_step_s"], 1.0], ["DPO step", rl["dpo_step_s"], rl["dpo_over_sft"]],
                ["PPO iteration", rl["ppo_iteration_s"], rl["ppo_over_sft"]],
-               ["  of which generation", rl["ppo_generation_s"], rl["ppo_generation_s"] / rl["sft_step_s"]]])
+               ["  of which generation", rl["ppo_generation_s"], rl["ppo_generation_s"] / rl["sft_step_s"]],
+               [f"GRPO iteration (G={rl['grpo_group']})", rl["grpo_iteration_s"], rl["grpo_over_sft"]]])
+        print(f"GRPO / PPO iteration time: {rl['grpo_over_ppo']:.2f} (no value head; same completions and updates)")
         print(f"PPO time spent generating: {100 * rl['ppo_generation_share']:.0f}%")
 
     if "memory" in sections:

@@ -23,18 +23,20 @@ import argparse
 import contextlib
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import data
 import world
+from align import (eval_prompts, heldout_eval, kl_regularised_optimum, load_policy_and_reference, print_final,
+                   print_toy_table, toy_problem, toy_token_logps)
 from common import UserError, run_cli
-from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
-from gpt import GPT, check_same_tokenizer, completion_logprobs, disable_dropout, load_checkpoint, save_checkpoint
+from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
-                      make_optimizer, save_train_state, set_lr, setup, wrap_model)
+                      make_optimizer, micro_steps, save_train_state, set_lr, setup, wrap_model)
 
 
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -129,13 +131,6 @@ def pair_batch(pairs, pad):
 
 # ----------------------------------------------------------------------------- policy and reference
 
-def frozen_copy(model):
-    """The reference pi_ref: the same weights and dtype, eval mode, no gradient, never updated."""
-    ref = GPT(model.config).to(next(model.parameters()).device, next(model.parameters()).dtype)
-    ref.load_state_dict(model.state_dict())
-    return ref.eval().requires_grad_(False)
-
-
 def pair_logps(model, batch):
     """(log pi(y_w|x), log pi(y_l|x)), each the sum over the answer's tokens of log p(y_t | x, y_<t):
     the log of the guide's product pi(y|x) = p(y1|x) * p(y2|x,y<2) * ... * p(yn|x,y<n)."""
@@ -209,26 +204,18 @@ def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejecte
 
 # ----------------------------------------------------------------------------- the exact check
 
-def toy_policy_logps(theta1, theta2):
-    """Answers y = (y1, y2) over two tokens {a, b}: aa, ab, ba, bb. A tabular autoregressive policy
-    log pi(y) = log softmax(theta1)[y1] + log softmax(theta2[y1])[y2] (a sum of token log-probs, as for the GPT)."""
-    return (F.log_softmax(theta1, -1)[:, None] + F.log_softmax(theta2, -1)).reshape(-1)
-
-
 def toy_exact_check(beta=0.5, n_pairs=0, steps=3000, seed=0):
-    """DPO on a toy problem whose optimum is known. Reward r of the four answers is known; pairs (i, j) are
-    drawn uniformly and labelled by Bradley-Terry, P(y_i preferred to y_j) = sigmoid(r_i - r_j). n_pairs = 0
-    minimises the expected (population) loss, mean over pairs i < j of
+    """DPO on the tabular problem of align.py, whose optimum is known. Reward r of the four answers is known;
+    pairs (i, j) are drawn uniformly and labelled by Bradley-Terry, P(y_i preferred to y_j) = sigmoid(r_i - r_j).
+    n_pairs = 0 minimises the expected (population) loss, mean over pairs i < j of
     p_ij * l(i > j) + (1 - p_ij) * l(j > i) with p_ij = sigmoid(r_i - r_j): label smoothing eps = 1 - p_ij.
     Its minimiser is beta * h_ij = r_i - r_j for every pair, i.e. pi* = pi_ref * exp(r / beta) / Z exactly
     (no noise); with n_pairs sampled hard labels the optimum is close to it.
     Returns (pi_ref, r, pi*, pi_dpo) as float64 tensors."""
     g = torch.Generator().manual_seed(seed)
-    theta1_ref, theta2_ref = torch.randn(2, generator=g, dtype=torch.float64), \
-        torch.randn(2, 2, generator=g, dtype=torch.float64)
-    r = torch.tensor([1.0, 0.2, -0.5, 0.4], dtype=torch.float64)
-    ref_logps = toy_policy_logps(theta1_ref, theta2_ref)
-    pi_star = torch.softmax(ref_logps + r / beta, 0)  # the closed form pi_ref * exp(r / beta) / Z
+    theta1_ref, theta2_ref, r = toy_problem(g)
+    ref_logps = toy_token_logps(theta1_ref, theta2_ref).sum(-1)
+    pi_star = kl_regularised_optimum(ref_logps, r, beta)
     i, j = torch.triu_indices(4, 4, 1)
     if n_pairs:  # sampled preferences: chosen = i with probability sigmoid(r_i - r_j)
         k = torch.randint(len(i), (n_pairs,), generator=g)
@@ -239,16 +226,18 @@ def toy_exact_check(beta=0.5, n_pairs=0, steps=3000, seed=0):
     theta1, theta2 = theta1_ref.clone().requires_grad_(), theta2_ref.clone().requires_grad_()
     opt = torch.optim.LBFGS([theta1, theta2], lr=1, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logps = toy_policy_logps(theta1, theta2)
-        loss = dpo_loss(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected], beta, eps)[0]
-        loss.backward()
-        return loss
-    opt.step(closure)
+    opt.step(lambda: toy_loss_and_grad(opt, theta1, theta2, ref_logps, chosen, rejected, beta, eps))
     with torch.no_grad():
-        return ref_logps.exp(), r, pi_star, toy_policy_logps(theta1, theta2).exp()
+        return ref_logps.exp(), r, pi_star, toy_token_logps(theta1, theta2).sum(-1).exp()
+
+
+def toy_loss_and_grad(opt, theta1, theta2, ref_logps, chosen, rejected, beta, eps):
+    """The closure L-BFGS calls: the DPO loss of the tabular policy over the given pairs, and its gradient."""
+    opt.zero_grad()
+    logps = toy_token_logps(theta1, theta2).sum(-1)
+    loss = dpo_loss(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected], beta, eps)[0]
+    loss.backward()
+    return loss
 
 
 def toy_report():
@@ -261,11 +250,100 @@ def toy_report():
             tv = 0.5 * (pi - pi_star).abs().sum().item()
             name = "expected data" if n_pairs == 0 else f"{n_pairs} sampled pairs"
             print(f"\nbeta {beta}, {name}: total variation |pi_DPO - pi*| = {tv:.2e}")
-            print("answer   r      pi_ref   pi*      pi_DPO")
-            for k, y in enumerate(("aa", "ab", "ba", "bb")):
-                print(f"{y:6s} {r[k]:5.2f}   {pi_ref[k]:.4f}   {pi_star[k]:.4f}   {pi[k]:.4f}")
+            print_toy_table(pi_ref, r, pi_star, pi, "DPO")
             out[f"tv_beta{beta}_{'expected' if n_pairs == 0 else n_pairs}"] = tv
     return out
+
+
+# ----------------------------------------------------------------------------- one step, evaluation, saving
+
+def pairs_loss(model, ref, pairs, ref_rows, pad, args, ctx):
+    """DPO loss and stats of some pairs: chosen and rejected in one forward of the model. ref_rows: their
+    precomputed (log pi_ref(y_w|x), log pi_ref(y_l|x)), or None to run the reference now."""
+    batch = {k: v.to(ctx.device) for k, v in pair_batch(pairs, pad).items()}
+    with ctx.autocast():
+        logp_chosen, logp_rejected = pair_logps(model, batch)
+        if ref_rows is not None:
+            ref_logp_chosen, ref_logp_rejected = ref_rows.unbind(-1)
+        else:
+            with torch.no_grad():
+                ref_logp_chosen, ref_logp_rejected = pair_logps(ref, batch)
+    loss, rewards_chosen, rewards_rejected = dpo_loss(
+        logp_chosen.float(), logp_rejected.float(), ref_logp_chosen.float(), ref_logp_rejected.float(),
+        args.beta, args.label_smoothing, args.loss_type)
+    loss, nll = rpo_loss(loss, logp_chosen.float(), (batch["targets"][:len(pairs)] != -1).sum(), args.rpo_alpha)
+    stats = preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected,
+                             ref_logp_chosen.float(), ref_logp_rejected.float())
+    return loss, {**stats, "nll/chosen": nll.item()}
+
+
+def train_step(train_model, ref, pairs, idx, accum, pad, args, ctx):
+    """Forward and backward of one optimizer step's pairs, split into micro-batches (and processes);
+    -> (the last micro-batch's loss, the step's mean stats). The optimizer step itself is the caller's."""
+    sums = {}
+    for micro in range(accum):
+        k = ctx.rank + ctx.world * micro
+        rows = idx[k * args.batch_size:(k + 1) * args.batch_size]
+        sync = ctx.ddp and micro < accum - 1
+        with train_model.no_sync() if sync else contextlib.nullcontext():
+            loss, stats = pairs_loss(train_model, ref, [pairs.train[i] for i in rows],
+                                     None if pairs.ref_train is None else pairs.ref_train[torch.as_tensor(rows)],
+                                     pad, args, ctx)
+            (loss / accum).backward()
+        for key, v in {"loss": loss.item(), **stats}.items():
+            sums[key] = sums.get(key, 0.0) + v / accum
+    return loss, sums
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, ref, pairs, pad, args, ctx):
+    """Loss, reward accuracy, margin and the drift of log pi(y_w|x), log pi(y_l|x) from the reference on the
+    held-out pairs."""
+    if not pairs.val:
+        return {}
+    policy.eval()
+    sums, n = {}, 0
+    for i in range(0, len(pairs.val), 2 * args.batch_size):
+        idx = list(range(i, min(i + 2 * args.batch_size, len(pairs.val))))
+        loss, stats = pairs_loss(policy, ref, [pairs.val[j] for j in idx],
+                                 None if pairs.ref_val is None else pairs.ref_val[torch.as_tensor(idx)], pad, args, ctx)
+        for k, v in {"loss": loss.item(), **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v * len(idx)
+        n += len(idx)
+    policy.train()
+    return {"eval_loss": sums["loss"] / n, "eval_accuracy": sums["rewards/accuracies"] / n,
+            "eval_margin": sums["rewards/margins"] / n, "eval_drift_chosen": sums["drift/chosen"] / n,
+            "eval_drift_rejected": sums["drift/rejected"] / n}
+
+
+def prepare_pairs(args, enc, policy, ref, ctx):
+    """Tokenized train and held-out pairs, with the reference's log-probs of both when precomputed;
+    -> (pairs, the number of optimizer steps)."""
+    train_pairs, val_pairs, val_source = load_pairs(args)
+    block, pad = policy.config.block_size, pad_id(enc)
+    pairs = SimpleNamespace(train=tokenize_pairs(train_pairs, enc, block, args.data),
+                            val=tokenize_pairs(val_pairs, enc, block, val_source), ref_train=None, ref_val=None)
+    per_step = args.batch_size * args.grad_accum
+    if len(pairs.train) < per_step:
+        raise UserError(f"{args.data}: {len(pairs.train)} training pairs, fewer than one step of {per_step} "
+                        f"(--batch-size x --grad-accum); add pairs or lower --batch-size")
+    max_iters = args.max_iters or args.epochs * (len(pairs.train) // per_step)
+    if ctx.master:
+        scored = [p for p in train_pairs if "score_chosen" in p]
+        gap = sum(p["score_chosen"] - p["score_rejected"] for p in scored) / max(1, len(scored))
+        print(f"pairs: {len(pairs.train)} train / {len(pairs.val)} held-out" +
+              (f", mean score gap {gap:.3f}" if scored else "") +
+              f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters")
+    if args.precompute_ref:
+        pairs.ref_train = reference_logps(ref, pairs.train, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
+        pairs.ref_val = reference_logps(ref, pairs.val, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
+    return pairs, max_iters
+
+
+def save(args, policy, optimizer, enc, step, metrics, samples=()):
+    save_train_state(args.out, policy, optimizer, step)
+    save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": step, "metrics": metrics,
+                                            "samples": list(samples)})
 
 
 # ----------------------------------------------------------------------------- main
@@ -276,110 +354,31 @@ def main(argv=None):
         return toy_report()
     t0 = time.time()
     ctx = setup(args)
-    if args.grad_accum % ctx.world:
-        raise UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {ctx.world} processes")
-    accum = args.grad_accum // ctx.world
+    accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
-
-    # the policy pi_theta (trained) and the frozen reference pi_ref
-    policy, enc, _ = load_checkpoint(args.init, hint="python sft.py")
-    disable_dropout(policy)  # train-mode log pi must equal the reference's eval-mode one at step 0
-    if os.path.abspath(args.ref) == os.path.abspath(args.init):
-        ref = frozen_copy(policy)
-    else:
-        ref, ref_enc, _ = load_checkpoint(args.ref, hint="python sft.py")
-        check_same_tokenizer(enc, ref_enc, f"--init {args.init}", f"--ref {args.ref}")
-        ref.eval().requires_grad_(False)
-    policy.to(ctx.device), ref.to(ctx.device)
+    policy, ref, enc = load_policy_and_reference(args.init, args.ref, ctx.device)   # pi_theta, frozen pi_ref
     pad = pad_id(enc)
-
-    # preference pairs
-    train_pairs, val_pairs, val_source = load_pairs(args)
-    train = tokenize_pairs(train_pairs, enc, policy.config.block_size, args.data)
-    val = tokenize_pairs(val_pairs, enc, policy.config.block_size, val_source)
+    pairs, max_iters = prepare_pairs(args, enc, policy, ref, ctx)
     per_step = args.batch_size * args.grad_accum
-    if len(train) < per_step:
-        raise UserError(f"{args.data}: {len(train)} training pairs, fewer than one step of {per_step} "
-                             f"(--batch-size x --grad-accum); add pairs or lower --batch-size")
-    max_iters = args.max_iters or args.epochs * (len(train) // per_step)
-    if ctx.master:
-        scored = [p for p in train_pairs if "score_chosen" in p]
-        gap = sum(p["score_chosen"] - p["score_rejected"] for p in scored) / max(1, len(scored))
-        print(f"pairs: {len(train)} train / {len(val)} held-out" + (f", mean score gap {gap:.3f}" if scored else "")
-              + f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters")
-    ref_train = ref_val = None
-    if args.precompute_ref:
-        ref_train = reference_logps(ref, train, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
-        ref_val = reference_logps(ref, val, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
 
-    def pairs_loss(model, pairs, idx, ref_table):
-        """DPO loss and stats of the pairs idx: chosen and rejected in one forward of the model."""
-        batch = {k: v.to(ctx.device) for k, v in pair_batch([pairs[i] for i in idx], pad).items()}
-        with ctx.autocast():
-            logp_chosen, logp_rejected = pair_logps(model, batch)
-            if ref_table is not None:
-                ref_logp_chosen, ref_logp_rejected = ref_table[torch.as_tensor(idx)].unbind(-1)
-            else:
-                with torch.no_grad():
-                    ref_logp_chosen, ref_logp_rejected = pair_logps(ref, batch)
-        loss, rewards_chosen, rewards_rejected = dpo_loss(
-            logp_chosen.float(), logp_rejected.float(), ref_logp_chosen.float(), ref_logp_rejected.float(),
-            args.beta, args.label_smoothing, args.loss_type)
-        loss, nll = rpo_loss(loss, logp_chosen.float(), (batch["targets"][:len(idx)] != -1).sum(), args.rpo_alpha)
-        stats = preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected,
-                                 ref_logp_chosen.float(), ref_logp_rejected.float())
-        return loss, {**stats, "nll/chosen": nll.item()}
-
-    @torch.no_grad()
-    def evaluate():
-        """Loss, reward accuracy and margin on the held-out pairs."""
-        policy.eval()
-        sums, n = {}, 0
-        for i in range(0, len(val), 2 * args.batch_size):
-            idx = list(range(i, min(i + 2 * args.batch_size, len(val))))
-            loss, stats = pairs_loss(policy, val, idx, ref_val)
-            for k, v in {"loss": loss.item(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-            n += len(idx)
-        policy.train()
-        return {"eval_loss": sums["loss"] / n, "eval_accuracy": sums["rewards/accuracies"] / n,
-                "eval_margin": sums["rewards/margins"] / n, "eval_drift_chosen": sums["drift/chosen"] / n,
-                "eval_drift_rejected": sums["drift/rejected"] / n} if n else {}
-
-    # optimizer, resume, loop
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
-    start = 0
-    if args.resume:
-        start, _ = load_train_state(args.out, policy, optimizer)
+    start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
     train_model = wrap_model(policy, ctx)
     policy.train()
     stop = StopFlag()
     log = MetricsLog(args.out, max_iters, ctx.master, resume=args.resume)
-
-    def save(step, metrics):
-        if ctx.master:
-            save_train_state(args.out, policy, optimizer, step)
-            save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": step,
-                                                    "metrics": metrics})
-
-    sums, n_logged, t_last = {}, 0, time.time()
+    sums, n_logged, t_last, loss = {}, 0, time.time(), None
     for step in range(start, max_iters):
         lr = lr_at(step, args.lr, args.warmup, max_iters, args.min_lr)
         set_lr(optimizer, lr)
-        idx = data.step_indices(len(train), per_step, args.seed, step)
-        for micro in range(accum):
-            k = ctx.rank + ctx.world * micro
-            sync = ctx.ddp and micro < accum - 1
-            with train_model.no_sync() if sync else contextlib.nullcontext():
-                loss, stats = pairs_loss(train_model, train, idx[k * args.batch_size:(k + 1) * args.batch_size],
-                                         ref_train)
-                (loss / accum).backward()
-            for key, v in {"loss": loss.item(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + v / accum
+        idx = data.step_indices(len(pairs.train), per_step, args.seed, step)
+        loss, stats = train_step(train_model, ref, pairs, idx, accum, pad, args, ctx)
         check_finite(loss, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for key, v in stats.items():
+            sums[key] = sums.get(key, 0.0) + v
         done, n_logged = step + 1, n_logged + 1
         if done % args.log_interval == 0 or done == max_iters:
             means = {k: all_reduce_mean(torch.tensor(v / n_logged), ctx).item() for k, v in sums.items()}
@@ -387,44 +386,27 @@ def main(argv=None):
             log.log(done, **means, grad_norm=grad_norm.item(), lr=lr,
                     pairs_per_s=round(per_step * n_logged / max(dt, 1e-9), 1))
             sums, n_logged = {}, 0
-        if val and args.eval_interval and done % args.eval_interval == 0 and done < max_iters:
-            ev = evaluate()
+        if pairs.val and args.eval_interval and done % args.eval_interval == 0 and done < max_iters:
+            ev = evaluate_pairs(policy, ref, pairs, pad, args, ctx)
             log.log(done, **ev)
-            save(done, ev)
+            if ctx.master:
+                save(args, policy, optimizer, enc, done, ev)
         if stop.requested or done == args.stop_at:
-            save(done, {})
+            if ctx.master:
+                save(args, policy, optimizer, enc, done, {})
             print(f"stopped at step {done}; continue with: python dpo.py --resume --out {args.out}")
             return
 
     # final evaluation: held-out pairs, then the gold judge on held-out prompts, policy vs reference
-    metrics = {"train_loss": loss.item() if max_iters > start else float("nan"), **(evaluate() if val else {})}
-    samples = []
-    if ctx.master and args.eval_prompts != "none":
-        if args.eval_prompts == "review":
-            tests = world.task_sets(world.make_world(args.world_seed))["review"]["test"]
-            prompts = [data.format_prompt(e["instruction"], e["input"]) for e in tests]
-        else:
-            prompts = data.load_prompts(args.eval_prompts)
-        prompts = prompts[:args.eval_limit] if args.eval_limit else prompts
-        policy.eval()
-        with ctx.autocast():  # the reference's samples are drawn here too, to give their gold reward an interval
-            ref_out = sample_completions(ref, enc, [enc.encode_ordinary(p) for p in prompts], args.max_new_tokens,
-                                         args.seed)
-            al = alignment_eval(policy, ref, enc, prompts, world.sentiment_score, args.max_new_tokens, seed=args.seed,
-                                ref_completions=ref_out)
-        samples = al.pop("samples")
-        metrics.update(al)
-        metrics["ref_gold_reward_ci95"] = mean_ci95([world.sentiment_score(enc.decode(strip_eos(c, enc)).strip())
-                                                     for c in ref_out])[1]
-    metrics["time_s"] = round(time.time() - t0, 1)
+    metrics = {"train_loss": loss.item() if loss is not None else float("nan"),
+               **evaluate_pairs(policy, ref, pairs, pad, args, ctx)}
     if ctx.master:
-        for s in samples[:3]:
-            print(f"sample ({s['score']:+.2f}): {s['completion']}")
-        save_train_state(args.out, policy, optimizer, max_iters)
-        save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": max_iters,
-                                                "metrics": metrics, "samples": samples})
-        print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in metrics.items()))
+        prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+        heldout, samples = heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast)
+        metrics.update(heldout)
+        metrics["time_s"] = round(time.time() - t0, 1)
+        save(args, policy, optimizer, enc, max_iters, metrics, samples)
+        print_final(metrics, samples)
     return metrics
 
 

@@ -157,21 +157,6 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(idx, attention_mask, position_ids))
 
 
-def disable_dropout(model):
-    """Dropout off for good (as TRL's disable_dropout_in_model): every nn.Dropout gets p = 0, attention's
-    dropout probability and config.dropout become 0. For a policy whose log-probs are compared with stored
-    ones or a reference's (DPO, PPO): with dropout on, train mode and eval mode give different log pi,
-    so PPO's first ratio would not be 1 and DPO's first loss not ln 2. Returns the model."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        elif isinstance(m, CausalSelfAttention):
-            m.dropout = 0.0
-    if hasattr(model, "config"):
-        model.config.dropout = 0.0
-    return model
-
-
 def position_ids_from_mask(attention_mask):
     """Positions count real tokens only: a row [pad pad a b c] gets positions [0 0 0 1 2]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -239,14 +224,15 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
-             greedy=False, use_cache=True, generator=None):
+             greedy=False, use_cache=True, generator=None, on_token=None):
     """Continue each prompt (a list of token ids) until EOS or max_new_tokens.
 
     Prompts are left-padded into one batch; the KV cache holds keys and values of every
     position so each new token costs one position's work. A row that has emitted EOS keeps
     receiving padding, which nothing reads. Returns each row's new tokens, up to and
     including its EOS when it emitted one. With use_cache=False every step recomputes the
-    whole sequence (the slow reference the cache must match)."""
+    whole sequence (the slow reference the cache must match). on_token, if given, is called with each
+    step's (B,) new tokens as soon as they are sampled (sample.py streams them to the terminal)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -273,19 +259,23 @@ def generate(model, prompts, max_new_tokens, *, eos_id, pad_id, temperature=1.0,
         cache = [tuple(torch.empty(B, H, total, C // H, device=device, dtype=dtype) for _ in range(2))
                  for _ in range(model.config.n_layer)]
     t = P
-    while t < total and not done.all():
-        if use_cache:
-            start = 0 if t == P else t - 1  # first step: the whole prompt; then one token
-            h = model.hidden_states(ids[:, start:t], mask, pos[:, start:t], cache=cache, cache_pos=start)
-        else:
-            h = model.hidden_states(ids[:, :t], mask[:, :t], pos[:, :t])
-        logits = model.lm_head(h[:, -1])
-        nxt = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        ids[:, t] = nxt
-        done |= nxt == eos_id
-        t += 1
-    model.train(was_training)
+    try:
+        while t < total and not done.all():
+            if use_cache:
+                start = 0 if t == P else t - 1  # first step: the whole prompt; then one token
+                h = model.hidden_states(ids[:, start:t], mask, pos[:, start:t], cache=cache, cache_pos=start)
+            else:
+                h = model.hidden_states(ids[:, :t], mask[:, :t], pos[:, :t])
+            logits = model.lm_head(h[:, -1])
+            nxt = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            ids[:, t] = nxt
+            done |= nxt == eos_id
+            t += 1
+            if on_token is not None:
+                on_token(nxt)
+    finally:
+        model.train(was_training)
     out = []
     for row in ids[:, P:t].tolist():
         out.append(row[:row.index(eos_id) + 1] if eos_id in row else row)

@@ -29,13 +29,14 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import world
+from align import (TOY_Y1, eval_prompts, frozen, heldout_eval, kl_regularised_optimum, load_policy_and_reference,
+                   print_final, print_toy_table, toy_problem, toy_token_logps)
 from common import UserError, atomic_save_safetensors, run_cli
-from evals import alignment_eval, strip_eos
-from gpt import GPT, check_same_tokenizer, disable_dropout, generate, load_checkpoint, save_checkpoint, token_logprobs
+from evals import strip_eos
+from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
 from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
@@ -231,10 +232,6 @@ def rollout_batch(prompts, completions, pad):
             "actions": torch.where(real[:, P:], ids[:, P:], -1), "mask": mask}, P - 1, T
 
 
-def frozen(model):
-    return model.eval().requires_grad_(False)
-
-
 def sequence_scores(reward, enc, prompts, completions, texts):
     """Reward of each whole completion: the reward model's score at its last real token, or the gold judge."""
     if reward is None:
@@ -299,45 +296,38 @@ def ppo_update(policy, optimizer, ro, args, rng, it=0):
 
 # ----------------------------------------------------------------------------- the exact check
 
-TOY_Y1, TOY_Y2 = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
-
-
-def toy_token_logps(theta1, theta2):
-    """Answers y = (y1, y2) over two tokens {a, b}: aa, ab, ba, bb. A tabular autoregressive policy:
-    per-token log pi(y1) = log softmax(theta1)[y1], log pi(y2|y1) = log softmax(theta2[y1])[y2]; (4, 2)."""
-    return torch.stack([F.log_softmax(theta1, -1)[TOY_Y1], F.log_softmax(theta2, -1)[TOY_Y1, TOY_Y2]], -1)
-
-
 def toy_exact_check(beta=0.5, iters=300, epochs=4, lr=2.0, seed=0):
-    """PPO with the per-token KL penalty on a problem small enough to enumerate: every expectation over
-    answers is the exact sum weighted by pi_old(y) (no sampling noise). The KL-regularised objective
-    E_pi[r] - beta * KL(pi || pi_ref) has its maximum at pi* = pi_ref * exp(r / beta) / Z; PPO's fixed point
-    (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*.
+    """PPO with the per-token KL penalty on align.py's tabular problem, small enough to enumerate: every
+    expectation over answers is the exact sum weighted by pi_old(y) (no sampling noise). The KL-regularised
+    objective E_pi[r] - beta * KL(pi || pi_ref) has its maximum at pi* = pi_ref * exp(r / beta) / Z; PPO's fixed
+    point (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*.
     Returns (pi_ref, r, pi*, pi_ppo) as float64 tensors over aa, ab, ba, bb."""
-    g = torch.Generator().manual_seed(seed)
-    t1_ref, t2_ref = torch.randn(2, generator=g, dtype=torch.float64), torch.randn(2, 2, generator=g, dtype=torch.float64)
-    r = torch.tensor([1.0, 0.2, -0.5, 0.4], dtype=torch.float64)
+    t1_ref, t2_ref, r = toy_problem(torch.Generator().manual_seed(seed))
     ref_logp = toy_token_logps(t1_ref, t2_ref)
-    pi_star = torch.softmax(ref_logp.sum(-1) + r / beta, 0)
+    pi_star = kl_regularised_optimum(ref_logp.sum(-1), r, beta)
     theta1, theta2 = t1_ref.clone().requires_grad_(), t2_ref.clone().requires_grad_()
     v0, v1 = torch.zeros(1, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    values = lambda: torch.stack([v0.expand(4), v1[TOY_Y1]], -1)     # V(s_0 = x), V(s_1 = x + y1)
     opt = torch.optim.SGD([theta1, theta2, v0, v1], lr=lr)
     ones = torch.ones(4, 2, dtype=torch.float64)
     for _ in range(iters):
         with torch.no_grad():  # the "rollout": all four answers, weighted by pi_old
-            old_logp, old_values = toy_token_logps(theta1, theta2), values()
+            old_logp, old_values = toy_token_logps(theta1, theta2), toy_values(v0, v1)
             weight = old_logp.sum(-1).exp()[:, None] * ones
             rewards, _ = kl_penalty_rewards(r, old_logp, ref_logp, ones, beta)
             adv, returns = gae(rewards, old_values, ones, gamma=1.0, lam=1.0)
         for _ in range(epochs):
             pg, _, _ = ppo_policy_loss(toy_token_logps(theta1, theta2), old_logp, adv, weight, 0.2)
-            vf, _ = ppo_value_loss(values(), old_values, returns, weight, 0.2)
+            vf, _ = ppo_value_loss(toy_values(v0, v1), old_values, returns, weight, 0.2)
             opt.zero_grad()
             (pg + vf).backward()
             opt.step()
     with torch.no_grad():
         return ref_logp.sum(-1).exp(), r, pi_star, toy_token_logps(theta1, theta2).sum(-1).exp()
+
+
+def toy_values(v0, v1):
+    """The tabular critic: V(s_0 = x) for the first token, V(s_1 = x + y1) for the second; (4, 2)."""
+    return torch.stack([v0.expand(4), v1[TOY_Y1]], -1)
 
 
 def toy_report():
@@ -349,9 +339,7 @@ def toy_report():
         pi_ref, r, pi_star, pi = toy_exact_check(beta)
         err, kl = (pi - pi_star).abs().max().item(), (pi * (pi / pi_star).log()).sum().item()
         print(f"\nbeta {beta}: max |pi_PPO - pi*| = {err:.2e}, KL(pi_PPO || pi*) = {kl:.2e}")
-        print("answer   r      pi_ref   pi*      pi_PPO")
-        for k, y in enumerate(("aa", "ab", "ba", "bb")):
-            print(f"{y:6s} {r[k]:5.2f}   {pi_ref[k]:.4f}   {pi_star[k]:.4f}   {pi[k]:.4f}")
+        print_toy_table(pi_ref, r, pi_star, pi, "PPO")
         out[f"max_err_beta{beta}"], out[f"kl_beta{beta}"] = err, kl
     torch.set_num_threads(threads)
     return out
@@ -399,6 +387,41 @@ def save_value_head(out_dir, v_head):
     atomic_save_safetensors({"weight": v_head.weight, "bias": v_head.bias}, os.path.join(out_dir, "value_head.safetensors"))
 
 
+def load_models(args, ctx):
+    """-> (policy: ActorCritic, ref, reward model or None for the gold judge, enc). The policy and value
+    head train; the reference and the reward model are frozen."""
+    gpt, ref, enc = load_policy_and_reference(args.init, args.ref, ctx.device)
+    rm = None
+    if args.reward != "gold":
+        rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
+        check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
+        rm = frozen(rm)
+    policy = ActorCritic(gpt)
+    if args.critic_init == "reward":
+        value_head_from_reward(policy.v_head, rm)
+    return policy.to(ctx.device).train(), ref, rm, enc
+
+
+def iteration(policy, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx):
+    """One PPO iteration: sample a rollout for this iteration's prompts, then the clipped updates;
+    -> (the rollout, its figures for the log)."""
+    idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
+    gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
+    with ctx.autocast():
+        ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
+        stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
+    # stats["ratio_first"]: max |ratio - 1| on the first minibatch, 0 when rollout and update see the same policy
+    return ro, {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": ro["kl"].mean().item(),
+                "beta": beta, "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
+
+
+def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
+    save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta})
+    save_checkpoint(args.out, policy.gpt, enc, {"stage": "ppo", "args": vars(args), "step": it,
+                                                "metrics": metrics, "samples": list(samples)})
+    save_value_head(args.out, policy.v_head)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -410,28 +433,10 @@ def main(argv=None):
     if ctx.ddp:
         raise UserError("ppo.py runs in one process; start it with python, not torchrun")
     os.makedirs(args.out, exist_ok=True)
-
-    # policy + value head (trained), reference and reward model (frozen)
-    gpt, enc, _ = load_checkpoint(args.init, hint="python sft.py")
-    if os.path.abspath(args.ref) == os.path.abspath(args.init):
-        ref = GPT(gpt.config)
-        ref.load_state_dict(gpt.state_dict())
-    else:
-        ref, ref_enc, _ = load_checkpoint(args.ref, hint="python sft.py")
-        check_same_tokenizer(enc, ref_enc, f"--init {args.init}", f"--ref {args.ref}")
-    ref = frozen(ref.to(ctx.device))
-    rm = None
-    if args.reward != "gold":
-        rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
-        check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
-        rm = frozen(rm)
-    policy = ActorCritic(disable_dropout(gpt))  # log pi_old (eval mode) and log pi (train mode) must agree
-    if args.critic_init == "reward":
-        value_head_from_reward(policy.v_head, rm)
-    policy.to(ctx.device).train()
-    prompts, prompt_ids = training_prompts(args, enc, gpt.config.block_size)
+    policy, ref, rm, enc = load_models(args, ctx)
+    prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
     print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
-          f"{'gold judge' if rm is None else args.reward}; model {gpt.num_params() / 1e6:.2f}M parameters")
+          f"{'gold judge' if rm is None else args.reward}; model {policy.gpt.num_params() / 1e6:.2f}M parameters")
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start, beta = 0, args.kl_coef
@@ -440,71 +445,37 @@ def main(argv=None):
         beta = extra["kl_coef"]
     stop = StopFlag()
     log = MetricsLog(args.out, args.iters, resume=args.resume)
-
-    def save(it, metrics, samples=()):
-        save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta})
-        save_checkpoint(args.out, policy.gpt, enc, {"stage": "ppo", "args": vars(args), "step": it,
-                                                    "metrics": metrics, "samples": list(samples)})
-        save_value_head(args.out, policy.v_head)
-
     t_last, sums, n_logged, window = time.time(), {}, 0, {}
     for it in range(start, args.iters):
         lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
         set_lr(optimizer, lr)
-        idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
-        gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
-        with ctx.autocast():
-            ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
-            stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
-        # stats["ratio_first"]: max |ratio - 1| on the first minibatch, 0 when rollout and update see the same policy
-        kl = ro["kl"].mean().item()
-        row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": kl, "beta": beta,
-               "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
+        ro, row = iteration(policy, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx)
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v
         n_logged += 1
         if args.target_kl:
-            beta = adaptive_kl_coef(beta, kl, args.target_kl, args.rollout_batch, args.horizon)
+            beta = adaptive_kl_coef(beta, row["kl"], args.target_kl, args.rollout_batch, args.horizon)
         done = it + 1
         if done % args.log_interval == 0 or done == args.iters:
             dt, t_last = time.time() - t_last, time.time()
             window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
-            log.log(done, **window, lr=lr,
-                    samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
+            log.log(done, **window, lr=lr, samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
             print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
         if stop.requested or done == args.stop_at:
-            save(done, {})
+            save(args, policy, optimizer, enc, done, beta, {})
             print(f"stopped at iteration {done}; continue with: python ppo.py --resume --out {args.out}")
             return {"stopped_at": done, **row}
 
     # final evaluation: the gold judge on held-out prompts, policy vs reference (the SFT model)
-    metrics = {f"train_{k}": v for k, v in window.items()}
-    metrics["kl_coef_final"] = beta
-    samples = []
-    if args.eval_prompts != "none":
-        if args.eval_prompts == "review":
-            tests = world.task_sets(world.make_world(args.world_seed))["review"]["test"]
-            eval_prompts = [data.format_prompt(e["instruction"], e["input"]) for e in tests]
-        else:
-            eval_prompts = data.load_prompts(args.eval_prompts)
-        eval_prompts = eval_prompts[:args.eval_limit] if args.eval_limit else eval_prompts
-        policy.eval()
-        with ctx.autocast():
-            al = alignment_eval(policy.gpt, ref, enc, eval_prompts, world.sentiment_score, args.max_new_tokens,
-                                seed=args.seed, return_completions=rm is not None)
-        if rm is not None:  # the reward model's view of the same samples
-            ids = [enc.encode_ordinary(p) for p in eval_prompts]
-            metrics["rm_reward"] = reward_scores(rm, enc, ids, al.pop("completions")).mean().item()
-        samples = al.pop("samples")
-        metrics.update(al)
+    metrics = {**{f"train_{k}": v for k, v in window.items()}, "kl_coef_final": beta}
+    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    heldout, samples = heldout_eval(policy.gpt, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm)
+    metrics.update(heldout)
     metrics["time_s"] = round(time.time() - t0, 1)
-    for s in samples[:3]:
-        print(f"sample ({s['score']:+.2f}): {s['completion']}")
-    save(args.iters, metrics, samples)
-    print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    save(args, policy, optimizer, enc, args.iters, beta, metrics, samples)
+    print_final(metrics, samples)
     return metrics
-
 
 
 if __name__ == "__main__":

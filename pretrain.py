@@ -77,6 +77,48 @@ def evaluate(model, enc, val_tokens, args, ctx):
     return text_loss(model, enc, val_tokens, args.block_size, args.eval_tokens, args.batch_size, ctx.device, ctx.autocast)
 
 
+# ----------------------------------------------------------------------------- model, one step, saving
+
+def model_and_tokenizer(args, train_docs):
+    """-> (model, enc): from --init, or a new GPT with a BPE tokenizer trained on the training documents.
+    Training the tokenizer is deterministic, so every DDP process trains the same one; --resume reuses it."""
+    if args.init:
+        model, enc, _ = load_checkpoint(args.init, hint="python pretrain.py")
+        return model, enc
+    saved = os.path.join(args.out, "tokenizer.json")
+    enc = load_tokenizer(saved) if args.resume and os.path.exists(saved) else \
+        train_tokenizer("\n\n".join(train_docs), args.vocab_size)
+    config = GPTConfig(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    return GPT(config), enc
+
+
+def train_step(train_model, train_tokens, args, ctx, step, accum):
+    """Forward and backward of one optimizer step's micro-batches (each process its own); -> the last loss."""
+    for micro in range(accum):
+        x, y = data.get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step,
+                              ctx.rank + ctx.world * micro)
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        sync = ctx.ddp and micro < accum - 1
+        with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
+            loss = cross_entropy_loss(train_model(x), y)
+            (loss / accum).backward()
+    return loss
+
+
+def save(args, model, optimizer, enc, step, metrics):
+    save_train_state(args.out, model, optimizer, step)
+    save_checkpoint(args.out, model, enc, {"stage": "pretrain", "args": vars(args), "step": step, "metrics": metrics})
+
+
+def print_sample(model, enc, seed, device):
+    """A continuation of "The" at temperature 0.8, top-k 50: what the model writes."""
+    sample = generate(model, [[eos_id(enc)] + enc.encode_ordinary("The")], 60, eos_id=eos_id(enc),
+                      pad_id=pad_id(enc), temperature=0.8, top_k=50,
+                      generator=torch.Generator(device=device).manual_seed(seed))[0]
+    print("sample:", "The" + enc.decode(sample[:-1] if sample[-1:] == [eos_id(enc)] else sample))
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -84,20 +126,8 @@ def main(argv=None):
     ctx = setup(args)
     accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
-
-    # data and tokenizer
     train_docs, val_docs, cloze = load_corpus(args)
-    if args.init:
-        model, enc, _ = load_checkpoint(args.init, hint="python pretrain.py")
-        config = model.config
-    else:
-        saved = os.path.join(args.out, "tokenizer.json")
-        # Training is deterministic, so every DDP process trains the same tokenizer; --resume reuses it.
-        enc = load_tokenizer(saved) if args.resume and os.path.exists(saved) else \
-            train_tokenizer("\n\n".join(train_docs), args.vocab_size)
-        config = GPTConfig(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
-                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-        model = GPT(config)
+    model, enc = model_and_tokenizer(args, train_docs)
     fp = tokenizer_fingerprint(enc)
     train_tokens = data.tokenize_corpus(train_docs, enc, os.path.join(args.out, "train.bin"), fingerprint=fp)
     val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
@@ -105,53 +135,35 @@ def main(argv=None):
         print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {enc.n_vocab}; "
               f"model: {model.num_params() / 1e6:.2f}M parameters")
 
-    # model and optimizer
     model.to(ctx.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)
-    start = 0
-    if args.resume:
-        start, _ = load_train_state(args.out, model, optimizer)
+    start = load_train_state(args.out, model, optimizer)[0] if args.resume else 0
     train_model = wrap_model(model, ctx)
     stop = StopFlag()
     log = MetricsLog(args.out, args.max_iters, ctx.master, resume=args.resume)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum
-
-    def save(step, metrics):
-        if ctx.master:
-            save_train_state(args.out, model, optimizer, step)
-            save_checkpoint(args.out, model, enc, {"stage": "pretrain", "args": vars(args), "step": step,
-                                                   "metrics": metrics})
-
-    # the loop
     t_last = time.time()
     for step in range(start, args.max_iters):
         lr = lr_at(step, args.lr, args.warmup, args.max_iters, args.min_lr)
         set_lr(optimizer, lr)
-        for micro in range(accum):
-            x, y = data.get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step,
-                                  ctx.rank + ctx.world * micro)
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            sync = ctx.ddp and micro < accum - 1
-            with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
-                loss = cross_entropy_loss(train_model(x), y)
-                (loss / accum).backward()
+        loss = train_step(train_model, train_tokens, args, ctx, step, accum)
         check_finite(loss, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % args.log_interval == 0 or done == args.max_iters:
-            loss_avg = all_reduce_mean(loss, ctx).item()
-            dt = time.time() - t_last
-            t_last = time.time()
-            log.log(done, loss=loss_avg, grad_norm=grad_norm.item(), lr=lr,
+            dt, t_last = time.time() - t_last, time.time()
+            log.log(done, loss=all_reduce_mean(loss, ctx).item(), grad_norm=grad_norm.item(), lr=lr,
                     tok_per_s=round(tokens_per_step * args.log_interval / max(dt, 1e-9)))
         if done % args.eval_interval == 0 and done < args.max_iters:
             val_loss, bpb = evaluate(train_model, enc, val_tokens, args, ctx)
             log.log(done, val_loss=val_loss, val_bpb=bpb)
-            save(done, {"val_loss": val_loss, "val_bpb": bpb})
+            if ctx.master:
+                save(args, model, optimizer, enc, done, {"val_loss": val_loss, "val_bpb": bpb})
         if stop.requested or done == args.stop_at:
-            save(done, {})
+            if ctx.master:
+                save(args, model, optimizer, enc, done, {})
             print(f"stopped at step {done}; continue with: python pretrain.py --resume --out {args.out}")
             return
 
@@ -159,14 +171,10 @@ def main(argv=None):
     val_loss, bpb = evaluate(train_model, enc, val_tokens, args, ctx)
     metrics = {"val_loss": val_loss, "val_bpb": bpb, "train_loss": loss.item(), "tokens": args.max_iters * tokens_per_step}
     if ctx.master:
-        recall_set = cloze[:args.recall_limit] if args.recall_limit else []
-        if recall_set:
-            metrics["fact_recall"] = fact_recall(model, enc, recall_set)
-        sample = generate(model, [[eos_id(enc)] + enc.encode_ordinary("The")], 60, eos_id=eos_id(enc),
-                          pad_id=pad_id(enc), temperature=0.8, top_k=50,
-                          generator=torch.Generator(device=ctx.device).manual_seed(args.seed))[0]
-        print("sample:", "The" + enc.decode(sample[:-1] if sample[-1:] == [eos_id(enc)] else sample))
-        save(args.max_iters, metrics)
+        if args.recall_limit and cloze[:args.recall_limit]:
+            metrics["fact_recall"] = fact_recall(model, enc, cloze[:args.recall_limit])
+        print_sample(model, enc, args.seed, ctx.device)
+        save(args, model, optimizer, enc, args.max_iters, metrics)
         print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
 

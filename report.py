@@ -18,7 +18,7 @@ For each policy checkpoint (a directory of out/ with model.safetensors and confi
   time          wall time of the stage that made it
 and for reward models: pairwise accuracy on held-out preference pairs. It writes out/report.md,
 out/report/results.json, and, when matplotlib is installed, loss curves and the gold reward-KL
-frontiers of the DPO and PPO sweeps (out/report/*.png). Runs that differ only by seed (out/dpo,
+frontiers of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Runs that differ only by seed (out/dpo,
 out/dpo_s2, out/dpo_s3 from `bash run.sh --seeds 3`) are also summarised as mean ± sd, and the
 frontier plots those means with error bars on both axes. Results are cached per checkpoint (keyed
 by the weights' size and modification time), so a second run takes seconds.
@@ -44,10 +44,10 @@ from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
 CACHE_VERSION = 3  # bump when the figures of a row change, so cached rows are recomputed
-FRONTIER_FAMILIES = ("dpo", "ppo", "grpo")
+FRONTIER_FAMILIES = ("dpo", "ppo", "grpo", "rloo")
 SEED_KEYS = ("gold_reward", "on_topic_gold", "on_topic", "win_rate", "kl", "sentiment", "story", "facts", "addition",
              "drift_chosen", "drift_rejected")
-ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo", "grpo")
+ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo", "grpo", "rloo")
 
 
 def parse_args(argv=None):
@@ -259,7 +259,7 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path):
             lines.append("")
     lines += ["", "## Samples (same held-out prompts, temperature 1)", ""]
     for name, r in rows:
-        if name in ("pretrain", "sft", "dpo", "ppo") and r.get("samples"):
+        if name in ("pretrain", "sft", "dpo", "ppo", "grpo", "rloo") and r.get("samples"):
             lines.append(f"**{name}**")
             lines += [f"- `{s['prompt'].splitlines()[0][13:]}` → {s['completion'][:200]!r} (score {s['score']:+.2f})"
                       for s in r["samples"][:3]]
@@ -273,7 +273,7 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path):
 
 def frontier_points(aggregated):
     """{series: [{"kl": (mean, sd), "gold_reward": ..., "on_topic_gold": ..., "label": "beta2"}] sorted by KL}
-    for the DPO, PPO and GRPO runs from the SFT model (dpo_from_base starts elsewhere and is left out)."""
+    for the DPO, PPO, GRPO and RLOO runs from the SFT model (dpo_from_base starts elsewhere and is left out)."""
     curves = {}
     for group, _, st in aggregated:
         name = series(group)
@@ -286,7 +286,7 @@ def frontier_points(aggregated):
 
 
 def plot(rows, aggregated, args):
-    """Loss curves of every stage; gold reward and on-topic gold against KL for the DPO, PPO (and GRPO)
+    """Loss curves of every stage; gold reward and on-topic gold against KL for the DPO, PPO, GRPO and RLOO
     sweeps, mean ± sd over seeds on both axes (the analogue of the DPO paper's sentiment frontier).
     Skipped with a note when matplotlib is not installed."""
     try:
@@ -297,8 +297,9 @@ def plot(rows, aggregated, args):
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
     out = os.path.join(args.out_dir, "report")
-    families = {"pretrain": "loss", "sft": "loss", "domain": "loss", "reward": "loss", "dpo": "loss", "ppo": "score"}
-    curves = {}  # family -> {run: [(step, value)]}; PPO shows its reward-model score (it has no single loss)
+    families = {"pretrain": "loss", "sft": "loss", "domain": "loss", "reward": "loss", "dpo": "loss", "ppo": "score",
+                "grpo": "score", "rloo": "score"}
+    curves = {}  # family -> {run: [(step, value)]}; PPO, GRPO, RLOO show their reward-model score (no single loss)
     for path in sorted(glob.glob(os.path.join(args.out_dir, "*", "metrics.jsonl"))):
         name = os.path.basename(os.path.dirname(path))
         family = name.split("_")[0]
@@ -307,7 +308,7 @@ def plot(rows, aggregated, args):
         if pts:
             curves.setdefault(family, {})[name] = pts
     if curves:
-        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+        fig, axes = plt.subplots(2, 4, figsize=(17, 7))
         for ax, (family, key) in zip(axes.flat, families.items()):
             for name, pts in curves.get(family, {}).items():
                 ax.plot(*zip(*pts), label=name, lw=1)
@@ -323,7 +324,7 @@ def plot(rows, aggregated, args):
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     sft = dict(rows).get("sft")
-    markers = {"dpo": "o", "ppo": "s", "grpo": "^"}
+    markers = {"dpo": "o", "ppo": "s", "grpo": "^", "rloo": "v"}
     for ax, key, label in ((axes[0], "gold_reward", "gold reward (lexicon sentiment)"),
                            (axes[1], "on_topic_gold", "on-topic gold (sentiment if the item is named, else -1)")):
         for name, pts in curves.items():

@@ -5,13 +5,14 @@
 #   bash run.sh --quick      the same stages at toy size, a few minutes (tests/test_run.py runs it)
 #   bash run.sh --force      redo stages whose output already exists (default: skip them)
 #   bash run.sh --out DIR    write everything under DIR instead of out/
-#   bash run.sh --seeds N    run the alignment sweep (DPO, PPO) with N seeds: --seed 1337 (the default)
+#   bash run.sh --seeds N    run the alignment sweep (DPO, PPO, GRPO, RLOO) with N seeds: --seed 1337 (the default)
 #                            into out/dpo..., then --seed 1, 2, ... into out/dpo..._s2, _s3, ...;
 #                            report.py shows mean ± sd over the seeds
 #
 # Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
 # -> SFT on the adapted model -> preference pairs -> reward model -> DPO (sweep of beta) and PPO
-# (sweep of the KL coefficient) from the SFT model -> DPO straight from the base model -> report.py.
+# (sweep of the KL coefficient) from the SFT model -> GRPO and RLOO (critic-free, same sweep of the KL
+# coefficient) -> DPO straight from the base model -> report.py.
 # "SFT alone" is the out/sft row of the report. Any stage can be rerun by hand with the command it
 # prints. Stop with Ctrl-C: a stage interrupted mid-training can be continued with its --resume.
 set -euo pipefail
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1 ;;
     --out) OUT="$2"; shift ;;
     --seeds) SEEDS="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -58,11 +59,12 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   RM="--max-iters 8 --eval-interval 1000"
   DPO="--max-iters 6 --eval-limit 8 --eval-interval 1000"
   PPO="--iters 2 --rollout-batch 8 --eval-limit 8"
+  GRPO="--iters 2 --rollout-batch 4 --eval-limit 8"
   REPORT="--n 8 --prompts 8"
   BETAS="0.5" KLS="0.2"
 else
-  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" REPORT=""
-  # beta 0.1 is out/dpo, kl 0.1 is out/ppo; beta 2, 5 and kl 0.5, 1 are the frontier at KL 0-5
+  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" GRPO="" REPORT=""
+  # beta 0.1 is out/dpo, kl 0.1 is out/ppo (and grpo, rloo); beta 2, 5 and kl 0.5, 1: the frontier at KL 0-5
   BETAS="0.05 0.5 1 2 5" KLS="0.02 0.05 0.2 0.5 1"
 fi
 
@@ -85,6 +87,12 @@ for s in $(seq 1 "$SEEDS"); do   # seed 1: --seed 1337 (default), no suffix; see
   stage ppo$SFX    $OUT/ppo$SFX/config.json    $PY ppo.py --init $OUT/sft --reward $OUT/reward --out $OUT/ppo$SFX $SEED $PPO
   for c in $KLS; do
     stage ppo_kl$c$SFX $OUT/ppo_kl$c$SFX/config.json $PY ppo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/ppo_kl$c$SFX $SEED $PPO
+  done
+  stage grpo$SFX   $OUT/grpo$SFX/config.json   $PY grpo.py --init $OUT/sft --reward $OUT/reward --out $OUT/grpo$SFX $SEED $GRPO
+  stage rloo$SFX   $OUT/rloo$SFX/config.json   $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --out $OUT/rloo$SFX $SEED $GRPO
+  for c in $KLS; do
+    stage grpo_kl$c$SFX $OUT/grpo_kl$c$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/grpo_kl$c$SFX $SEED $GRPO
+    stage rloo_kl$c$SFX $OUT/rloo_kl$c$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --kl-coef $c --out $OUT/rloo_kl$c$SFX $SEED $GRPO
   done
 done
 stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO

@@ -38,7 +38,7 @@ import torch
 
 import data
 from common import UserError, run_cli
-from gpt import generate, load_checkpoint, sample_next_token
+from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 
 try:
@@ -46,7 +46,7 @@ try:
 except ImportError:  # not on every platform; input() works without it
     pass
 
-TEMPLATE_STAGES = ("sft", "dpo", "ppo")                      # tuned on the instruction template
+TEMPLATE_STAGES = ("sft", "dpo", "ppo", "grpo")                      # tuned on the instruction template
 RAW_STAGES = ("pretrain", "domain", "import", "hf_import")   # trained on plain text
 
 
@@ -103,33 +103,6 @@ def sampling(args):
 
 
 @torch.no_grad()
-def stream(model, prompt, max_new_tokens, *, eos_id, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-           generator=None):
-    """Yield the new tokens of one prompt as they are sampled, EOS last when it comes. This is
-    gpt.generate's KV-cached loop for one row (same mask, positions and calls), so for the same
-    generator it yields exactly the tokens generate returns."""
-    model.eval()
-    device = next(model.parameters()).device
-    P, T = len(prompt), model.config.block_size
-    if P == 0 or P >= T:
-        raise UserError(f"a prompt needs 1 to {T - 1} tokens (the model's context is {T}); this one has {P}")
-    total = min(P + max_new_tokens, T)
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    mask = torch.ones(1, total, dtype=torch.bool, device=device)
-    pos = torch.arange(total, device=device)[None]
-    C, H, dtype = model.config.n_embd, model.config.n_head, next(model.parameters()).dtype
-    cache = [tuple(torch.empty(1, H, total, C // H, device=device, dtype=dtype) for _ in range(2))
-             for _ in range(model.config.n_layer)]
-    start = 0  # the first step reads the whole prompt, each later step the one new token
-    for t in range(P, total):
-        h = model.hidden_states(ids[:, start:t], mask, pos[:, start:t], cache=cache, cache_pos=start)
-        nxt = sample_next_token(model.lm_head(h[:, -1]), temperature, top_k, top_p, greedy, generator)
-        yield nxt.item()
-        if nxt.item() == eos_id:
-            return
-        ids, start = torch.cat([ids, nxt[:, None]], dim=1), t
-
-
 def answers(model, enc, ids, args, generator):
     """--num-samples texts for one prompt, sampled as one batch by gpt.generate (EOS removed)."""
     eos = eos_id(enc)
@@ -144,23 +117,26 @@ def shown(prompt, text, template):
 
 
 def stream_answer(model, enc, ids, args, generator, template, out):
-    """Write one answer to `out` token by token (whole UTF-8 characters only) -> its text.
-    Ctrl-C stops it; the text so far is kept."""
-    decoder, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    """Write one answer to `out` token by token as gpt.generate samples them (whole UTF-8 characters only)
+    -> its text. Ctrl-C stops it; the text so far is kept."""
+    decoder, pieces, eos = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], eos_id(enc)
+
+    def show(tokens):
+        if tokens[0].item() == eos:
+            return
+        piece = decoder.decode(enc.decode_single_token_bytes(tokens[0].item()))
+        if template and not "".join(pieces).strip():
+            piece = piece.lstrip()  # the answer follows "Output:" after a space
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
     try:
-        for t in stream(model, ids, args.max_new_tokens, eos_id=eos_id(enc), generator=generator, **sampling(args)):
-            if t == eos_id(enc):
-                break
-            piece = decoder.decode(enc.decode_single_token_bytes(t))
-            if template and not text.strip():
-                piece = piece.lstrip()  # the answer follows "Output:" after a space
-            text += piece
-            out.write(piece)
-            out.flush()
+        generate(model, [ids], args.max_new_tokens, eos_id=eos, pad_id=pad_id(enc), generator=generator,
+                 on_token=show, **sampling(args))
     except KeyboardInterrupt:
         out.write(" [stopped]")
     tail = decoder.decode(b"", final=True)  # a character cut off by --max-new-tokens or Ctrl-C
-    text += tail
+    text = "".join(pieces) + tail
     out.write(tail + "\n")
     out.flush()
     return text.strip() if template else text

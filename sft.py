@@ -29,6 +29,7 @@ import contextlib
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -188,6 +189,98 @@ def frozen_base_bytes(model):
     return sum(m.weight_nbytes() for m in q), sum(2 * m.in_features * m.out_features for m in q)
 
 
+def load_data(args, enc, block_size):
+    """Everything the run feeds on, as one namespace: instruct mode's (prompt, completion) pairs or domain
+    mode's token arrays (and the replayed pre-training text), the held-out tasks, the domain's held-out
+    text, and the forgetting check's sets."""
+    d = SimpleNamespace(train=None, train_tokens=None, replay_tokens=None, held_out=None, domain_val=None)
+    if args.mode == "instruct":
+        d.train, d.held_out = instruct_data(args, enc, block_size)
+        if not args.data:  # the held-out region's text, to show what instruction tuning alone does to it
+            d.domain_val = cached_tokens(world.domain_docs(world.make_world(args.world_seed))[1], enc, args,
+                                         "domain_val.bin")
+        d.size = f"{len(d.train):,} examples"
+    else:
+        train_docs, val_docs = domain_texts(args)
+        d.train_tokens = cached_tokens(train_docs, enc, args, "train.bin")
+        d.domain_val = cached_tokens(val_docs, enc, args, "val.bin")
+        d.replay_tokens = replay_data(args, enc) if args.replay > 0 else None
+        if not args.data:
+            d.held_out = {"domain_facts": world.task_sets(world.make_world(args.world_seed))
+                          ["domain_facts"]["test"][:args.eval_n]}
+        d.size = f"{len(d.train_tokens):,} tokens"
+    d.forget = forgetting_set(args, enc)
+    return d
+
+
+def micro_batch(d, args, ctx, pad, block_size, step, micro):
+    """(input ids, attention mask, position ids, targets) of one micro-batch of step `step`."""
+    shard = ctx.rank + ctx.world * micro
+    if args.mode == "domain":
+        n_old = round(args.batch_size * args.replay)
+        x, y = data.get_batch(d.train_tokens, args.batch_size - n_old, block_size, args.seed, step, shard)
+        if n_old:  # rehearsal: a share of the batch is pre-training text
+            xo, yo = data.get_batch(d.replay_tokens, n_old, block_size, args.seed + 1, step, shard)
+            x, y = torch.cat([x, xo]), torch.cat([y, yo])
+        return x, None, None, y
+    idx = data.step_indices(len(d.train), args.batch_size * args.grad_accum, args.seed, step)
+    idx = idx[shard * args.batch_size:(shard + 1) * args.batch_size]
+    b = data.completion_batch([d.train[i][0] for i in idx], [d.train[i][1] for i in idx], pad)
+    return b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"]
+
+
+def adapt(model, args):
+    """Full fine-tuning, LoRA, or QLoRA (the base quantized to 4 bits before the adapters go in);
+    -> the adapters' rank (0 for full fine-tuning)."""
+    rank = args.lora or args.qlora
+    if args.qlora:
+        quantize_model(model, code=args.quant)
+    if rank:
+        inject_lora(model, rank, args.lora_alpha, args.lora_dropout)
+    return rank
+
+
+def train_step(train_model, d, args, ctx, pad, block_size, step, accum):
+    """Forward and backward of one optimizer step's micro-batches; -> (last loss, completion tokens seen)."""
+    n_tokens = 0
+    for micro in range(accum):
+        x, mask, pos, y = (t if t is None else t.to(ctx.device)
+                           for t in micro_batch(d, args, ctx, pad, block_size, step, micro))
+        n_tokens += int((y != -1).sum())
+        sync = ctx.ddp and micro < accum - 1
+        with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
+            loss = sft_loss(train_model(x, mask, pos), y)
+            (loss / accum).backward()
+    return loss, n_tokens
+
+
+def save(args, model, optimizer, enc, step, metrics, rank):
+    """The resumable state; with final metrics also the model: adapters in PEFT's layout, then the merged
+    model as an ordinary checkpoint (an interrupted run keeps only its resumable state)."""
+    save_train_state(args.out, model, optimizer, step)
+    if not metrics:
+        return
+    meta = {"stage": "domain" if args.mode == "domain" else "sft", "mode": args.mode, "init": args.init,
+            "args": vars(args), "step": step, "metrics": metrics}
+    if rank:
+        save_adapter(model, args.out, base_model_path=args.init)
+        if args.qlora:
+            dequantize_model(model)  # W_hat: the 4-bit base the adapters were trained on
+        merge_lora(model)
+    save_checkpoint(args.out, model, enc, meta)
+
+
+def final_metrics(model, enc, args, d, before):
+    """Held-out tasks, domain perplexity and forgetting after training, beside the figures from before."""
+    metrics = evaluate(model, enc, args, d.held_out, d.domain_val, d.forget)
+    metrics.update({f"before_{k}": v for k, v in before.items()})
+    if args.qlora:
+        q_bytes, bf16_bytes = frozen_base_bytes(model)
+        metrics.update(frozen_base_bytes_4bit=q_bytes, frozen_base_bytes_bf16=bf16_bytes,
+                       frozen_base_memory_ratio=bf16_bytes / q_bytes)
+    return metrics
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -196,94 +289,34 @@ def main(argv=None):
     accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-
-    # model and data
-    model, enc, init_config = load_checkpoint(args.init, hint="python pretrain.py")
+    model, enc, _ = load_checkpoint(args.init, hint="python pretrain.py")
     block_size = args.block_size or model.config.block_size
-    if args.mode == "instruct":
-        train, held_out = instruct_data(args, enc, model.config.block_size)
-        domain_val = None
-        if not args.data:  # the held-out region's text, to show what instruction tuning alone does to it
-            domain_val = cached_tokens(world.domain_docs(world.make_world(args.world_seed))[1], enc, args, "domain_val.bin")
-        n_train = f"{len(train):,} examples"
-    else:
-        train_docs, val_docs = domain_texts(args)
-        train_tokens, domain_val = cached_tokens(train_docs, enc, args, "train.bin"), cached_tokens(val_docs, enc, args, "val.bin")
-        replay_tokens = replay_data(args, enc) if args.replay > 0 else None
-        held_out = None if args.data else {"domain_facts": world.task_sets(world.make_world(args.world_seed))
-                                           ["domain_facts"]["test"][:args.eval_n]}
-        n_train = f"{len(train_tokens):,} tokens"
-    forget = forgetting_set(args, enc)
+    d = load_data(args, enc, model.config.block_size)
     model.to(ctx.device)
-    before = evaluate(model, enc, args, None, domain_val, forget) if ctx.master else {}
-    if ctx.master and args.mode == "domain":
-        before.update(evaluate(model, enc, args, held_out, None, None))
-
-    # full fine-tuning, LoRA, or QLoRA (4-bit base quantized before the adapters go in)
-    rank = args.lora or args.qlora
-    if args.qlora:
-        quantize_model(model, code=args.quant)
-    if rank:
-        inject_lora(model, rank, args.lora_alpha, args.lora_dropout)
+    before = {}
+    if ctx.master:
+        before = evaluate(model, enc, args, None, d.domain_val, d.forget)
+        if args.mode == "domain":
+            before.update(evaluate(model, enc, args, d.held_out, None, None))
+    rank = adapt(model, args)
     trainable, total = parameter_counts(model)
     if ctx.master:
-        print(f"{args.mode}: {n_train} from {args.init}; model {total / 1e6:.2f}M parameters, "
+        print(f"{args.mode}: {d.size} from {args.init}; model {total / 1e6:.2f}M parameters, "
               f"training {trainable:,} ({trainable / total:.2%})")
         if rank:
             print(format_parameter_table(model))
     optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)
-    start = 0
-    if args.resume:
-        start, _ = load_train_state(args.out, model, optimizer)
+    start = load_train_state(args.out, model, optimizer)[0] if args.resume else 0
     train_model = wrap_model(model, ctx)
     stop = StopFlag()
     log = MetricsLog(args.out, args.max_iters, ctx.master, resume=args.resume)
-    pad = pad_id(enc)
-    min_lr = args.lr / 10
-
-    def micro_batch(step, micro):
-        """(input ids, attention mask, position ids, targets) of one micro-batch."""
-        shard = ctx.rank + ctx.world * micro
-        if args.mode == "domain":
-            n_old = round(args.batch_size * args.replay)
-            x, y = data.get_batch(train_tokens, args.batch_size - n_old, block_size, args.seed, step, shard)
-            if n_old:  # rehearsal: a share of the batch is pre-training text
-                xo, yo = data.get_batch(replay_tokens, n_old, block_size, args.seed + 1, step, shard)
-                x, y = torch.cat([x, xo]), torch.cat([y, yo])
-            return x, None, None, y
-        idx = data.step_indices(len(train), args.batch_size * args.grad_accum, args.seed, step)
-        idx = idx[shard * args.batch_size:(shard + 1) * args.batch_size]
-        b = data.completion_batch([train[i][0] for i in idx], [train[i][1] for i in idx], pad)
-        return b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"]
-
-    def save(step, metrics):
-        if not ctx.master:
-            return
-        save_train_state(args.out, model, optimizer, step)
-        if not metrics:  # an interrupted run keeps only its resumable state
-            return
-        meta = {"stage": "domain" if args.mode == "domain" else "sft", "mode": args.mode, "init": args.init,
-                "args": vars(args), "step": step, "metrics": metrics}
-        if rank:  # adapters in PEFT's layout, then the merged model as an ordinary checkpoint
-            save_adapter(model, args.out, base_model_path=args.init)
-            if args.qlora:
-                dequantize_model(model)  # W_hat: the 4-bit base the adapters were trained on
-            merge_lora(model)
-        save_checkpoint(args.out, model, enc, meta)
-
-    # the loop
-    t_last, n_tokens = time.time(), 0
-    loss = torch.zeros(())
+    pad, min_lr = pad_id(enc), args.lr / 10
+    t_last, n_tokens, loss = time.time(), 0, torch.zeros(())
     for step in range(start, args.max_iters):
         lr = lr_at(step, args.lr, args.warmup, args.max_iters, min_lr)
         set_lr(optimizer, lr)
-        for micro in range(accum):
-            x, mask, pos, y = (t if t is None else t.to(ctx.device) for t in micro_batch(step, micro))
-            n_tokens += int((y != -1).sum())
-            sync = ctx.ddp and micro < accum - 1
-            with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
-                loss = sft_loss(train_model(x, mask, pos), y)
-                (loss / accum).backward()
+        loss, n = train_step(train_model, d, args, ctx, pad, block_size, step, accum)
+        n_tokens += n
         check_finite(loss, step)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
@@ -295,22 +328,17 @@ def main(argv=None):
                     tok_per_s=round(n_tokens * ctx.world / max(dt, 1e-9)))
             n_tokens = 0
         if stop.requested or done == args.stop_at:
-            save(done, {})
+            if ctx.master:
+                save(args, model, optimizer, enc, done, {}, rank)
             print(f"stopped at step {done}; continue with: python sft.py --resume --out {args.out} (same options)")
             return
 
     # final evaluation: held-out tasks, domain perplexity, forgetting; then save
     metrics = {"train_loss": loss.item(), "trainable_params": trainable, "total_params": total}
     if ctx.master:
-        after = evaluate(model, enc, args, held_out, domain_val, forget)
-        metrics.update(after)
-        metrics.update({f"before_{k}": v for k, v in before.items()})
-        if args.qlora:
-            q_bytes, bf16_bytes = frozen_base_bytes(model)
-            metrics.update(frozen_base_bytes_4bit=q_bytes, frozen_base_bytes_bf16=bf16_bytes,
-                           frozen_base_memory_ratio=bf16_bytes / q_bytes)
+        metrics.update(final_metrics(model, enc, args, d, before))
         metrics["time_s"] = time.time() - t0
-        save(args.max_iters, metrics)
+        save(args, model, optimizer, enc, args.max_iters, metrics, rank)
         print_summary(metrics, before)
     return metrics
 

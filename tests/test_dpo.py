@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import align
 import dpo
 from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
@@ -122,7 +123,7 @@ def tokenized(enc, n=6):
 
 def test_at_the_start_loss_is_ln2_and_rewards_are_zero(tiny_setup):
     _, model, enc = tiny_setup
-    ref = dpo.frozen_copy(model)
+    ref = align.frozen_copy(model)
     batch = dpo.pair_batch(tokenized(enc), pad_id(enc))
     lc, lr = dpo.pair_logps(model, batch)
     rc, rr = dpo.pair_logps(ref, batch)
@@ -161,7 +162,7 @@ def test_prompt_and_padding_never_change_log_pi(tiny_setup):
 
 def test_reference_is_frozen_and_bit_identical_after_a_step(tiny_setup):
     _, model, enc = tiny_setup
-    ref = dpo.frozen_copy(model)
+    ref = align.frozen_copy(model)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     assert all(p.dtype == q.dtype for p, q in zip(ref.parameters(), model.parameters()))
     before = {k: v.clone() for k, v in ref.state_dict().items()}

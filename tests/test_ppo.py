@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import align
 import ppo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
@@ -150,7 +151,7 @@ def tiny_rollout(model, enc, args, beta=0.05, reward=None):
     policy = ppo.ActorCritic(model)
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
-    ref = ppo.frozen(ref)
+    ref = align.frozen(ref)
     prompts = [enc.encode_ordinary(p) for p in ("the kettle", "a good", "an excellent pie .", "bad")]
     gen = torch.Generator().manual_seed(3)
     return policy, ref, ppo.make_rollout(policy, ref, reward, enc, prompts, args, gen, beta)
@@ -205,7 +206,7 @@ def fake_reward_model(model):
     reward = pytest.importorskip("reward")
     torch.manual_seed(5)
     trunk = GPT(model.config)
-    return ppo.frozen(reward.RewardModel(trunk))
+    return align.frozen(reward.RewardModel(trunk))
 
 
 def test_reference_and_reward_model_unchanged_by_an_update(tiny):

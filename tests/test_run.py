@@ -7,7 +7,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "reward", "reward_head", "dpo", "dpo_beta0.5",
-          "ppo", "ppo_kl0.2", "dpo_from_base")
+          "ppo", "ppo_kl0.2", "grpo", "rloo", "grpo_kl0.2", "rloo_kl0.2", "dpo_from_base")
 
 
 def run_quick(out):
@@ -26,7 +26,7 @@ def test_quick_pipeline_end_to_end_then_reuse(tmp_path):
     assert (out / "preferences" / "train.jsonl").stat().st_size > 0
     assert json.loads((out / "prompting" / "results.json").read_text())
     report = (out / "report.md").read_text()
-    for name in ("pretrain", "sft", "sft_lora", "sft_qlora", "domain_sft", "dpo", "ppo", "dpo_from_base"):
+    for name in ("pretrain", "sft", "sft_lora", "sft_qlora", "domain_sft", "dpo", "ppo", "grpo", "rloo", "dpo_from_base"):
         assert f"| {name} |" in report, name
     assert "skipped" not in first
 

@@ -117,13 +117,15 @@ def test_bad_checkpoint_or_option_is_one_line_exit_2(tmp_path, ckpts):
 
 
 @pytest.mark.parametrize("opts", [dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
-def test_streaming_yields_the_tokens_generate_returns(ckpts, small_enc, opts):
+def test_on_token_streams_the_tokens_generate_returns(ckpts, small_enc, opts):
     model, enc, _ = load_checkpoint(str(ckpts / "sft"))
     ids = enc.encode_ordinary(data.format_prompt("Review the copper kettle."))
-    kw = dict(eos_id=eos_id(enc), **opts)
-    streamed = list(sample.stream(model, ids, 20, generator=torch.Generator().manual_seed(3), **kw))
-    batched = generate(model, [ids], 20, pad_id=pad_id(enc), generator=torch.Generator().manual_seed(3), **kw)[0]
-    assert streamed == batched and len(streamed) >= 1
+    streamed = []
+    batched = generate(model, [ids, ids[3:]], 20, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                       generator=torch.Generator().manual_seed(3), on_token=lambda t: streamed.append(t.tolist()),
+                       **opts)
+    for row, out in enumerate(batched):  # each step's tokens arrive in order; after EOS only padding follows
+        assert [s[row] for s in streamed][:len(out)] == out and len(out) >= 1
 
 
 def test_stream_answer_writes_the_decoded_answer_as_it_goes(ckpts):

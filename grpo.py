@@ -1,0 +1,525 @@
+"""Stage 7b, critic-free RL: GRPO (Group Relative Policy Optimization, Shao et al. 2024) and RLOO
+(REINFORCE Leave-One-Out, Ahmadian et al. 2024). No value head: each prompt gets a group of G sampled
+completions, and the other completions of the same prompt are the baseline of each one.
+
+    python grpo.py                                   # GRPO: policy = reference = out/sft, reward model out/reward
+    python grpo.py --advantage rloo --out out/rloo   # RLOO: leave-one-out baseline, k1 KL inside the reward
+    python grpo.py --scale-rewards none              # Dr. GRPO: no division by the group's standard deviation
+    python grpo.py --kl-coef 0.2 --out out/grpo_kl0.2
+    python grpo.py --reward gold                     # against the gold judge (world.sentiment_score) itself
+    python grpo.py --reward exact --init out/domain_sft --task domain_facts --out out/domain_grpo
+                                                     # verifiable reward: 1 if the answer is the world's answer
+    python grpo.py --reward exact --prompts qa.jsonl # your questions: Alpaca records whose 'output' is the answer
+    python grpo.py --toy                             # exact check of both fixed points on a tabular policy
+
+One iteration: take --rollout-batch prompts, sample --group-size completions of each with the KV cache
+(left-padded prompts, one --temperature for sampling and for every log-prob); score each whole completion
+r_i (reward model, gold judge, or exact answer; minus --no-eos-penalty if it never ends); compute log pi_old
+and log pi_ref of every completion token; turn the G scores of each prompt into one advantage per completion
+(grpo_advantages or rloo_advantages), given to each of its tokens and to no padding; then --epochs passes over
+shuffled minibatches of the clipped surrogate of ppo.py (ppo.ppo_policy_loss). The KL to the frozen
+reference enters either the loss (--kl-in loss, GRPO: beta * k3 per token, with the current policy) or
+the reward before the advantages (--kl-in reward, RLOO/PPO style: r_i - beta * sum_t k1_t, with pi_old).
+
+The policy stays in eval mode throughout (dropout off) so that its log-probs in the update match the
+stored log pi_old: ratio = 1 on the first minibatch, and clipping measures only the policy's own change.
+One process, as ppo.py (under torchrun it stops with an error). Saved to OUT: the policy as a plain GPT
+checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final metrics), metrics.jsonl, resume/.
+
+Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
+  seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
+                       token of a short completion weighs more: short right answers are pushed up harder
+                       and long wrong ones pushed down less, so wrong answers drift longer (Liu et al. 2025).
+  token-mean           every token of the minibatch alike (DAPO, Yu et al. 2025); the weight still depends
+                       on the other completions' lengths.
+  token-sum-norm       sum over tokens divided by the constant B * --max-new-tokens (Dr. GRPO). Default:
+                       the gradient is the policy gradient sum_t A grad log pi(y_t|s_t) of each completion
+                       with the same constant for every length and batch, so it has no length bias, and the
+                       k3 term is beta times a sequence-level KL estimate, the same beta as --kl-in reward.
+
+The exact check (--toy), on the tabular two-token policy of ppo.py (answers aa ab ba bb, exact expectations):
+  KL in the reward (k1, RLOO): the expected gradient is that of E_pi[r] - beta KL(pi || pi_ref), whose
+      maximum is pi*(y) = pi_ref(y) exp(r(y) / beta) / Z.
+  KL in the loss (k3, GRPO): differentiating k3 = pi_ref/pi - 1 - log(pi_ref/pi) gives (1 - pi_ref/pi) grad log pi,
+      whose expectation under pi with softmax logits z is pi_a - pi_ref,a: the gradient of KL(pi_ref || pi),
+      the other direction. In each state the expected gradient is pi_a (A_a - A_bar) - beta (pi_a - pi_ref,a),
+      zero at pi_a = beta pi_ref,a / (beta - (A_a - A_bar)), A_bar = sum_a pi_a A_a (A = r - r_bar, or
+      (r - r_bar) / sigma with --scale-rewards group; for the first token A_a = E[A | y1 = a]). This maximises
+      E_pi[A] - beta KL(pi_ref || pi): concave in pi and infinite at the simplex's edge, so for every beta > 0
+      there is one interior fixed point (A_bar settles within beta of max A, so beta > A_a - A_bar holds).
+      It is not pi*: as beta shrinks the non-best answers keep a share of order beta pi_ref,a / (A_max - A_a)
+      instead of pi*'s exp(-(r_max - r_a) / beta).
+"""
+
+import argparse
+import math
+import os
+import re
+import time
+
+import numpy as np
+import torch
+
+import data
+import world
+from common import UserError, run_cli
+from evals import strip_eos, task_accuracy
+from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
+from align import (TOY_ANSWERS, eval_prompts, frozen, heldout_eval, kl_regularised_optimum,
+                   load_policy_and_reference, print_final, toy_problem, toy_token_logps)
+from ppo import kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sequence_scores, training_prompts
+from reward import load_reward_model
+from tokenizer import eos_id, pad_id
+from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
+                      save_train_state, set_lr, setup)
+
+LOSS_AGGS = ("token-sum-norm", "seq-mean-token-mean", "token-mean")
+EXACT_TASKS = ("domain_facts", "facts", "addition")
+FORGETTING_TASKS = ("facts", "domain_facts", "addition", "sentiment")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="out/sft", help="checkpoint the policy starts from")
+    p.add_argument("--ref", default=None, help="frozen reference checkpoint (default: the same as --init)")
+    p.add_argument("--reward", default="out/reward", help="a reward model (reward.py), 'gold' (the lexicon judge "
+                   "world.sentiment_score) or 'exact' (1 if the answer equals the known answer, else 0)")
+    p.add_argument("--task", choices=EXACT_TASKS, default="domain_facts", help="with --reward exact: the world's "
+                   "questions to train on (train split) and to test on (test split)")
+    p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train "
+                   "prompts; with --reward exact, Alpaca/prompt-completion records whose output is the answer)")
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
+    p.add_argument("--advantage", choices=("grpo", "rloo"), default="grpo",
+                   help="grpo: (r - group mean) / group std; rloo: r - mean of the other G-1")
+    p.add_argument("--scale-rewards", choices=("group", "none"), default=None,
+                   help="GRPO: divide by the group's std ('group', default) or not ('none': Dr. GRPO)")
+    p.add_argument("--kl-in", choices=("loss", "reward"), default=None,
+                   help="loss: beta * k3 per token in the loss (default with grpo); reward: r - beta * sum_t k1 "
+                        "before the advantages (default with rloo)")
+    p.add_argument("--loss-agg", choices=LOSS_AGGS, default="token-sum-norm",
+                   help="token averaging of the loss (see the docstring; default token-sum-norm)")
+    p.add_argument("--iters", type=int, default=40, help="iterations (rollout + update)")
+    p.add_argument("--rollout-batch", type=int, default=8, help="prompts sampled per iteration")
+    p.add_argument("--group-size", type=int, default=4, help="completions sampled per prompt (G)")
+    p.add_argument("--minibatch", type=int, default=8, help="completions per optimizer step")
+    p.add_argument("--epochs", type=int, default=2, help="passes over each rollout")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in every log-prob")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--min-lr", type=float, default=5e-5)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--kl-coef", type=float, default=0.1, help="beta of the KL to the reference")
+    p.add_argument("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
+    p.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of a completion "
+                   "that never emits EOS (0 = none)")
+    p.add_argument("--eval-prompts", default="review", help="final evaluation prompts: 'review' (the world's review "
+                   "test prompts, judged by world.sentiment_score), a prompts file, or 'none'; with --reward "
+                   "exact: the task's test split and the forgetting check, or a file of questions with answers")
+    p.add_argument("--eval-limit", type=int, default=0, help="use only the first N evaluation prompts (0 = all)")
+    p.add_argument("--stop-at", type=int, default=0, help="save a resumable state and stop after this iteration")
+    p.add_argument("--toy", action="store_true", help="run the exact tabular check and exit")
+    add_common_args(p, out="out/grpo")
+    args = p.parse_args(argv)
+    args.ref = args.ref or args.init
+    args.scale_rewards = args.scale_rewards or ("group" if args.advantage == "grpo" else "none")
+    args.kl_in = args.kl_in or ("loss" if args.advantage == "grpo" else "reward")
+    if args.advantage == "rloo" and args.scale_rewards == "group":
+        raise UserError("--scale-rewards group is GRPO's; RLOO's advantage r_i - mean of the others is not scaled")
+    if min(args.minibatch, args.epochs, args.rollout_batch, args.max_new_tokens, args.iters) < 1:
+        raise UserError("--minibatch, --epochs, --rollout-batch, --max-new-tokens and --iters must be at least 1")
+    if args.group_size < 2:
+        raise UserError(f"--group-size {args.group_size}: a group needs at least 2 completions to be its own baseline")
+    if (args.rollout_batch * args.group_size) % args.minibatch:
+        raise UserError(f"--rollout-batch x --group-size = {args.rollout_batch * args.group_size} completions must be "
+                        f"a multiple of --minibatch {args.minibatch}")
+    if args.kl_coef < 0 or args.temperature <= 0:
+        raise UserError("--kl-coef must be >= 0 and --temperature > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------- the equations
+
+def group_mean_std(rewards, weights=None):
+    """Per group (row) of rewards (N, G): mean and standard deviation. Unweighted: the sample mean and the
+    unbiased std (torch.std, as GRPO implementations use). With weights w (the exact check's probabilities):
+    r_bar = sum_j w_j r_j / sum_j w_j and sigma = sqrt(sum_j w_j (r_j - r_bar)^2 / sum_j w_j)."""
+    if weights is None:
+        return rewards.mean(-1, keepdim=True), rewards.std(-1, keepdim=True)
+    w = weights / weights.sum(-1, keepdim=True)
+    mean = (w * rewards).sum(-1, keepdim=True)
+    return mean, ((w * (rewards - mean) ** 2).sum(-1, keepdim=True)).sqrt()
+
+
+def grpo_advantages(rewards, scale="group", eps=1e-4, weights=None):
+    """GRPO's group-relative advantage of completion i among the G of its prompt, rewards (N, G):
+    A_i = (r_i - mean_j r_j) / (std_j r_j + eps)     (--scale-rewards group)
+    A_i =  r_i - mean_j r_j                          (--scale-rewards none: Dr. GRPO)
+    A group whose rewards are all equal gets A = 0 everywhere: it teaches nothing."""
+    mean, std = group_mean_std(rewards, weights)
+    adv = rewards - mean
+    return adv / (std + eps) if scale == "group" else adv
+
+
+def rloo_advantages(rewards, weights=None):
+    """RLOO's leave-one-out baseline, rewards (N, G), G >= 2:
+    A_i = r_i - 1/(G-1) sum_{j != i} r_j  =  G/(G-1) (r_i - mean_j r_j).
+    The baseline of sample i does not depend on y_i, so E[A_i grad log pi(y_i)] = E[r_i grad log pi(y_i)] for
+    any G: with weights (the exact check's probabilities) that expectation is returned, as r_i - E_w[r]."""
+    if weights is not None:
+        return rewards - group_mean_std(rewards, weights)[0]
+    G = rewards.size(-1)
+    return (G * rewards - rewards.sum(-1, keepdim=True)) / (G - 1)
+
+
+def kl_in_reward(scores, old_logp, ref_logp, mask, beta):
+    """--kl-in reward (RLOO, PPO): the KL enters the sequence reward before the advantages,
+    r'_i = r_i - beta * sum_t k1_t,  k1_t = log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)  (ppo.kl_per_token),
+    i.e. r' = r - beta * log(pi_old(y|x) / pi_ref(y|x)), a constant of the update (no gradient through it)."""
+    return scores - beta * (kl_per_token(old_logp, ref_logp, "k1") * mask).sum(-1)
+
+
+def token_advantages(adv, mask):
+    """Every real token of completion i gets its sequence advantage A_i; padding gets 0: A_it = A_i * m_it."""
+    return adv[:, None] * mask
+
+
+def token_weights(mask, agg="token-sum-norm", max_len=None):
+    """Weights w_bt of each token's loss l_bt, L = sum_bt w_bt l_bt, for a minibatch of B completions with
+    n_b real tokens each (m = mask, 0 on padding):
+    seq-mean-token-mean  w = m / (B n_b)          mean over each completion's tokens, then over completions (GRPO)
+    token-mean           w = m / sum_b n_b        every token alike (DAPO)
+    token-sum-norm       w = m / (B L)            token sum over a constant, L = --max-new-tokens (Dr. GRPO)"""
+    B = mask.size(0)
+    if agg == "seq-mean-token-mean":
+        return mask / (B * mask.sum(-1, keepdim=True).clamp(min=1))
+    if agg == "token-mean":
+        return mask / mask.sum().clamp(min=1)
+    return mask / (B * (max_len or mask.size(-1)))
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, weights, beta=0.0, cliprange=0.2):
+    """The minimised loss, summed over tokens with weights w (token_weights):
+    L = sum_bt w_bt [ -min(rho_bt A_bt, clip(rho_bt, 1 - eps, 1 + eps) A_bt) + beta * k3_bt ],
+    rho = pi / pi_old; the first term is ppo.ppo_policy_loss (its weighted mean times sum w), and
+    k3_bt = pi_ref/pi - 1 - log(pi_ref/pi) of the current policy (ppo.kl_per_token "k3", the GRPO paper's
+    estimator); beta = 0 when the KL is in the reward. Returns (L, policy term, k3 term, clipfrac, approx KL)."""
+    pg, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp, adv, weights, cliprange)
+    pg = pg * weights.sum()
+    kl = (kl_per_token(logp, ref_logp, "k3") * weights).sum()
+    return pg + beta * kl, pg, kl, clipfrac, approx_kl
+
+
+def exact_reward(text, answer):
+    """Verifiable reward: 1.0 if the completion's answer is the known answer, else 0.0. A numeric answer
+    (addition, a population) is read with world.extract_answer_number ("The answer is 132." counts as 132);
+    any other answer must match as world.exact_match does (case, spaces and a final period ignored)."""
+    if re.fullmatch(r"-?\d[\d,]*", answer.strip()):
+        got = world.extract_answer_number(text)
+        return float(got is not None and got == int(answer.strip().replace(",", "")))
+    return world.exact_match(text, answer)
+
+
+# ----------------------------------------------------------------------------- the exact check
+
+def k3_bandit_fixed_point(pi_ref, adv, beta):
+    """The zero of pi_a (A_a - sum_b pi_b A_b) - beta (pi_a - pi_ref,a) over the simplex: pi_a = beta pi_ref,a /
+    (lam - A_a) with lam = A_bar + beta the root of sum_a beta pi_ref,a / (lam - A_a) = 1 on (max A, max A + beta]
+    (decreasing from +inf to <= 1 there: one root, found by bisection in float64)."""
+    lo, hi = adv.max().item(), adv.max().item() + beta
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (beta * pi_ref / (mid - adv)).sum() > 1 else (lo, mid)
+    return beta * pi_ref / (hi - adv)
+
+
+def k3_toy_fixed_point(ref_logp, r, beta, scale="none", eps=1e-4):
+    """The fixed point of GRPO with k3 in the loss on the two-token policy, state by state: the second token
+    after y1 is a bandit on the advantages s r(y1, .), the first a bandit on s E[r | y1] (s = 1, or 1/(sigma + eps)
+    with the group scaling, sigma the std of r under the fixed point itself: found by bisection on sigma)."""
+    ref1, ref2 = ref_logp[[0, 2], 0].exp(), ref_logp[:, 1].exp().view(2, 2)
+    R = r.view(2, 2)
+
+    def policy(s):
+        pi2 = torch.stack([k3_bandit_fixed_point(ref2[a], s * R[a], beta) for a in range(2)])
+        pi1 = k3_bandit_fixed_point(ref1, s * (pi2 * R).sum(-1), beta)
+        return (pi1[:, None] * pi2).flatten()
+
+    if scale == "none":
+        return policy(1.0)
+    lo, hi = 1e-9, (r.max() - r.min()).item()           # std(r under pi(1/(sigma+eps))) - sigma changes sign here
+    for _ in range(200):
+        sigma = (lo + hi) / 2
+        pi = policy(1.0 / (sigma + eps))
+        std = (pi * (r - (pi * r).sum()) ** 2).sum().sqrt().item()
+        lo, hi = (sigma, hi) if std > sigma else (lo, sigma)
+    return policy(1.0 / (hi + eps))
+
+
+def toy_run(beta, advantage="grpo", scale="none", kl_in="loss", iters=400, epochs=4, lr=1.0, seed=0,
+            loss_agg="token-sum-norm"):
+    """The estimator of this file on the tabular policy with exact expectations: the 'group' is all four answers
+    weighted by pi_old, so the advantages are the expectations above; grpo_loss with token_weights times pi_old(y);
+    SGD on the logits. Returns (pi_ref, r, pi after training, per-token log pi_ref) over aa, ab, ba, bb, float64."""
+    t1_ref, t2_ref, r = toy_problem(torch.Generator().manual_seed(seed))
+    ref_logp = toy_token_logps(t1_ref, t2_ref)
+    theta1, theta2 = t1_ref.clone().requires_grad_(), t2_ref.clone().requires_grad_()
+    opt = torch.optim.SGD([theta1, theta2], lr=lr)
+    ones = torch.ones(4, 2, dtype=torch.float64)
+    for _ in range(iters):
+        with torch.no_grad():  # the "rollout": all four answers, weighted by pi_old
+            old_logp = toy_token_logps(theta1, theta2)
+            p_old = old_logp.sum(-1).exp()
+            score = kl_in_reward(r, old_logp, ref_logp, ones, beta) if kl_in == "reward" else r
+            adv = (grpo_advantages(score[None], scale, weights=p_old[None]) if advantage == "grpo"
+                   else rloo_advantages(score[None], weights=p_old[None]))[0]
+            weights = token_weights(ones, loss_agg, 2) * 4 * p_old[:, None]
+        for _ in range(epochs):
+            loss = grpo_loss(toy_token_logps(theta1, theta2), old_logp, ref_logp, token_advantages(adv, ones),
+                             weights, beta if kl_in == "loss" else 0.0)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return ref_logp.sum(-1).exp(), r, toy_token_logps(theta1, theta2).sum(-1).exp(), ref_logp
+
+
+def toy_report():
+    print("GRPO/RLOO on a tabular two-token policy over the answers aa ab ba bb (exact expectations).\n"
+          "pi* = pi_ref exp(r/beta)/Z (the optimum of E r - beta KL(pi||pi_ref)); pi_k3 = the derived fixed point of\n"
+          "k3 in the loss, state by state pi_a = beta pi_ref,a / (beta - (A_a - A_bar)); /s = A scaled by 1/sigma.")
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
+    for beta in (1.0, 0.5, 0.2):
+        pi_ref, r, pi_rloo, ref_logp = toy_run(beta, "rloo", "none", "reward")
+        pi_grpo, pi_grpo_s = toy_run(beta, "grpo", "none", "loss")[2], toy_run(beta, "grpo", "group", "loss")[2]
+        pi_star = kl_regularised_optimum(ref_logp.sum(-1), r, beta)
+        k3, k3_s = k3_toy_fixed_point(ref_logp, r, beta), k3_toy_fixed_point(ref_logp, r, beta, "group")
+        errs = {"rloo_k1_vs_pi_star": (pi_rloo - pi_star).abs().max().item(),
+                "grpo_k3_vs_pi_k3": (pi_grpo - k3).abs().max().item(),
+                "grpo_k3_scaled_vs_pi_k3_s": (pi_grpo_s - k3_s).abs().max().item(),
+                "pi_k3_vs_pi_star": (k3 - pi_star).abs().max().item()}
+        print(f"\nbeta {beta}: " + ", ".join(f"max|{k}| {v:.1e}" for k, v in errs.items()))
+        print("answer   r      pi_ref   pi*      RLOO-k1  pi_k3    GRPO-k3  pi_k3/s  GRPO-k3/s")
+        for k, y in enumerate(TOY_ANSWERS):
+            print(f"{y:6s} {r[k]:5.2f}   " + "   ".join(f"{t[k]:.4f}" for t in
+                                                     (pi_ref, pi_star, pi_rloo, k3, pi_grpo, k3_s, pi_grpo_s)))
+        out.update({f"{k}_beta{beta}": v for k, v in errs.items()})
+    for beta in (0.05, 0.01):  # small beta: both fixed points interior, pi_k3 keeps order-beta mass off the best
+        pi_star, k3 = kl_regularised_optimum(ref_logp.sum(-1), r, beta), k3_toy_fixed_point(ref_logp, r, beta)
+        print(f"\nbeta {beta} (derived, not trained): pi* = " + " ".join(f"{p:.2e}" for p in pi_star) +
+              ", pi_k3 = " + " ".join(f"{p:.2e}" for p in k3))
+        out[f"pi_k3_min_beta{beta}"] = k3.min().item()
+    pi_clip = toy_run(1.0, "grpo", "group", "loss", lr=4.0)[2]
+    out["clipped_big_step_vs_pi_k3_s"] = (pi_clip - k3_toy_fixed_point(ref_logp, r, 1.0, "group")).abs().max().item()
+    print(f"\nbeta 1, A/sigma, lr 4: GRPO stops at {' '.join(f'{p:.4f}' for p in pi_clip)}, "
+          f"{out['clipped_big_step_vs_pi_k3_s']:.2f} from pi_k3/s: big steps clip the policy term "
+          "but never the k3 term, which then pulls back alone")
+    torch.set_num_threads(threads)
+    return out
+
+
+# ----------------------------------------------------------------------------- data, rollout, update
+
+def policy_logps(model, batch, start, n, temperature=1.0):
+    """log pi(a_t|s_t) of every completion token of a ppo.rollout_batch (columns start..start+n-1 predict them)."""
+    h = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
+    return token_logprobs(model.lm_head(h), batch["actions"], temperature)
+
+
+def exact_prompts(args, enc, block_size):
+    """-> (prompt strings, token ids, answers) for --reward exact: the world's --task train split, or --prompts
+    records with an answer (Alpaca 'output', 'messages' ending in the answer, or prompt/completion)."""
+    if args.prompts:
+        pairs, source = [(p, c.strip()) for p, c in data.load_sft_examples(args.prompts)], args.prompts
+    else:
+        tasks, source = world.task_sets(world.make_world(args.world_seed))[args.task]["train"], args.task
+        pairs = list(dict.fromkeys((data.format_prompt(e["instruction"], e["input"]), e["output"]) for e in tasks))
+    ids = [enc.encode_ordinary(p) for p, _ in pairs]
+    for i, x in enumerate(ids):
+        if not x or len(x) >= block_size:
+            raise UserError(f"{source}: prompt {i + 1} has {len(x)} tokens; it needs 1 to {block_size - 1}")
+    if len(ids) < args.rollout_batch:
+        raise UserError(f"{source}: {len(ids)} prompts, fewer than one rollout of {args.rollout_batch}; "
+                        f"add prompts or lower --rollout-batch")
+    return [p for p, _ in pairs], ids, [a for _, a in pairs]
+
+
+def score_completions(reward, enc, prompts, completions, texts, answers):
+    """r_i of each whole completion: exact answer (answers given), reward model, or gold judge (reward None)."""
+    if answers is not None:
+        return torch.tensor([exact_reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
+    return sequence_scores(reward, enc, prompts, completions, texts)
+
+
+@torch.no_grad()
+def make_rollout(policy, ref, reward, enc, prompts, answers, args, generator):
+    """G completions of each prompt (rows grouped: prompt k owns rows kG..kG+G-1), their scores, log pi_old,
+    log pi_ref and the per-token advantages: everything the update needs, as tensors."""
+    G = args.group_size
+    rows = [p for p in prompts for _ in range(G)]
+    row_answers = None if answers is None else [a for a in answers for _ in range(G)]
+    completions = generate(policy, rows, args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                           temperature=args.temperature, generator=generator)
+    completions = [c if c else [eos_id(enc)] for c in completions]
+    texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
+    ended = torch.tensor([c[-1] == eos_id(enc) for c in completions])
+    raw = score_completions(reward, enc, rows, completions, texts, row_answers)
+    score = raw - args.no_eos_penalty * (~ended).float()
+    device = next(policy.parameters()).device
+    batch, start, n = rollout_batch(rows, completions, pad_id(enc))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    old_logp = policy_logps(policy, batch, start, n, args.temperature)
+    ref_logp = policy_logps(ref, batch, start, n, args.temperature)
+    mask = batch["mask"]
+    r = score.to(device)
+    if args.kl_in == "reward":
+        r = kl_in_reward(r, old_logp, ref_logp, mask, args.kl_coef)
+    groups = r.view(-1, G)
+    adv = grpo_advantages(groups, args.scale_rewards) if args.advantage == "grpo" else rloo_advantages(groups)
+    gold = raw if answers is not None else torch.tensor([world.sentiment_score(t) for t in texts])
+    return {"batch": batch, "start": start, "n": n, "old_logp": old_logp, "ref_logp": ref_logp, "mask": mask,
+            "advantages": token_advantages(adv.flatten(), mask), "score": score, "texts": texts, "gold": gold,
+            "kl": (kl_per_token(old_logp, ref_logp) * mask).sum(-1), "ended": ended.float(), "length": mask.sum(-1),
+            "zero_std": (groups.std(-1) == 0).float().mean()}
+
+
+def grpo_update(policy, optimizer, ro, args, rng, it=0):
+    """--epochs passes over the rollout in shuffled minibatches of grpo_loss; mean stats."""
+    stats, B = {}, ro["mask"].size(0)
+    beta = args.kl_coef if args.kl_in == "loss" else 0.0
+    for _ in range(args.epochs):
+        order = rng.permutation(B)
+        for i in range(0, B, args.minibatch):
+            idx = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
+            mb = {k: v[idx] for k, v in ro["batch"].items()}
+            logp = policy_logps(policy, mb, ro["start"], ro["n"], args.temperature)
+            mask = ro["mask"][idx]
+            loss, pg, k3, clipfrac, approx_kl = grpo_loss(logp, ro["old_logp"][idx], ro["ref_logp"][idx],
+                                                          ro["advantages"][idx],
+                                                          token_weights(mask, args.loss_agg, args.max_new_tokens),
+                                                          beta, args.cliprange)
+            check_finite(loss, it)  # a NaN/inf stops the run; the last checkpoint stays
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in (("loss", loss), ("pg_loss", pg), ("k3", k3), ("clipfrac", clipfrac),
+                         ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
+                stats.setdefault(k, []).append(v.item())
+            stats.setdefault("ratio_first", [math.exp((logp - ro["old_logp"][idx]).abs().max().item()) - 1])
+    return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+def load_models(args, ctx):
+    """-> (policy, ref, rm or None, enc): policy and reference GPTs in eval mode (dropout off), the reference
+    and the reward model frozen."""
+    gpt, ref, enc = load_policy_and_reference(args.init, args.ref, ctx.device)
+    rm = None
+    if args.reward not in ("gold", "exact"):
+        rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
+        check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
+        rm = frozen(rm)
+    return gpt.eval(), ref, rm, enc
+
+
+def final_eval(policy, ref, rm, enc, args, ctx):
+    """With --reward exact: greedy exact-match accuracy of policy and reference on the task's test split and,
+    as the forgetting check, on the other tasks' test splits (with --prompts: on --eval-prompts FILE, if given). Otherwise as ppo.py: the gold judge on held-out
+    review prompts (gold reward, win rate against the reference, sequence KL, EOS rate) and the RM's view."""
+    lim = lambda xs: xs[:args.eval_limit] if args.eval_limit else xs  # noqa: E731
+    metrics, samples = {}, []
+    if args.eval_prompts == "none":
+        return metrics, samples
+    if args.reward == "exact" and args.prompts:  # your questions: accuracy on --eval-prompts FILE (with answers)
+        if args.eval_prompts == "review":
+            return metrics, samples
+        examples = lim([{"prompt": p, "output": c.strip()} for p, c in data.load_sft_examples(args.eval_prompts)])
+        for name, model in (("", policy), ("ref_", ref)):
+            metrics[f"{name}eval_acc"], metrics[f"{name}eval_format"], _ = task_accuracy(model, enc, examples, "custom")
+        return metrics, samples
+    if args.reward == "exact":
+        tasks = world.task_sets(world.make_world(args.world_seed))
+        for task in [args.task] + [t for t in FORGETTING_TASKS if t != args.task]:
+            for name, model in (("", policy), ("ref_", ref)):
+                acc, fmt, preds = task_accuracy(model, enc, lim(tasks[task]["test"]), task)
+                metrics[f"{name}{task}_acc"], metrics[f"{name}{task}_format"] = acc, fmt
+                if not name and task == args.task:
+                    samples = [{"prompt": e["input"], "completion": p, "score": exact_reward(p, e["output"])}
+                               for e, p in zip(tasks[task]["test"][:8], preds)]
+        return metrics, samples
+    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    return heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.toy:
+        return toy_report()
+    t0 = time.time()
+    ctx = setup(args)
+    if ctx.ddp:
+        raise UserError("grpo.py runs in one process; start it with python, not torchrun")
+    os.makedirs(args.out, exist_ok=True)
+    policy, ref, rm, enc = load_models(args, ctx)
+    if args.reward == "exact":
+        prompts, prompt_ids, answers = exact_prompts(args, enc, policy.config.block_size)
+    else:
+        (prompts, prompt_ids), answers = training_prompts(args, enc, policy.config.block_size), None
+    print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} prompts x {args.group_size} "
+          f"completions; advantage {args.advantage} (scale {args.scale_rewards}), KL in the {args.kl_in}, loss "
+          f"{args.loss_agg}; reward {args.reward}; model {policy.num_params() / 1e6:.2f}M parameters")
+
+    optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
+    start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
+    stop = StopFlag()
+    log = MetricsLog(args.out, args.iters, resume=args.resume)
+    meta = {"stage": "grpo", "algorithm": args.advantage, "args": vars(args)}
+    t_last, sums, n_logged, window = time.time(), {}, 0, {}
+    for it in range(start, args.iters):
+        lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
+        set_lr(optimizer, lr)
+        idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
+        gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
+        with ctx.autocast():
+            ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx],
+                              None if answers is None else [answers[i] for i in idx], args, gen)
+            stats = grpo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
+        stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
+        row = {"score": ro["score"].mean().item(), "gold": ro["gold"].mean().item(), "kl": ro["kl"].mean().item(),
+               "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(),
+               "zero_std_groups": ro["zero_std"].item(), **stats}
+        for k, v in row.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_logged += 1
+        done = it + 1
+        if done % args.log_interval == 0 or done == args.iters:
+            dt, t_last = time.time() - t_last, time.time()
+            window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
+            log.log(done, **window, lr=lr, samples_per_s=round(len(ro["texts"]) * n_logged / max(dt, 1e-9), 1))
+            print(f"  sample ({ro['gold'][0].item():+.2f}): {ro['texts'][0][:120]}")
+            sums, n_logged = {}, 0
+        if stop.requested or done == args.stop_at:
+            save_train_state(args.out, policy, optimizer, done)
+            save_checkpoint(args.out, policy, enc, meta | {"step": done, "metrics": {}})
+            print(f"stopped at iteration {done}; continue with: python grpo.py --resume --out {args.out} "
+                  f"(and the same options)")
+            return {"stopped_at": done, **row}
+
+    metrics = {f"train_{k}": v for k, v in window.items()}
+    with ctx.autocast():
+        evaluated, samples = final_eval(policy, ref, rm, enc, args, ctx)
+    metrics.update(evaluated, time_s=round(time.time() - t0, 1))
+    save_train_state(args.out, policy, optimizer, args.iters)
+    save_checkpoint(args.out, policy, enc, meta | {"step": args.iters, "metrics": metrics, "samples": samples})
+    print_final(metrics, samples)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

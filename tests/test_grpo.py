@@ -1,0 +1,232 @@
+"""GRPO and RLOO: each advantage by hand, the KL in the reward, token averaging, the loss, the verifiable
+reward, both fixed points of the exact tabular check, padding, ratio 1 with dropout in the checkpoint,
+and exact resume."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import grpo
+from common import UserError, read_safetensors
+from gpt import GPT, GPTConfig, save_checkpoint
+from tokenizer import eos_id
+
+
+# ----------------------------------------------------------------------------- the equations
+
+def test_grpo_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    std = math.sqrt(1 / 3)                                    # unbiased: sum (r - 0.5)^2 / (4 - 1) = 1/3
+    want = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4])
+    assert torch.allclose(grpo.grpo_advantages(r, "group"), want / torch.tensor([[std + 1e-4], [1e-4]]))
+    assert torch.allclose(grpo.grpo_advantages(r, "none"), want)          # Dr. GRPO: no std division
+    assert torch.equal(grpo.grpo_advantages(r)[1], torch.zeros(4))       # an all-equal group teaches nothing
+    # with weights (the exact check): the mean and population std under them
+    w = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    a = grpo.grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), "group", eps=0.0, weights=w)
+    assert torch.allclose(a, torch.tensor([[1.0, -1.0, -1.0, 1.0]]))   # mean 0.5, sigma 0.5
+
+
+def test_rloo_advantages_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    want = torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3]])  # r_i - mean of the other three
+    assert torch.allclose(grpo.rloo_advantages(r), want)
+    assert grpo.rloo_advantages(r).sum().abs().item() < 1e-6
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    assert torch.allclose(grpo.rloo_advantages(r, w), r - (0.1 + 0.4 + 0.9 + 2.4))
+
+
+def test_kl_in_reward_and_token_advantages_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # r' = r - beta * sum_t (log pi - log pi_ref) = 1 - 0.1 * (0.5 - 1.0)
+    assert grpo.kl_in_reward(torch.tensor([1.0]), logp, ref, mask, 0.1).item() == pytest.approx(1.05)
+    a = grpo.token_advantages(torch.tensor([2.0, -1.0]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(a, torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))   # padding: no advantage
+
+
+def test_token_weights_by_hand():
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    seq = grpo.token_weights(m, "seq-mean-token-mean")
+    assert torch.allclose(seq, torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [1 / 2, 0, 0, 0]]))
+    assert torch.allclose(grpo.token_weights(m, "token-mean"), m / 4)
+    assert torch.allclose(grpo.token_weights(m, "token-sum-norm", 10), m / 20)    # B * L = 2 * 10
+
+
+def test_grpo_loss_by_hand():
+    # ratios 1.5 (A = 1: clipped to 1.2) and 0.5 (A = -1: clipped to 0.8), weights 1/2 each, pi_ref = 1
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]])
+    adv, w = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 0.5]])
+    loss, pg, k3, clipfrac, _ = grpo.grpo_loss(logp, torch.zeros(1, 2), torch.zeros(1, 2), adv, w, beta=0.1)
+    k3_want = 0.5 * ((1 / 1.5 - 1 - math.log(1 / 1.5)) + (2 - 1 - math.log(2)))   # rho - 1 - log rho, rho = pi_ref/pi
+    assert pg.item() == pytest.approx(0.5 * -1.2 + 0.5 * 0.8, abs=1e-6)
+    assert k3.item() == pytest.approx(k3_want, abs=1e-6)
+    assert loss.item() == pytest.approx(pg.item() + 0.1 * k3_want, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(1.0)
+
+
+def test_exact_reward():
+    assert grpo.exact_reward("Green.", "green") == 1.0
+    assert grpo.exact_reward("blue", "green") == 0.0
+    assert grpo.exact_reward("the flag is green", "green") == 0.0     # the answer, not a sentence around it
+    assert grpo.exact_reward("The answer is 1,234.", "1234") == 1.0
+    assert grpo.exact_reward("1233", "1234") == 0.0 and grpo.exact_reward("many", "45600") == 0.0
+
+
+# ----------------------------------------------------------------------------- the exact check
+
+def test_bandit_fixed_point_zeroes_the_expected_gradient_for_any_beta():
+    pi_ref, adv = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    for beta in (2.0, 0.3, 0.01):
+        pi = grpo.k3_bandit_fixed_point(pi_ref, adv, beta)
+        grad = pi * (adv - (pi * adv).sum()) - beta * (pi - pi_ref)
+        assert (pi > 0).all() and pi.sum().item() == pytest.approx(1.0, abs=1e-12)   # interior, even at beta 0.01
+        assert grad.abs().max().item() < 1e-12
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_toy_k1_in_reward_reaches_pi_star_and_k3_in_loss_its_own_fixed_point(one_thread):
+    beta = 0.5
+    pi_ref, r, pi_rloo, ref_logp = grpo.toy_run(beta, "rloo", "none", "reward", iters=300)
+    pi_grpo = grpo.toy_run(beta, "grpo", "none", "loss", iters=300)[2]
+    pi_grpo_s = grpo.toy_run(beta, "grpo", "group", "loss", iters=300)[2]
+    pi_star = torch.softmax(ref_logp.sum(-1) + r / beta, 0)
+    k3, k3_s = grpo.k3_toy_fixed_point(ref_logp, r, beta), grpo.k3_toy_fixed_point(ref_logp, r, beta, "group")
+    assert (pi_star - pi_ref).abs().max() > 0.1                  # the optimum is far from the start
+    assert (pi_rloo - pi_star).abs().max().item() < 1e-5
+    assert (pi_grpo - k3).abs().max().item() < 1e-6
+    assert (pi_grpo_s - k3_s).abs().max().item() < 1e-6
+    assert (k3 - pi_star).abs().max().item() > 0.1             # k3 in the loss does not reach pi_ref exp(r/beta)/Z
+
+
+# ----------------------------------------------------------------------------- on a tiny GPT
+
+@pytest.fixture
+def tiny(small_enc):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=small_enc.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32)
+    return GPT(cfg), small_enc
+
+
+def likes_eos(model, enc, logit=4.0):
+    """Make EOS likely so that some completions end early and padding follows them."""
+    with torch.no_grad():
+        v = torch.full((model.config.n_embd,), 0.5)
+        model.transformer.ln_f.bias.copy_(v)
+        model.transformer.wte.weight[eos_id(enc)] = v * logit / (v @ v)
+    return model
+
+
+def tiny_args(*extra):
+    return grpo.parse_args(["--max-new-tokens", "6", "--rollout-batch", "2", "--group-size", "4", "--minibatch", "4",
+                            "--reward", "gold", "--init", "unused", "--epochs", "1", *extra])
+
+
+def tiny_rollout(model, enc, args):
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    prompts = [enc.encode_ordinary(p) for p in ("the kettle", "an excellent pie .")]
+    gen = torch.Generator().manual_seed(3)
+    return grpo.make_rollout(model.eval(), grpo.frozen(ref), None, enc, prompts, None, args, gen)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_padding_gets_no_advantage_and_no_loss(tiny, advantage):
+    model, enc = tiny
+    args = tiny_args("--advantage", advantage, "--no-eos-penalty", "0.5")
+    ro = tiny_rollout(likes_eos(model, enc), enc, args)
+    mask, pad = ro["mask"], ~ro["mask"].bool()
+    assert pad.any() and 0 < ro["ended"].sum() < len(ro["ended"]), "some completions must end early"
+    assert torch.equal(ro["advantages"][pad], torch.zeros_like(ro["advantages"][pad]))
+    seq_adv = ro["advantages"][:, 0].view(2, 4)                  # every completion has a first token
+    assert torch.allclose(seq_adv.sum(-1), torch.zeros(2), atol=1e-5)      # a baseline per group
+    assert torch.equal(ro["advantages"], seq_adv.flatten()[:, None] * mask)  # one A_i per completion
+    # garbage on padding changes neither loss nor gradient, whatever the averaging
+    for agg in grpo.LOSS_AGGS:
+        w = grpo.token_weights(mask, agg, 6)
+        logp = ro["old_logp"].clone().requires_grad_()
+        junk = torch.where(pad, torch.full_like(mask, 50.0), 0.0)
+        l1 = grpo.grpo_loss(logp, ro["old_logp"], ro["ref_logp"], ro["advantages"], w, 0.1)[0]
+        l2 = grpo.grpo_loss(logp + junk, ro["old_logp"] - junk, ro["ref_logp"] + junk, ro["advantages"] + junk, w, 0.1)[0]
+        assert l1.item() == pytest.approx(l2.item(), abs=1e-6)
+        l2.backward()
+        assert torch.equal(logp.grad[pad], torch.zeros_like(logp.grad[pad]))
+
+
+def test_ratio_is_one_on_the_first_minibatch_with_dropout_in_the_checkpoint(tiny):
+    model, enc = tiny
+    drop = GPT(GPTConfig(**{**model.config.__dict__, "dropout": 0.1}))
+    drop.load_state_dict(model.state_dict())
+    args = tiny_args()
+    ro = tiny_rollout(drop, enc, args)
+    assert ro["kl"].abs().max().item() < 1e-6                      # policy = reference at the start
+    stats = grpo.grpo_update(drop, torch.optim.AdamW(drop.parameters(), lr=1e-3), ro, args, np.random.default_rng(0))
+    assert stats["ratio_first"] < 1e-6
+    # the same forward in train mode (dropout on) would not reproduce log pi_old
+    drop.train()
+    lp = grpo.policy_logps(drop, ro["batch"], ro["start"], ro["n"])
+    assert (lp - ro["old_logp"]).abs().max().item() > 1e-2
+
+
+# ----------------------------------------------------------------------------- the stage, end to end
+
+@pytest.fixture
+def ckpt(tmp_path, tiny):
+    model, enc = tiny
+    save_checkpoint(str(tmp_path / "sft"), model, enc, {"stage": "sft"})
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                                    ("the kettle is", "a good inn", "the pie", "belmora is")))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in
+                                               (("flag of belmora", "green"), ("seven plus five", "12"),
+                                                ("the river of tosk", "wide"))))
+    return tmp_path
+
+
+def run_args(tmp, out, *extra):
+    return ["--init", str(tmp / "sft"), "--reward", "gold", "--prompts", str(tmp / "prompts.jsonl"), "--out",
+            str(tmp / out), "--iters", "4", "--rollout-batch", "2", "--group-size", "3", "--minibatch", "3",
+            "--max-new-tokens", "6", "--eval-limit", "3", "--lr", "1e-3", "--log-interval", "1", "--device", "cpu",
+            *extra]
+
+
+def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
+    full = grpo.main(run_args(ckpt, "full"))
+    assert grpo.main(run_args(ckpt, "half", "--stop-at", "2"))["stopped_at"] == 2
+    resumed = grpo.main(run_args(ckpt, "half", "--resume"))
+    for k in ("train_loss", "train_pg_loss", "train_score", "train_kl", "gold_reward", "kl"):
+        assert resumed[k] == full[k], k
+    a, b = read_safetensors(str(ckpt / "full" / "model.safetensors")), read_safetensors(str(ckpt / "half" / "model.safetensors"))
+    assert set(a) == set(GPT(GPTConfig(**json.load(open(ckpt / "full" / "config.json"))["model"])).state_dict()) - {"lm_head.weight"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], read_safetensors(str(ckpt / "sft" / "model.safetensors"))[k]) for k in a)
+    cfg = json.load(open(ckpt / "full" / "config.json"))
+    assert cfg["stage"] == "grpo" and cfg["algorithm"] == "grpo" and "win_rate" in cfg["metrics"]
+    lines = (ckpt / "full" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "k3" in json.loads(lines[0])
+
+
+def test_rloo_with_exact_reward_on_a_questions_file(ckpt):
+    qa = str(ckpt / "qa.jsonl")
+    m = grpo.main(run_args(ckpt, "rloo", "--advantage", "rloo", "--reward", "exact", "--prompts", qa,
+                           "--eval-prompts", qa, "--iters", "2"))
+    assert 0.0 <= m["train_gold"] <= 1.0 and 0.0 <= m["eval_acc"] <= 1.0 and "ref_eval_acc" in m
+    assert json.load(open(ckpt / "rloo" / "config.json"))["args"]["kl_in"] == "reward"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--group-size", "1"], "at least 2"),
+    (["--advantage", "rloo", "--scale-rewards", "group"], "RLOO"),
+    (["--rollout-batch", "3", "--group-size", "3", "--minibatch", "2"], "multiple of --minibatch"),
+])
+def test_bad_options_are_one_line_errors(argv, words):
+    with pytest.raises(UserError, match=words):
+        grpo.parse_args(argv)
