@@ -3,6 +3,7 @@
 
     python dpo.py                          # policy = reference = out/sft, pairs out/preferences/train.jsonl
     python dpo.py --beta 0.5 --out out/dpo_beta0.5
+    python dpo.py --rpo-alpha 1 --out out/dpo_rpo1     # + alpha * NLL of the chosen answers (RPO)
     python dpo.py --init out/pretrain --out out/dpo_from_base   # pre-trained model -> DPO, no SFT (ref = init)
     python dpo.py --data world             # pairs from the world's review train split (no preferences.py)
     python dpo.py --data pairs.jsonl --eval-prompts none   # your prompt/chosen/rejected JSONL or Anthropic HH
@@ -11,8 +12,9 @@
 log pi(y|x) is the sum of the completion tokens' log-probs (prompt and padding masked out); chosen
 and rejected rows go through the model in one padded batch. Every log interval prints the loss and
 the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers, their accuracy and
-margin; held-out pairs are scored every --eval-interval steps. At the end the policy and the
-reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
+margin, and the drift of log pi(y_w|x) and log pi(y_l|x) from the reference (DPO alone lets both
+fall: likelihood displacement; --rpo-alpha holds the chosen one up); held-out pairs are scored every
+--eval-interval steps. At the end the policy and the reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
 (world.sentiment_score) scores them: mean gold reward, win rate against the reference, and the
 sequence KL(pi || pi_ref) the policy paid, all in OUT/config.json.
 """
@@ -30,7 +32,8 @@ import data
 import world
 from align import (add_policy_args, add_run_args, eval_prompts, heldout_eval, kl_regularised_optimum,
                    load_policy_and_reference, print_final, print_toy_table, toy_problem, toy_token_logps)
-from common import ArgumentParser, UserError, fraction, fraction0, nonneg_int, positive_float, positive_int, run_cli
+from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float, nonneg_int, positive_float,
+                    positive_int, run_cli)
 from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
 from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_finite, load_train_state, lr_at,
@@ -53,6 +56,9 @@ def build_parser():
     p.add_argument("--label-smoothing", type=fraction0, default=0.0,
                    help="assumed share of flipped labels (conservative DPO), in [0, 0.5)")
     p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
+    p.add_argument("--rpo-alpha", type=nonneg_float, default=0.0,
+                   help="weight of the negative log-likelihood of the chosen answers added to the loss (RPO, "
+                        "Pang et al. 2024); 0 = plain DPO")
     p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the reference log-probs of every pair once, before training")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per micro-batch per process")
@@ -159,12 +165,31 @@ def dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, bet
     return losses.mean(), rewards_chosen.detach(), rewards_rejected.detach()
 
 
-def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected):
-    """What DPO runs log: mean implicit rewards, how often chosen out-rewards rejected, the margin, log-probs."""
-    return {"rewards/chosen": rewards_chosen.mean().item(), "rewards/rejected": rewards_rejected.mean().item(),
-            "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
-            "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
-            "logps/chosen": logp_chosen.detach().mean().item(), "logps/rejected": logp_rejected.detach().mean().item()}
+def rpo_loss(dpo_loss_value, logp_chosen, chosen_tokens, alpha):
+    """RPO (Pang et al. 2024): DPO plus the negative log-likelihood of the chosen answers,
+        L_RPO = L_DPO + alpha * NLL,   NLL = -sum_i log pi(y_w_i|x_i) / sum_i |y_w_i|
+    normalised as TRL's rpo_alpha: the chosen answers' summed log-probs over the batch's total number of
+    chosen tokens (a per-token mean over the batch; the paper divides each log pi(y_w|x) by its own length
+    before the mean over pairs). The NLL keeps pushing log pi(y_w|x) up, where DPO alone only pushes the
+    margin and lets both log-probs fall (likelihood displacement). alpha = 0 is DPO.
+    Returns (L_RPO, NLL)."""
+    nll = -logp_chosen.sum() / chosen_tokens.clamp(min=1)
+    return dpo_loss_value + alpha * nll, nll.detach()
+
+
+def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected, ref_logp_chosen=None,
+                     ref_logp_rejected=None):
+    """What DPO runs log: mean implicit rewards, how often chosen out-rewards rejected, the margin, log-probs,
+    and (given the reference's) their drift from the reference, mean log pi(y|x) - log pi_ref(y|x) over the
+    batch for chosen and rejected answers (both fall under likelihood displacement)."""
+    out = {"rewards/chosen": rewards_chosen.mean().item(), "rewards/rejected": rewards_rejected.mean().item(),
+           "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
+           "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
+           "logps/chosen": logp_chosen.detach().mean().item(), "logps/rejected": logp_rejected.detach().mean().item()}
+    if ref_logp_chosen is not None:
+        out["drift/chosen"] = (logp_chosen.detach() - ref_logp_chosen).mean().item()
+        out["drift/rejected"] = (logp_rejected.detach() - ref_logp_rejected).mean().item()
+    return out
 
 
 # ----------------------------------------------------------------------------- the exact check
@@ -236,7 +261,10 @@ def pairs_loss(model, ref, pairs, ref_rows, pad, args, ctx):
     loss, rewards_chosen, rewards_rejected = dpo_loss(
         logp_chosen.float(), logp_rejected.float(), ref_logp_chosen.float(), ref_logp_rejected.float(),
         args.beta, args.label_smoothing, args.loss_type)
-    return loss, preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected)
+    loss, nll = rpo_loss(loss, logp_chosen.float(), (batch["targets"][:len(pairs)] != -1).sum(), args.rpo_alpha)
+    stats = preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected,
+                             ref_logp_chosen.float(), ref_logp_rejected.float())
+    return loss, {**stats, "nll/chosen": nll.item()}
 
 
 def train_step(train_model, ref, pairs, idx, accum, pad, args, ctx):
@@ -259,7 +287,8 @@ def train_step(train_model, ref, pairs, idx, accum, pad, args, ctx):
 
 @torch.no_grad()
 def evaluate_pairs(policy, ref, pairs, pad, args, ctx):
-    """Loss, reward accuracy and margin on the held-out pairs."""
+    """Loss, reward accuracy, margin and the drift of log pi(y_w|x), log pi(y_l|x) from the reference on the
+    held-out pairs."""
     if not pairs.val:
         return {}
     policy.eval()
@@ -273,7 +302,8 @@ def evaluate_pairs(policy, ref, pairs, pad, args, ctx):
         n += len(idx)
     policy.train()
     return {"eval_loss": sums["loss"] / n, "eval_accuracy": sums["rewards/accuracies"] / n,
-            "eval_margin": sums["rewards/margins"] / n}
+            "eval_margin": sums["rewards/margins"] / n, "eval_drift_chosen": sums["drift/chosen"] / n,
+            "eval_drift_rejected": sums["drift/rejected"] / n}
 
 
 def prepare_pairs(args, enc, policy, ref, ctx):

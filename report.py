@@ -9,19 +9,26 @@ For each policy checkpoint (a directory of out/ with model.safetensors and confi
   facts/sentiment/addition/story   exact-match accuracy on the TEST splits, greedy decoding
   format        share of those answers that end with EOS and have the task's form
   gold reward   the lexicon judge's score of sampled reviews for held-out prompts, mean ± 95% interval
+  on-topic gold the same score counted only when the review names the item asked about, else -1
+                (evals.on_topic_sentiment: no reward model sees it, and it has headroom)
+  on topic      share of those reviews that name the item asked about
   win vs SFT    share of prompts where the checkpoint's review beats the SFT model's (ties half)
   KL vs SFT     sequence-level KL(pi || pi_SFT) on the checkpoint's own samples
   RM score      the trained reward model's mean score of those samples (the proxy the policy optimised)
   time          wall time of the stage that made it
 and for reward models: pairwise accuracy on held-out preference pairs. It writes out/report.md,
 out/report/results.json, and, when matplotlib is installed, loss curves and the gold reward-KL
-frontier of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Results are cached per checkpoint (keyed
+frontiers of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Runs that differ only by seed (out/dpo,
+out/dpo_s2, out/dpo_s3 from `bash run.sh --seeds 3`) are also summarised as mean ± sd, and the
+frontier plots those means with error bars on both axes. Results are cached per checkpoint (keyed
 by the weights' size and modification time), so a second run takes seconds.
 """
 
 import glob
 import json
+import math
 import os
+import re
 import time
 
 import numpy as np
@@ -35,7 +42,10 @@ from reward import load_reward_model, reward_scores
 from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
-CACHE_VERSION = 2  # bump when the figures of a row change, so cached rows are recomputed
+CACHE_VERSION = 3  # bump when the figures of a row change, so cached rows are recomputed
+FRONTIER_FAMILIES = ("dpo", "ppo", "grpo", "rloo")
+SEED_KEYS = ("gold_reward", "on_topic_gold", "on_topic", "win_rate", "kl", "sentiment", "story", "facts", "addition",
+             "drift_chosen", "drift_rejected")
 ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "dpo", "dpo_from_base", "ppo", "grpo", "rloo")
 
 
@@ -60,7 +70,43 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def seed_group(name):
+    """Runs that differ only by seed share a group: out/dpo, out/dpo_s2, out/dpo_s3 (run.sh --seeds 3) -> dpo."""
+    return re.sub(r"_s\d+$", "", name)
+
+
+def series(group):
+    """The curve a run belongs to on the frontier plot: its name without the swept beta / KL coefficient
+    (dpo_beta0.5 -> dpo, ppo_kl0.2 -> ppo, dpo_rpo0.5_beta2 -> dpo_rpo0.5)."""
+    parts = group.split("_")
+    return "_".join([parts[0]] + [p for p in parts[1:] if not p.startswith(("beta", "kl"))])
+
+
+def mean_sd(xs):
+    """Mean and sample standard deviation (n - 1 in the denominator; None for a single value)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+
+
+def aggregate_seeds(rows, keys=SEED_KEYS):
+    """[(name, row)] -> [(group, names, {key: (mean, sd)})] for every group of two or more runs differing only
+    by seed, plus single runs of the DPO/PPO/GRPO families, in the order of the rows."""
+    groups = {}
+    for name, r in rows:
+        groups.setdefault(seed_group(name), []).append((name, r))
+    out = []
+    for group, members in groups.items():
+        if len(members) < 2 and group.split("_")[0] not in FRONTIER_FAMILIES:
+            continue
+        out.append((group, [n for n, _ in members], {k: mean_sd([r.get(k) for _, r in members]) for k in keys}))
+    return out
+
+
 def sort_key(name):
+    name = seed_group(name)
     base = name.split("_beta")[0].split("_kl")[0]
     return (ORDER.index(base) if base in ORDER else len(ORDER), name)
 
@@ -103,17 +149,6 @@ def held_out_sets(args):
             "tasks": {t: tasks[t]["test"][:args.n] for t in TASKS}, "review_prompts": review_prompts[:args.prompts]}
 
 
-def names_the_item(prompt, completion, items):
-    """1.0 if the review names what the prompt asked about ("copper kettle" for "the copper kettle"),
-    else 0.0: a check outside every reward. The lexicon judge ignores it, so a policy that games the
-    judge with positive words about anything at all shows up here."""
-    asked = [i for i in items if i.lower() in prompt.lower()]
-    if not asked:
-        return 0.0
-    name = max(asked, key=len).lower().removeprefix("the ").strip()
-    return float(name in completion.lower())
-
-
 def val_tokens(enc, docs):
     ids = [enc.eot_token]
     for d in enc.encode_ordinary_batch(docs):
@@ -139,7 +174,10 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
         row.update({k: al[k] for k in ("gold_reward", "gold_reward_ci95", "win_rate", "kl", "eos_rate", "mean_len")})
         row["samples"] = al["samples"]
         texts = [enc.decode(evals.strip_eos(c, enc)) for c in al["completions"]]
-        row["on_topic"] = sum(names_the_item(p, t, sets["items"]) for p, t in zip(sets["review_prompts"], texts)) / len(texts)
+        pairs = list(zip(sets["review_prompts"], texts))
+        row["on_topic"] = sum(evals.names_the_item(p, t, sets["items"]) for p, t in pairs) / len(texts)
+        row["on_topic_gold"], row["on_topic_gold_ci95"] = evals.mean_ci95(
+            [evals.on_topic_sentiment(p, t, sets["items"]) for p, t in pairs])
         if rm is not None:
             prompt_ids = [enc.encode_ordinary(p) for p in sets["review_prompts"]]
             row["rm_score"] = reward_scores(rm, enc, prompt_ids, al["completions"]).mean().item()
@@ -166,22 +204,44 @@ def fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
-def write_markdown(rows, reward_rows, prompting, args, path):
+def pm(stat, spec, scale=1):
+    """(mean, sd) -> "mean ± sd" (scale 100: percentage points), "mean" for one run, "—" for none."""
+    m, sd = stat
+    if m is None:
+        return "—"
+    return format(m * scale, spec) + ("" if sd is None else " ± " + format(sd * scale, spec.lstrip("+")))
+
+
+def write_markdown(rows, aggregated, reward_rows, prompting, args, path):
     lines = [f"# Report card ({time.strftime('%Y-%m-%d')})", "",
              f"Every checkpoint in `{args.out_dir}/`, measured by `python report.py` on the same held-out sets: "
              f"{args.n} test examples per task, {args.prompts} held-out review prompts (gold judge: lexicon "
              "sentiment score in (-1, 1)); win rate and KL are against the SFT model's samples; on topic = "
-             "share of those reviews that name the item the prompt asked about (no reward sees it).", "",
+             "share of those reviews that name the item the prompt asked about (no reward sees it); on-topic "
+             "gold = the sentiment score counted only for such reviews, -1 for the others "
+             "(evals.on_topic_sentiment, the objective with headroom).", "",
              "| checkpoint | val loss | fact recall | facts | sentiment | addition | story | format | "
-             "gold reward (95% CI) | win vs SFT | KL vs SFT | on topic | RM score | time |",
-             "|---|" + "---:|" * 13]
+             "gold reward (95% CI) | on-topic gold (95% CI) | win vs SFT | KL vs SFT | on topic | RM score | time |",
+             "|---|" + "---:|" * 14]
     for name, r in rows:
         gold = f"{r['gold_reward']:+.3f} ± {r['gold_reward_ci95']:.3f}" if "gold_reward" in r else "—"
+        topic = f"{r['on_topic_gold']:+.3f} ± {r['on_topic_gold_ci95']:.3f}" if "on_topic_gold" in r else "—"
         t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
         lines.append(f"| {name} | {fmt(r['val_loss'])} | {fmt(r['fact_recall'], '.0%')} | " +
-                     " | ".join(fmt(r[t_], ".0%") for t_ in TASKS) + f" | {fmt(r['format'], '.0%')} | {gold} | "
+                     " | ".join(fmt(r[t_], ".0%") for t_ in TASKS) + f" | {fmt(r['format'], '.0%')} | {gold} | {topic} | "
                      f"{fmt(r.get('win_rate'), '.0%')} | {fmt(r.get('kl'), '.2f')} | {fmt(r.get('on_topic'), '.0%')} | "
                      f"{fmt(r.get('rm_score'), '+.2f')} | {t} |")
+    if aggregated:
+        lines += ["", "## Alignment runs across seeds (mean ± sd; runs that differ only by --seed, run.sh --seeds N)", "",
+                  "drift = mean over the held-out pairs of log pi(y|x) - log pi_SFT(y|x) of the chosen / rejected "
+                  "answers (DPO runs).", "",
+                  "| run | seeds | gold reward | on-topic gold | on topic | win vs SFT | KL vs SFT | sentiment | story | "
+                  "drift chosen | drift rejected |", "|---|" + "---:|" * 10]
+        cols = (("gold_reward", "+.3f", 1), ("on_topic_gold", "+.3f", 1), ("on_topic", ".0f", 100),
+                ("win_rate", ".0f", 100), ("kl", ".2f", 1), ("sentiment", ".0f", 100), ("story", ".0f", 100),
+                ("drift_chosen", "+.1f", 1), ("drift_rejected", "+.1f", 1))
+        for group, names, stats in aggregated:
+            lines.append(f"| {group} | {len(names)} | " + " | ".join(pm(stats[k], spec, scale) for k, spec, scale in cols) + " |")
     if reward_rows:
         lines += ["", "| reward model | held-out pairwise accuracy | pairs | time |", "|---|---:|---:|---:|"]
         for name, r in reward_rows:
@@ -214,9 +274,24 @@ def write_markdown(rows, reward_rows, prompting, args, path):
         f.write("\n".join(lines) + "\n")
 
 
-def plot(rows, args):
-    """Loss curves of every stage; gold reward against KL for the DPO, PPO, GRPO and RLOO sweeps (the analogue of
-    the DPO paper's sentiment frontier). Skipped with a note when matplotlib is not installed."""
+def frontier_points(aggregated):
+    """{series: [{"kl": (mean, sd), "gold_reward": ..., "on_topic_gold": ..., "label": "beta2"}] sorted by KL}
+    for the DPO, PPO, GRPO and RLOO runs from the SFT model (dpo_from_base starts elsewhere and is left out)."""
+    curves = {}
+    for group, _, st in aggregated:
+        name = series(group)
+        if name.split("_")[0] in FRONTIER_FAMILIES and name != "dpo_from_base" and st["kl"][0] is not None:
+            swept = [p for p in group.split("_")[1:] if p.startswith(("beta", "kl"))]
+            curves.setdefault(name, []).append({"kl": st["kl"], "gold_reward": st["gold_reward"],
+                                                "on_topic_gold": st["on_topic_gold"],
+                                                "label": swept[0] if swept else "default"})
+    return {k: sorted(v, key=lambda p: p["kl"][0]) for k, v in curves.items()}
+
+
+def plot(rows, aggregated, args):
+    """Loss curves of every stage; gold reward and on-topic gold against KL for the DPO, PPO, GRPO and RLOO
+    sweeps, mean ± sd over seeds on both axes (the analogue of the DPO paper's sentiment frontier).
+    Skipped with a note when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -247,24 +322,25 @@ def plot(rows, args):
         fig.tight_layout()
         fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
-    sweeps = {family: sorted((r["kl"], r["gold_reward"], n) for n, r in rows
-                             if n.split("_")[0] == family and n != "dpo_from_base" and "kl" in r)
-              for family in ("dpo", "ppo", "grpo", "rloo")}
-    if not any(sweeps.values()):
+    curves = frontier_points(aggregated)
+    if not curves:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for family, marker in (("dpo", "o"), ("ppo", "s"), ("grpo", "^"), ("rloo", "v")):
-        pts = sweeps[family]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family.upper())
-            for kl, g, n in pts:
-                ax.annotate(n.split("_", 1)[1] if "_" in n else "default", (kl, g), fontsize=6)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     sft = dict(rows).get("sft")
-    if sft and "gold_reward" in sft:
-        ax.scatter([0], [sft["gold_reward"]], color="k", label="SFT", zorder=3)
-    ax.set(xlabel="sequence KL(pi || pi_SFT) (nats)", ylabel="gold reward (lexicon sentiment)",
-           title="reward-KL frontier on held-out prompts")
-    ax.legend()
+    markers = {"dpo": "o", "ppo": "s", "grpo": "^", "rloo": "v"}
+    for ax, key, label in ((axes[0], "gold_reward", "gold reward (lexicon sentiment)"),
+                           (axes[1], "on_topic_gold", "on-topic gold (sentiment if the item is named, else -1)")):
+        for name, pts in curves.items():
+            ax.errorbar([p["kl"][0] for p in pts], [p[key][0] for p in pts],
+                        xerr=[p["kl"][1] or 0 for p in pts], yerr=[p[key][1] or 0 for p in pts],
+                        marker=markers.get(name.split("_")[0], "d"), capsize=3, lw=1, label=name.upper())
+            for p in pts:
+                ax.annotate(p["label"], (p["kl"][0], p[key][0]), fontsize=6)
+        if sft and key in sft:
+            ax.scatter([0], [sft[key]], color="k", label="SFT", zorder=3)
+        ax.set(xlabel="sequence KL(pi || pi_SFT) (nats)", ylabel=label, title=label.split(" (")[0] + " vs KL")
+        ax.legend(fontsize=7)
+    fig.suptitle("reward-KL frontier on held-out prompts (mean ± sd over seeds)")
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -308,7 +384,9 @@ def main(argv=None):
             row = evaluate_policy(model, enc, sets, sft if same else None, sft_samples, rm if same else None, args)
             cache[name] = {"key": key, "row": row}
             print(f"{name}: evaluated in {time.time() - t:.0f}s")
-        row = dict(cache[name]["row"], time_s=stage_time(path, config))
+        m = config.get("metrics", {})
+        row = dict(cache[name]["row"], time_s=stage_time(path, config), drift_chosen=m.get("eval_drift_chosen"),
+                   drift_rejected=m.get("eval_drift_rejected"))
         rows.append((name, row))
     reward_rows = []
     for name, path, config in reward_models:
@@ -321,12 +399,15 @@ def main(argv=None):
 
     prompting_path = os.path.join(args.out_dir, "prompting", "results.json")
     prompting = json.load(open(prompting_path)) if os.path.exists(prompting_path) else None
-    plot(rows, args)
-    results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args)}
+    aggregated = aggregate_seeds(rows)
+    plot(rows, aggregated, args)
+    results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args),
+               "across_seeds": {g: {"runs": names, **{k: {"mean": m, "sd": sd} for k, (m, sd) in st.items()}}
+                                for g, names, st in aggregated}}
     with open(os.path.join(report_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = os.path.join(args.out_dir, "report.md")
-    write_markdown(rows, reward_rows, prompting, args, md)
+    write_markdown(rows, aggregated, reward_rows, prompting, args, md)
     print(open(md).read().split("## Samples")[0])
     print(f"wrote {md} in {time.time() - t0:.0f}s")
     return results

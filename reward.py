@@ -6,6 +6,7 @@ preference pairs (x, y_w, y_l) with the Bradley-Terry loss.
     python reward.py --train lora 8        # LoRA adapters of rank 8 on the trunk + the head
     python reward.py --data pairs.jsonl --val-data held_out.jsonl   # your prompt/chosen/rejected JSONL
     torchrun --nproc_per_node=4 reward.py  # DistributedDataParallel: each process a quarter of each batch
+    python reward.py --margin 1 --center-coef 0.01   # Llama 2's margin from the score gap; reward centering
 
 Under torchrun each process scores its contiguous share of each step's --batch-size pairs (the batch is the same
 as with one process) and DDP averages the gradients, so the step is the one-process step; the logged loss,
@@ -81,6 +82,10 @@ def build_parser():
     p.add_argument("--warmup", type=nonneg_int, default=10)
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
     p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--margin", type=nonneg_float, default=0.0, help="margin term (Llama 2): m = this x the pair's gold "
+                   "score gap (score_chosen - score_rejected, when the pairs have them); 0 = off")
+    p.add_argument("--center-coef", type=nonneg_float, default=0.0, help="centering term (Eisenstein et al. 2023): "
+                   "+ this x mean (r_w + r_l)^2; 0 = off (the paper uses 0.01)")
     p.add_argument("--eval-interval", type=positive_int, default=100)
     p.add_argument("--eval-batch", type=positive_int, default=32)
     p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step")
@@ -99,6 +104,8 @@ def parse_args(argv=None):
             raise UserError(f"--train lora {args.train[1]}: the rank R must be a positive integer")
         args.lora_r = int(args.train[1])
     args.mode = mode
+    if args.margin < 0 or args.center_coef < 0:
+        raise UserError(f"--margin and --center-coef must be >= 0, not {args.margin} and {args.center_coef}")
     args.lr = DEFAULT_LR[mode] if args.lr is None else args.lr
     args.epochs = DEFAULT_EPOCHS[mode] if args.epochs is None else args.epochs
     base = os.path.dirname(args.data)
@@ -253,12 +260,29 @@ def set_trainable(rm, mode, lora_r=0, lora_alpha=None):
 
 # ----------------------------------------------------------------------------- the loss and the metrics
 
-def bradley_terry_loss(r_chosen, r_rejected):
+def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef=0.0):
     """Bradley-Terry negative log-likelihood of the preferences:
         L = -1/N * sum_i log sigma(r(x_i, y_w_i) - r(x_i, y_l_i)) = -mean log sigma(delta),  delta = r_w - r_l
     (P(y_w preferred to y_l) = sigma(r_w - r_l)). logsigmoid keeps it finite for any delta; adding the
-    same constant to every reward changes nothing."""
-    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+    same constant to every reward changes nothing. Two optional terms:
+      margin m_i (Llama 2):  -mean log sigma(r_w - r_l - m_i), a pair labelled as far apart must be
+                             separated by at least m_i before its loss fades (m_i = 0: plain Bradley-Terry);
+      centering (Eisenstein et al. 2023):  + center_coef * mean (r_w + r_l)^2, which pins the free
+                             constant so that rewards stay near zero mean (center_coef = 0: none)."""
+    delta = r_chosen.float() - r_rejected.float()
+    if margin is not None:
+        delta = delta - margin.to(delta)
+    loss = -F.logsigmoid(delta).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen.float() + r_rejected.float()) ** 2).mean()
+    return loss
+
+
+def pair_margins(pairs, scale):
+    """m_i = scale * (score_chosen - score_rejected) of each pair, the gap the labeller's scores put between the
+    two answers (preferences.py writes them); 0 for a pair without scores. -> FloatTensor (N,)."""
+    return torch.tensor([scale * (p["score_chosen"] - p["score_rejected"])
+                         if "score_chosen" in p and "score_rejected" in p else 0.0 for p in pairs])
 
 
 def pairwise_accuracy(r_chosen, r_rejected):
@@ -318,10 +342,13 @@ def check_shares(n_pairs, batch_size, ctx):
         raise UserError(f"--batch-size {min(n_pairs, batch_size)} pairs must be a multiple of the {ctx.world} processes")
 
 
-def batch_stats(r_w, r_l, n, ctx):
-    """Bradley-Terry loss, pairwise accuracy and mean margin of the whole step's n pairs (shares gathered)."""
-    delta = gather_rows((r_w - r_l).detach().float(), n, ctx)
-    return -F.logsigmoid(delta).mean().item(), (delta > 0).float().mean().item(), delta.mean().item()
+def batch_stats(r_w, r_l, margin, center_coef, n, ctx):
+    """The loss as trained (with its --margin and --center-coef terms), pairwise accuracy and mean reward margin
+    of the whole step's n pairs (shares gathered)."""
+    r_w, r_l = (gather_rows(r.detach().float(), n, ctx) for r in (r_w, r_l))
+    margin = None if margin is None else gather_rows(margin.float().to(r_w.device), n, ctx)
+    delta = r_w - r_l
+    return bradley_terry_loss(r_w, r_l, margin, center_coef).item(), (delta > 0).float().mean().item(), delta.mean().item()
 
 
 @torch.no_grad()
@@ -344,27 +371,30 @@ def frozen_features(rm, enc, P, W, L, batch, ctx):
 # ----------------------------------------------------------------------------- one step and saving
 
 def load_data(args, enc, block):
-    """Train pairs as (prompt, chosen, rejected) token lists, held-out pairs (or None) and held-out groups."""
+    """Train pairs as (prompt, chosen, rejected) token lists with their --margin terms (or None), held-out pairs
+    (or None) and held-out groups."""
     if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
         raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
-    P, W, L = encode_pairs(data.load_preference_pairs(args.data), enc, block, args.data)
+    train_pairs = data.load_preference_pairs(args.data)
+    P, W, L = encode_pairs(train_pairs, enc, block, args.data)
+    margins = pair_margins(train_pairs, args.margin) if args.margin else None
     val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
     if val is None:
         print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
     groups = load_groups(args.val_groups) if args.val_groups else []
-    return SimpleNamespace(P=P, W=W, L=L, val=val, groups=groups)
+    return SimpleNamespace(P=P, W=W, L=L, margins=margins, val=val, groups=groups)
 
 
 def step_scores(rm, train_rm, features, d, idx, enc, ctx):
-    """(r(x, y_w), r(x, y_l)) of the step's pairs: from the cached trunk features under --train head (every
-    process the whole batch), else a forward of this process's share (DDP averages the gradients)."""
+    """-> (the pairs scored, r(x, y_w), r(x, y_l)) for the step's pairs: all of them from the cached trunk
+    features under --train head, else a forward of this process's share (DDP averages the gradients)."""
     if features is not None:
-        return rm.score(features[idx]), rm.score(features[[i + len(d.P) for i in idx]])
+        return idx, rm.score(features[idx]), rm.score(features[[i + len(d.P) for i in idx]])
     mine = idx[slice(*rank_slice(len(idx), ctx))]
     b = data.completion_batch(*pair_rows(d.P, d.W, d.L, mine), pad_id(enc))
     with ctx.autocast():
         r = train_rm({k: v.to(ctx.device) for k, v in b.items()})
-    return r[:len(mine)], r[len(mine):]
+    return mine, r[:len(mine)], r[len(mine):]
 
 
 def train_mode(rm, features):
@@ -421,11 +451,12 @@ def main(argv=None):
         lr = lr_at(step, args.lr, args.warmup, total, args.lr * args.min_lr_ratio)
         set_lr(optimizer, lr)
         idx = data.step_indices(len(d.P), args.batch_size, args.seed, step)
-        r_w, r_l = step_scores(rm, train_rm, features, d, idx, enc, ctx)
-        loss = bradley_terry_loss(r_w, r_l)
+        rows, r_w, r_l = step_scores(rm, train_rm, features, d, idx, enc, ctx)
+        margin = None if d.margins is None else d.margins[rows]
+        loss = bradley_terry_loss(r_w, r_l, margin, args.center_coef)
         loss.backward()
         check_finite(loss, step)
-        stats = batch_stats(r_w, r_l, len(idx), ctx if features is None else None)
+        stats = batch_stats(r_w, r_l, margin, args.center_coef, len(idx), ctx if features is None else None)
         grad_norm = optimizer_step(rm, optimizer, args.grad_clip)
         done = step + 1
         if done % args.log_interval == 0 or done == total:

@@ -6,6 +6,9 @@
 #   bash run.sh --force      redo stages whose output already exists (default: skip them)
 #   bash run.sh --out DIR    write everything under DIR instead of out/
 #   bash run.sh --until NAME stop after stage NAME (pretrain, prompting, sft, ...)
+#   bash run.sh --seeds N    run the alignment sweep (DPO, PPO, GRPO, RLOO) with N seeds: --seed 1337 (the default)
+#                            into out/dpo..., then --seed 1, 2, ... into out/dpo..._s2, _s3, ...;
+#                            report.py shows mean ± sd over the seeds
 #
 # Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
 # -> SFT on the adapted model -> preference pairs -> reward model -> DPO (sweep of beta) and PPO
@@ -17,23 +20,26 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=out QUICK=0 FORCE=0 UNTIL=""
+OUT=out QUICK=0 FORCE=0 UNTIL="" SEEDS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --force) FORCE=1 ;;
     --out) OUT="$2"; shift ;;
     --until) UNTIL="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --seeds) SEEDS="$2"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$SEEDS" in ''|*[!0-9]*|0) echo "run.sh: --seeds needs a positive integer, not '$SEEDS'" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 RERUN="bash run.sh"   # the command that continues this pipeline
 [ "$QUICK" = 1 ] && RERUN="$RERUN --quick"
 [ "$OUT" != out ] && RERUN="$RERUN --out $OUT"
 [ -n "$UNTIL" ] && RERUN="$RERUN --until $UNTIL"
+[ "$SEEDS" != 1 ] && RERUN="$RERUN --seeds $SEEDS"
 START=$(date +%s)
 
 # finished DONE_FILE: it exists, and if it is a checkpoint's config.json, not one saved mid-run
@@ -83,10 +89,11 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   PPO="--iters 2 --rollout-batch 8 --eval-limit 8"
   GRPO="--iters 2 --rollout-batch 4 --eval-limit 8"
   REPORT="--n 8 --prompts 8"
-  BETAS="0.5" KLS="0.2"
+  BETAS="0.5" KLS="0.2" GKLS=""   # quick mode: GRPO and RLOO at the default KL coefficient only
 else
   PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" GRPO="" REPORT=""
-  BETAS="0.05 0.5 1" KLS="0.02 0.05 0.2"   # beta 0.1 is out/dpo, kl 0.1 is out/ppo
+  # beta 0.1 is out/dpo, kl 0.1 is out/ppo (and grpo, rloo); beta 2, 5 and kl 0.5, 1: the frontier at KL 0-5
+  BETAS="0.05 0.5 1 2 5" KLS="0.02 0.05 0.2 0.5 1" GKLS="$KLS"
 fi
 
 stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
@@ -99,19 +106,22 @@ stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out
 stage preferences $OUT/preferences/val.jsonl $PY preferences.py --init $OUT/sft --out $OUT/preferences $PREF
 stage reward     $OUT/reward/config.json     $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/reward $RM
 stage reward_head $OUT/reward_head/config.json $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --train head --out $OUT/reward_head $RM
-stage dpo        $OUT/dpo/config.json        $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/dpo $DPO
-for b in $BETAS; do
-  stage dpo_beta$b $OUT/dpo_beta$b/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --beta $b --out $OUT/dpo_beta$b $DPO
-done
-stage ppo        $OUT/ppo/config.json        $PY ppo.py --init $OUT/sft --reward $OUT/reward --out $OUT/ppo $PPO
-for c in $KLS; do
-  stage ppo_kl$c $OUT/ppo_kl$c/config.json   $PY ppo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/ppo_kl$c $PPO
-done
-stage grpo       $OUT/grpo/config.json       $PY grpo.py --init $OUT/sft --reward $OUT/reward --out $OUT/grpo $GRPO
-stage rloo       $OUT/rloo/config.json       $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --out $OUT/rloo $GRPO
-for c in $KLS; do
-  stage grpo_kl$c $OUT/grpo_kl$c/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/grpo_kl$c $GRPO
-  stage rloo_kl$c $OUT/rloo_kl$c/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --kl-coef $c --out $OUT/rloo_kl$c $GRPO
+for s in $(seq 1 "$SEEDS"); do   # seed 1: --seed 1337 (default), no suffix; seed k > 1: --seed k-1, suffix _sk
+  if [ "$s" = 1 ]; then SFX="" SEED=""; else SFX="_s$s" SEED="--seed $((s - 1))"; fi
+  stage dpo$SFX    $OUT/dpo$SFX/config.json    $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/dpo$SFX $SEED $DPO
+  for b in $BETAS; do
+    stage dpo_beta$b$SFX $OUT/dpo_beta$b$SFX/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --beta $b --out $OUT/dpo_beta$b$SFX $SEED $DPO
+  done
+  stage ppo$SFX    $OUT/ppo$SFX/config.json    $PY ppo.py --init $OUT/sft --reward $OUT/reward --out $OUT/ppo$SFX $SEED $PPO
+  for c in $KLS; do
+    stage ppo_kl$c$SFX $OUT/ppo_kl$c$SFX/config.json $PY ppo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/ppo_kl$c$SFX $SEED $PPO
+  done
+  stage grpo$SFX   $OUT/grpo$SFX/config.json   $PY grpo.py --init $OUT/sft --reward $OUT/reward --out $OUT/grpo$SFX $SEED $GRPO
+  stage rloo$SFX   $OUT/rloo$SFX/config.json   $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --out $OUT/rloo$SFX $SEED $GRPO
+  for c in $GKLS; do
+    stage grpo_kl$c$SFX $OUT/grpo_kl$c$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/grpo_kl$c$SFX $SEED $GRPO
+    stage rloo_kl$c$SFX $OUT/rloo_kl$c$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --kl-coef $c --out $OUT/rloo_kl$c$SFX $SEED $GRPO
+  done
 done
 stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
 $PY report.py --out-dir $OUT $REPORT

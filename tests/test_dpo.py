@@ -63,6 +63,28 @@ def test_hand_computed_loss():
     assert stats["logps/chosen"] == -12.0 and stats["logps/rejected"] == -10.0
 
 
+def test_rpo_adds_alpha_times_the_per_token_nll_of_the_chosen_answers():
+    # log pi(y_w|x) = -12 and -4 over 4 + 2 chosen tokens: NLL = 16 / 6 (TRL's normalisation: one mean over
+    # the batch's chosen tokens; the per-answer mean of the paper would be (12/4 + 4/2) / 2 = 2.5)
+    lc = torch.tensor([-12.0, -4.0], dtype=torch.float64, requires_grad=True)
+    base = torch.tensor(0.75, dtype=torch.float64)
+    loss, nll = dpo.rpo_loss(base, lc, torch.tensor(6), alpha=0.5)
+    assert nll.item() == pytest.approx(16 / 6) and loss.item() == pytest.approx(0.75 + 0.5 * 16 / 6)
+    loss.backward()
+    assert torch.allclose(lc.grad, torch.full((2,), -0.5 / 6, dtype=torch.float64))  # pushes log pi(y_w|x) up
+    assert dpo.rpo_loss(base, lc, torch.tensor(6), alpha=0.0)[0].item() == 0.75     # alpha 0 is DPO
+
+
+def test_drift_from_the_reference_by_hand():
+    t = lambda *x: torch.tensor(x, dtype=torch.float64)
+    lc, lr, ref_c, ref_r = t(-12.0, -20.0), t(-30.0, -14.0), t(-11.0, -10.0), t(-12.0, -12.0)
+    _, rc, rr = dpo.dpo_loss(lc, lr, ref_c, ref_r, beta=0.1)
+    stats = dpo.preference_stats(rc, rr, lc, lr, ref_c, ref_r)
+    assert stats["drift/chosen"] == pytest.approx((-1 - 10) / 2)      # mean of log pi - log pi_ref
+    assert stats["drift/rejected"] == pytest.approx((-18 - 2) / 2)
+    assert stats["rewards/chosen"] == pytest.approx(0.1 * stats["drift/chosen"])
+
+
 def test_gradient_is_minus_plus_beta_sigmoid_minus_beta_h():
     torch.manual_seed(0)
     beta = 0.3
@@ -189,6 +211,21 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tiny_setup):
     # precomputed reference log-probs and the reference run in the loop give the same training
     live = dpo.main(cli(tmp, out="live", **{"--no-precompute-ref": "", "--eval-prompts": "none", "--log-interval": "1"}))
     assert live["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-5)
+
+
+def test_dropout_checkpoint_starts_at_ln2_and_rpo_adds_its_nll(tiny_setup, small_enc):
+    tmp, _, _ = tiny_setup
+    torch.manual_seed(0)  # a checkpoint trained with dropout 0.1: the policy must train without it
+    model = GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.1))
+    save_checkpoint(tmp / "sft", model, small_enc, {"stage": "sft", "args": {}, "metrics": {}})
+    one = {"--max-iters": "1", "--log-interval": "1", "--eval-prompts": "none", "--eval-interval": "0"}
+    dpo.main(cli(tmp, out="drop", **one))
+    row = json.loads(open(tmp / "drop" / "metrics.jsonl").readline())
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-6)          # policy = reference at step 1
+    assert row["drift/chosen"] == pytest.approx(0, abs=1e-5) and row["drift/rejected"] == pytest.approx(0, abs=1e-5)
+    dpo.main(cli(tmp, out="rpo", **one, **{"--rpo-alpha": "0.5"}))
+    row = json.loads(open(tmp / "rpo" / "metrics.jsonl").readline())
+    assert row["nll/chosen"] > 0 and row["loss"] == pytest.approx(math.log(2) + 0.5 * row["nll/chosen"], abs=1e-5)
 
 
 def test_resume_is_exact(tiny_setup):

@@ -267,6 +267,16 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
     assert cfg["stage"] == "ppo" and "time_s" in cfg["metrics"] and "win_rate" in cfg["metrics"]
 
 
+def test_dropout_checkpoint_ratio_is_one_on_the_first_minibatch(ckpt, tiny):
+    _, enc = tiny
+    torch.manual_seed(0)  # a checkpoint trained with dropout 0.1: rollout (eval) and update (train) must agree
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32, dropout=0.1))
+    save_checkpoint(str(ckpt / "sft"), model, enc, {"stage": "sft"})
+    ppo.main(run_args(ckpt, "drop", "--eval-prompts", "none", "--iters", "2"))
+    rows = [json.loads(l) for l in open(ckpt / "drop" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["ratio_first"] < 1e-5 for r in rows)   # max |ratio - 1|, first minibatch
+
+
 def test_refuses_a_reward_model_with_another_tokenizer(ckpt, tiny):
     reward = pytest.importorskip("reward")
     from tokenizer import train_tokenizer

@@ -1,12 +1,60 @@
 """report.py's own measures (the rest of the report is exercised end to end by tests/test_run.py)."""
+import math
+
+import pytest
+
+import evals
 import report
+import world
+
+ITEMS = ["the copper kettle", "the Belwick inn", "the copper kettle lid"]
 
 
 def test_names_the_item_reads_the_item_off_the_prompt():
-    items = ["the copper kettle", "the Belwick inn", "the copper kettle lid"]
     prompt = "Instruction: Write a review of the copper kettle.\nOutput:"
-    assert report.names_the_item(prompt, " The copper kettle is superb.", items) == 1.0
-    assert report.names_the_item(prompt, " The Belwick inn is superb.", items) == 0.0   # another item
-    assert report.names_the_item(prompt, " It is superb. I loved it.", items) == 0.0     # no item at all
-    assert report.names_the_item("Instruction: Review the Belwick inn.\nOutput:", " the belwick INN was fine", items) == 1.0
-    assert report.names_the_item("Instruction: Say hi.\nOutput:", " hi", items) == 0.0
+    assert evals.names_the_item(prompt, " The copper kettle is superb.", ITEMS) == 1.0
+    assert evals.names_the_item(prompt, " The Belwick inn is superb.", ITEMS) == 0.0   # another item
+    assert evals.names_the_item(prompt, " It is superb. I loved it.", ITEMS) == 0.0     # no item at all
+    assert evals.names_the_item("Instruction: Review the Belwick inn.\nOutput:", " the belwick INN was fine", ITEMS) == 1.0
+    assert evals.names_the_item("Instruction: Say hi.\nOutput:", " hi", ITEMS) == 0.0
+
+
+def test_on_topic_sentiment_counts_the_score_only_on_topic():
+    prompt = "Instruction: Write a review of the copper kettle.\nOutput:"
+    on = " The copper kettle is superb."
+    assert evals.on_topic_sentiment(prompt, on, ITEMS) == world.sentiment_score(on) > 0
+    # the same praise about nothing in particular (what gaming the lexicon judge looks like) scores -1,
+    # although the lexicon judge alone scores it higher than the on-topic review
+    off = " It is superb, superb, superb."
+    assert world.sentiment_score(off) > world.sentiment_score(on)
+    assert evals.on_topic_sentiment(prompt, off, ITEMS) == -1.0
+    assert evals.on_topic_sentiment(prompt, " The Belwick inn is superb.", ITEMS) == -1.0
+
+
+def test_runs_that_differ_only_by_seed_are_aggregated_as_mean_and_sd():
+    assert report.seed_group("dpo_beta0.5_s3") == "dpo_beta0.5" and report.seed_group("dpo") == "dpo"
+    assert report.seed_group("sft_lora") == "sft_lora"
+    assert report.series("dpo_beta2") == "dpo" and report.series("ppo_kl0.5") == "ppo"
+    assert report.series("dpo_rpo0.5_beta2") == "dpo_rpo0.5" and report.series("dpo_from_base") == "dpo_from_base"
+    rows = [("sft", {"kl": None}), ("dpo", {"gold_reward": 0.5, "kl": 1.0}), ("dpo_s2", {"gold_reward": 0.7, "kl": 3.0}),
+            ("dpo_s3", {"gold_reward": 0.9, "kl": 2.0}), ("ppo", {"gold_reward": 0.8, "kl": 4.0}),
+            ("sft_lora", {"gold_reward": 0.1})]
+    agg = {g: (names, st) for g, names, st in report.aggregate_seeds(rows, keys=("gold_reward", "kl"))}
+    assert set(agg) == {"dpo", "ppo"}                    # sft, sft_lora: single runs outside the alignment families
+    names, st = agg["dpo"]
+    assert names == ["dpo", "dpo_s2", "dpo_s3"]
+    assert st["gold_reward"][0] == pytest.approx(0.7) and st["gold_reward"][1] == pytest.approx(0.2)  # sd, n - 1
+    assert st["kl"] == pytest.approx((2.0, 1.0))
+    assert agg["ppo"][1]["gold_reward"] == (0.8, None)  # one seed: no sd
+    assert report.pm((0.7, 0.2), "+.3f") == "+0.700 ± 0.200" and report.pm((0.81, None), ".0f", 100) == "81"
+    assert report.pm((None, None), ".2f") == "—"
+
+
+def test_frontier_points_follow_each_series_sorted_by_kl():
+    st = lambda kl, g: {"kl": (kl, 0.1), "gold_reward": (g, 0.01), "on_topic_gold": (g - 1, 0.02)}
+    agg = [("dpo", ["dpo"], st(30.0, 0.7)), ("dpo_beta2", ["dpo_beta2"], st(1.0, 0.5)),
+           ("ppo_kl0.5", ["ppo_kl0.5"], st(2.0, 0.6)), ("dpo_from_base", ["dpo_from_base"], st(9.0, 0.1))]
+    curves = report.frontier_points(agg)
+    assert set(curves) == {"dpo", "ppo"}
+    assert [p["label"] for p in curves["dpo"]] == ["beta2", "default"]
+    assert curves["ppo"][0]["on_topic_gold"] == (-0.4, 0.02) and math.isclose(curves["dpo"][0]["kl"][0], 1.0)

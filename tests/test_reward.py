@@ -75,6 +75,39 @@ def test_bradley_terry_against_loop_and_shift():
         assert bradley_terry_loss(r_w + c, r_l + c).item() == pytest.approx(bradley_terry_loss(r_w, r_l).item(), abs=1e-6)
 
 
+def test_margin_term_by_hand():
+    # Llama 2: -mean log sigma(r_w - r_l - m). Pair 1: 2 - 1 - 0.5 = 0.5 -> log(1 + e^-0.5) = 0.4740769842;
+    # pair 2: 0 - 1 - 1 = -2 -> log(1 + e^2) = 2.1269280110; mean 1.3005024976
+    r_w, r_l, m = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 1.0])
+    assert bradley_terry_loss(r_w, r_l, m).item() == pytest.approx(1.3005024976, abs=1e-6)
+    assert bradley_terry_loss(r_w, r_l, torch.zeros(2)).item() == bradley_terry_loss(r_w, r_l).item()
+    # the margin comes from the pair's score gap, times --margin; 0 for a pair without scores
+    pairs = [{"score_chosen": 0.75, "score_rejected": -0.25}, {"score_chosen": 0.5, "score_rejected": 0.25}, {}]
+    assert reward.pair_margins(pairs, 2.0).tolist() == [2.0, 0.5, 0.0]
+
+
+def test_centering_term_by_hand():
+    # Eisenstein et al.: + eta * mean (r_w + r_l)^2. (2 + 1)^2 = 9, (0 + 1)^2 = 1: mean 5, eta 0.1 -> + 0.5
+    r_w, r_l = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    plain = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
+    assert bradley_terry_loss(r_w, r_l, center_coef=0.1).item() == pytest.approx(plain + 0.5, abs=1e-6)
+    # unlike plain Bradley-Terry, it is no longer blind to a shift of every reward: it prefers them centred
+    assert bradley_terry_loss(r_w + 5, r_l + 5, center_coef=0.1) > bradley_terry_loss(r_w, r_l, center_coef=0.1)
+    # the gradient of the term: d/dr_w eta * (r_w + r_l)^2 / N = 2 * eta * (r_w + r_l) / N
+    w = r_w.clone().requires_grad_()
+    (bradley_terry_loss(w, r_l, center_coef=0.1) - bradley_terry_loss(w, r_l)).backward()
+    assert torch.allclose(w.grad, 2 * 0.1 * (r_w + r_l) / 2)
+
+
+def test_margin_and_center_flags_train_and_bad_values_are_refused(ckpt, pairs_dir, tmp_path):
+    m = run(ckpt, pairs_dir, tmp_path / "mc", "--margin", "1", "--center-coef", "0.01")
+    plain = run(ckpt, pairs_dir, tmp_path / "plain")
+    assert math.isfinite(m["train_loss"]) and m["train_loss"] > plain["train_loss"]  # a margin of 1 costs more
+    with pytest.raises(SystemExit) as e:   # one line `error: --margin must be a number >= 0, not -1`
+        reward.parse_args(["--margin", "-1"])
+    assert e.value.code == 2
+
+
 def test_swapping_chosen_and_rejected_gives_one_minus_accuracy():
     g = torch.Generator().manual_seed(1)
     r_w, r_l = torch.randn(101, generator=g), torch.randn(101, generator=g)

@@ -7,7 +7,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "reward", "reward_head", "dpo", "dpo_beta0.5",
-          "ppo", "ppo_kl0.2", "grpo", "rloo", "grpo_kl0.2", "rloo_kl0.2", "dpo_from_base")
+          "ppo", "ppo_kl0.2", "grpo", "rloo", "dpo_from_base")
 
 
 def run_quick(out):
