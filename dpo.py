@@ -1,9 +1,9 @@
 """Stage 6, DPO (Direct Preference Optimization): train the policy straight on preference pairs
 (prompt x, chosen y_w, rejected y_l) against a frozen reference model; no reward model, no sampling.
 
-    python dpo.py                          # policy = reference = out/sft, pairs out/preferences/train.jsonl
+    python dpo.py                          # policy = reference = out/sft, pairs out/preferences/train.jsonl, RPO alpha 1
     python dpo.py --beta 0.5 --out out/dpo_beta0.5
-    python dpo.py --rpo-alpha 1 --out out/dpo_rpo1     # + alpha * NLL of the chosen answers (RPO)
+    python dpo.py --rpo-alpha 0 --out out/dpo_plain    # plain DPO, without RPO's NLL of the chosen answers
     python dpo.py --init out/pretrain --out out/dpo_from_base   # pre-trained model -> DPO, no SFT (ref = init)
     python dpo.py --data world             # pairs from the world's review train split (no preferences.py)
     python dpo.py --data pairs.jsonl --eval-prompts none   # your prompt/chosen/rejected JSONL or Anthropic HH
@@ -56,9 +56,10 @@ def build_parser():
     p.add_argument("--label-smoothing", type=fraction0, default=0.0,
                    help="assumed share of flipped labels (conservative DPO), in [0, 0.5)")
     p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
-    p.add_argument("--rpo-alpha", type=nonneg_float, default=0.0,
+    p.add_argument("--rpo-alpha", type=nonneg_float, default=1.0,
                    help="weight of the negative log-likelihood of the chosen answers added to the loss (RPO, "
-                        "Pang et al. 2024); 0 = plain DPO")
+                        "Pang et al. 2024); 0 = plain DPO. 1 by default: over 3 seeds it kept 95%% of the reviews on "
+                        "topic at KL 1.6, where plain DPO drifted to KL 50 and 52%% (docs/alignment.md)")
     p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the reference log-probs of every pair once, before training")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per micro-batch per process")

@@ -41,7 +41,7 @@ def cli(tmp, out="dpo", **over):
     args = {"--init": str(tmp / "sft"), "--data": str(tmp / "prefs" / "train.jsonl"), "--out": str(tmp / out),
             "--batch-size": "4", "--epochs": "2", "--lr": "3e-3", "--warmup": "2", "--log-interval": "2",
             "--eval-interval": "4", "--eval-prompts": str(tmp / "prompts.jsonl"), "--max-new-tokens": "8",
-            "--device": "cpu"}
+            "--device": "cpu", "--rpo-alpha": "0"}   # plain DPO unless a test asks for RPO
     args.update(over)
     argv = []
     for k, v in args.items():
