@@ -77,6 +77,19 @@ def atomic_save_safetensors(tensors, path, metadata=None):
     os.replace(tmp, path)
 
 
+def check_tensors_fit(expected, tensors, where, what="checkpoint"):
+    """Refuse tensors that do not fit what a model expects (name -> tensor): missing, unexpected or
+    mis-shaped entries, the first three of each named in one line."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (model wants {tuple(v.shape)})"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 f"mis-shaped {wrong[:3]}" if wrong else ""]
+        raise UserError(f"{where}: {what} does not fit the model: " + "; ".join(p for p in parts if p))
+
+
 def read_safetensors(path):
     """Tensors of a safetensors file (a format that holds only arrays: no code can run on load)."""
     try:

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hf
-from common import UserError, atomic_save_safetensors, atomic_write_json, read_safetensors, run_cli, unique_state_dict
+from common import (UserError, atomic_save_safetensors, atomic_write_json, check_tensors_fit, read_safetensors, run_cli,
+                    unique_state_dict)
 from tokenizer import copy_gpt2_vocab, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 
@@ -297,15 +298,7 @@ def generate(model, prompts, max_new_tokens, *, eos_id, pad_id, temperature=1.0,
 
 def load_tensors_strict(module, tensors, where):
     """Copy tensors into module, refusing missing, unexpected or mis-shaped entries."""
-    expected = unique_state_dict(module)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (model wants {tuple(v.shape)})"
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or extra or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                 f"mis-shaped {wrong[:3]}" if wrong else ""]
-        raise UserError(f"{where}: checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
+    check_tensors_fit(unique_state_dict(module), tensors, where)
     module.load_state_dict(tensors, strict=False)
 
 

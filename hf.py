@@ -21,7 +21,8 @@ import os
 import torch
 import torch.nn as nn
 
-from common import UserError, atomic_save_safetensors, atomic_write_json, read_safetensors, unique_state_dict
+from common import (UserError, atomic_save_safetensors, atomic_write_json, check_tensors_fit, read_safetensors,
+                    unique_state_dict)
 from quant4 import DYNAMIC8, Linear4bit, QState, codebook
 from tokenizer import copy_gpt2_vocab, gpt2_tokenizer, load_tokenizer, save_tokenizer
 
@@ -384,14 +385,7 @@ def load_bnb_state_dict(model, tensors, where="state dict"):
             layer.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
         parent, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.to(device))
-    expected = bnb_state_dict(model)
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (model wants {tuple(v.shape)})"
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or extra or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                 f"mis-shaped {wrong[:3]}" if wrong else ""]
-        raise UserError(f"{where}: 4-bit checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
+    check_tensors_fit(bnb_state_dict(model), tensors, where, what="4-bit checkpoint")
     own = unique_state_dict(model)      # the bias, embeddings, LayerNorms...: not the 4-bit entries
     model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
     return model

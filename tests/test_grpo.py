@@ -11,7 +11,8 @@ import torch
 import grpo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
-from tokenizer import eos_id
+from tests.test_ppo import likes_eos
+
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -115,15 +116,6 @@ def tiny(small_enc):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=small_enc.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32)
     return GPT(cfg), small_enc
-
-
-def likes_eos(model, enc, logit=4.0):
-    """Make EOS likely so that some completions end early and padding follows them."""
-    with torch.no_grad():
-        v = torch.full((model.config.n_embd,), 0.5)
-        model.transformer.ln_f.bias.copy_(v)
-        model.transformer.wte.weight[eos_id(enc)] = v * logit / (v @ v)
-    return model
 
 
 def tiny_args(*extra):
