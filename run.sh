@@ -11,7 +11,8 @@
 #                            report.py shows mean ± sd over the seeds
 #
 # Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
-# -> SFT on the adapted model -> preference pairs -> reward model -> DPO (sweep of beta) and PPO
+# -> SFT on the adapted model -> preference pairs -> reward model -> DPO (RPO alpha 1; sweep of beta;
+# plain DPO, alpha 0, as out/dpo_rpo0) and PPO
 # (sweep of the KL coefficient) from the SFT model -> GRPO and RLOO (critic-free, same sweep of the KL
 # coefficient) -> DPO straight from the base model -> report.py.
 # "SFT alone" is the out/sft row of the report. Any stage can be rerun by hand with the command it
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --until) UNTIL="$2"; shift ;;
     --seeds) SEEDS="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -109,6 +110,7 @@ stage reward_head $OUT/reward_head/config.json $PY reward.py --init $OUT/sft --d
 for s in $(seq 1 "$SEEDS"); do   # seed 1: --seed 1337 (default), no suffix; seed k > 1: --seed k-1, suffix _sk
   if [ "$s" = 1 ]; then SFX="" SEED=""; else SFX="_s$s" SEED="--seed $((s - 1))"; fi
   stage dpo$SFX    $OUT/dpo$SFX/config.json    $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/dpo$SFX $SEED $DPO
+  stage dpo_rpo0$SFX $OUT/dpo_rpo0$SFX/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --rpo-alpha 0 --out $OUT/dpo_rpo0$SFX $SEED $DPO
   for b in $BETAS; do
     stage dpo_beta$b$SFX $OUT/dpo_beta$b$SFX/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --beta $b --out $OUT/dpo_beta$b$SFX $SEED $DPO
   done

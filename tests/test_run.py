@@ -6,7 +6,7 @@ import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "reward", "reward_head", "dpo", "dpo_beta0.5",
+STAGES = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "reward", "reward_head", "dpo", "dpo_rpo0", "dpo_beta0.5",
           "ppo", "ppo_kl0.2", "grpo", "rloo", "dpo_from_base")
 
 
