@@ -155,7 +155,7 @@ class GPT(nn.Module):
                 position_ids = torch.arange(cache_pos, cache_pos + T, device=idx.device).expand(B, T)
         if position_ids.max() >= self.config.block_size:
             raise UserError(f"sequence of {int(position_ids.max()) + 1} tokens is longer than the "
-                            f"model's context ({self.config.block_size}); shorten it or raise --block-size")
+                            f"model's context ({self.config.block_size}, fixed when the model was made); shorten it")
         if cache is not None and attention_mask is None:
             attention_mask = torch.ones(B, cache_pos + T, dtype=torch.bool, device=idx.device)
         attn_mask = None if attention_mask is None else padding_attention_mask(attention_mask.bool(), T, cache_pos)
