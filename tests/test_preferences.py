@@ -1,7 +1,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import preferences
 from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 from preferences import make_pairs, split_by_prompt
+from conftest import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,9 +102,9 @@ def test_two_process_torchrun_writes_the_same_files(ckpt, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        "--", os.path.join(ROOT, "preferences.py"), *argv("two")], cwd=tmp_path, capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                      "--", os.path.join(ROOT, "preferences.py"), *argv("two")], cwd=tmp_path,
+                     env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("train.jsonl", "val.jsonl", "val_groups.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name

@@ -2,7 +2,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import pretrain
 from common import read_safetensors
 from gpt import GPT, GPTConfig, cross_entropy_loss
 from training import lr_at
+from conftest import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, text_file):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "pretrain.py")] + tiny_args(tmp_path, text_file, out="two", **common)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    r = run_torchrun(cmd, cwd=tmp_path, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     w1 = read_safetensors(tmp_path / "one" / "model.safetensors")
     w2 = read_safetensors(tmp_path / "two" / "model.safetensors")

@@ -3,7 +3,6 @@ import math
 import os
 import random
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from reward import (RewardModel, bradley_terry_loss, kendall_tau, load_reward_model, pairwise_accuracy, reward_scores,
                     set_trainable)
 from tokenizer import pad_id, train_tokenizer
+from conftest import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Instruction: Review the kettle.\nOutput:", "Instruction: Review the inn.\nOutput:",
@@ -268,8 +268,7 @@ def torchrun(tmp_path, argv, nproc=2):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            os.path.join(ROOT, "reward.py"), *argv]
-    r = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=240)
+    r = run_torchrun(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
