@@ -198,13 +198,13 @@ def build_parser():
                    help="render prompts in the instruction template (default: as the checkpoint's stage says)")
     g.add_argument("--raw", dest="template", action="store_const", const=False, help="continue the text as typed")
     p.add_argument("--chat", action="store_true", help="with stdin not a terminal: the lines are one conversation")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="at most this many tokens per answer (default %(default)s)")
-    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="T; 0 = greedy, the argmax (default %(default)s)")
-    p.add_argument("--top-k", type=nonneg_int, default=50, help="sample among the k likeliest tokens, 0 = all (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="at most this many tokens per answer")
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="T; 0 = greedy, the argmax")
+    p.add_argument("--top-k", type=nonneg_int, default=50, help="sample among the k likeliest tokens, 0 = all")
     p.add_argument("--top-p", type=positive_prob, default=0.95, help="nucleus: the smallest set of tokens reaching this probability, "
-                   "1 = all (default %(default)s)")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="answers per prompt, not in the chat (default %(default)s)")
-    p.add_argument("--seed", type=int, default=1337, help="default %(default)s")
+                   "1 = all")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="answers per prompt, not in the chat")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     return p
 
