@@ -33,7 +33,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 import data
 import world
@@ -42,7 +41,7 @@ from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, 
 from evals import bleu, exact_match, jaccard, rouge_l, strip_eos
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import add_threads_arg, setup
+from training import add_threads_arg, all_gather_json, batch_seed, setup
 
 JUDGES = {"sentiment": None, "exact": exact_match, "jaccard": jaccard, "bleu": bleu, "rougeL": rouge_l}
 
@@ -153,27 +152,6 @@ def make_pairs(prompt, completions, scores, policy="all"):
         pairs.append({"prompt": prompt, "chosen": completions[w], "rejected": completions[l],
                       "score_chosen": scores[w], "score_rejected": scores[l]})
     return pairs, ties
-
-
-def batch_seed(seed, split, k):
-    """The generator seed of batch k of a split (0 train, 1 val): a pure function, so a batch's samples do
-    not depend on which process draws it, nor on the batches drawn before it."""
-    return (seed * 1_000_003 + split * 100_003 + k) % 2 ** 63
-
-
-def all_gather_json(obj, ctx):
-    """-> [each process's obj], in rank order, on every process: JSON bytes in uint8 tensors (no pickle),
-    padded to the longest for all_gather."""
-    if not ctx.ddp:
-        return [obj]
-    device = ctx.device if ctx.cuda else "cpu"  # NCCL moves CUDA tensors only
-    raw = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
-    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(ctx.world)]
-    dist.all_gather(sizes, torch.tensor(len(raw), device=device))
-    longest = max(int(n) for n in sizes)
-    parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(ctx.world)]
-    dist.all_gather(parts, torch.cat([raw, raw.new_zeros(longest - len(raw))]))
-    return [json.loads(bytes(p[:int(n)].tolist()).decode()) for p, n in zip(parts, sizes)]
 
 
 def sample_rows(model, enc, rows, args, split, ctx):

@@ -41,7 +41,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -51,8 +50,8 @@ from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_f
 from gpt import check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config, save_checkpoint
 from lora import inject_lora, merge_lora
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_common_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      optimizer_step, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, check_finite, gather_rows, load_train_state, lr_at,
+                      make_optimizer, optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
 
 HEAD_FILE = "reward_head.safetensors"
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -211,28 +210,6 @@ def reward_scores(rm, enc, prompt_ids, completion_ids, batch=32):
         out[idx] = rm({key: v.to(device) for key, v in b.items()}).float().cpu()
     rm.train(was_training)
     return out
-
-
-def rank_slice(n, ctx=None):
-    """This process's contiguous share [lo, hi) of n items: ceil(n / world) each (the last fewer); all of them
-    without torchrun."""
-    if ctx is None or not ctx.ddp:
-        return 0, n
-    m = -(-n // ctx.world)
-    return min(n, ctx.rank * m), min(n, (ctx.rank + 1) * m)
-
-
-def gather_rows(x, n, ctx=None):
-    """Each process's rows x of rank_slice(n) -> all n rows in order, on every process."""
-    if ctx is None or not ctx.ddp:
-        return x
-    m = -(-n // ctx.world)
-    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=ctx.device)  # all_gather needs equal sizes
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
-    dist.all_gather(parts, padded)
-    counts = [max(0, min(n, (r + 1) * m) - r * m) for r in range(ctx.world)]
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
 
 
 def unique_scores(rm, enc, prompt_ids, completion_ids, batch=32, ctx=None):

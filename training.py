@@ -138,6 +138,52 @@ def all_reduce_mean(x, ctx):
     return x
 
 
+
+# ----------------------------------------------------------------------------- sharing work across processes
+
+def rank_slice(n, ctx=None):
+    """This process's contiguous share [lo, hi) of n items: ceil(n / world) each (the last fewer); all of them
+    without torchrun."""
+    if ctx is None or not ctx.ddp:
+        return 0, n
+    m = -(-n // ctx.world)
+    return min(n, ctx.rank * m), min(n, (ctx.rank + 1) * m)
+
+
+def gather_rows(x, n, ctx=None):
+    """Each process's rows x of rank_slice(n) -> all n rows in order, on every process."""
+    if ctx is None or not ctx.ddp:
+        return x
+    m = -(-n // ctx.world)
+    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=ctx.device)  # all_gather needs equal sizes
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    dist.all_gather(parts, padded)
+    counts = [max(0, min(n, (r + 1) * m) - r * m) for r in range(ctx.world)]
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+
+
+def batch_seed(seed, split, k):
+    """The generator seed of batch k of a split (0 train, 1 val): a pure function, so a batch's samples do
+    not depend on which process draws it, nor on the batches drawn before it."""
+    return (seed * 1_000_003 + split * 100_003 + k) % 2 ** 63
+
+
+def all_gather_json(obj, ctx):
+    """-> [each process's obj], in rank order, on every process: JSON bytes in uint8 tensors (no pickle),
+    padded to the longest for all_gather."""
+    if not ctx.ddp:
+        return [obj]
+    device = ctx.device if ctx.cuda else "cpu"  # NCCL moves CUDA tensors only
+    raw = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(ctx.world)]
+    dist.all_gather(sizes, torch.tensor(len(raw), device=device))
+    longest = max(int(n) for n in sizes)
+    parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(ctx.world)]
+    dist.all_gather(parts, torch.cat([raw, raw.new_zeros(longest - len(raw))]))
+    return [json.loads(bytes(p[:int(n)].tolist()).decode()) for p, n in zip(parts, sizes)]
+
+
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), ctx=None):

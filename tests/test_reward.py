@@ -15,6 +15,7 @@ from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from reward import (RewardModel, bradley_terry_loss, kendall_tau, load_reward_model, pairwise_accuracy, reward_scores,
                     set_trainable)
 from tokenizer import pad_id, train_tokenizer
+from training import rank_slice
 from conftest import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,7 +288,7 @@ def test_rank_slices_cover_in_order_and_a_step_share_divides_the_batch():
     from types import SimpleNamespace
     for n, world in ((10, 3), (8, 2), (1, 4), (0, 2)):
         ctxs = [SimpleNamespace(ddp=True, rank=r, world=world) for r in range(world)]
-        cover = [i for c in ctxs for i in range(*reward.rank_slice(n, c))]
+        cover = [i for c in ctxs for i in range(*rank_slice(n, c))]
         assert cover == list(range(n))
     with pytest.raises(UserError, match="multiple of the 3 processes"):
         reward.check_shares(12, 4, SimpleNamespace(world=3))
