@@ -4,7 +4,9 @@
                                         same weights (or --ref), in eval mode, without gradients, never updated
   the held-out evaluation               policy and reference answer the same held-out prompts at temperature 1;
                                         the gold judge scores both: mean gold reward, its 95% interval, the win
-                                        rate, the sequence KL(pi || pi_ref) the policy paid, EOS rate and length
+                                        rate, the sequence KL(pi || pi_ref) the policy paid, EOS rate and length;
+                                        under torchrun every process samples its share of the prompts and all
+                                        get the figures of the whole set, the same for any number of processes
   the tabular exact check               a policy over two-token answers {aa, ab, ba, bb} with known rewards,
                                         small enough that every expectation is an exact sum, so each method's
                                         fixed point can be compared with its closed form
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 import data
 import world
 from common import UserError, nonneg_int
-from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
+from evals import alignment_eval, gather_chunks, mean_ci95, my_chunks, sample_completions, strip_eos
 from gpt import GPT, check_same_tokenizer, load_checkpoint
 from reward import reward_scores
 from training import add_common_args
@@ -103,22 +105,34 @@ def eval_prompts(spec, world_seed, limit=0):
 
 
 @torch.no_grad()
-def heldout_eval(policy, ref, enc, prompts, max_new_tokens, seed, autocast, judge=world.sentiment_score, rm=None):
+def heldout_eval(policy, ref, enc, prompts, max_new_tokens, seed, autocast, judge=world.sentiment_score, rm=None,
+                 ctx=None):
     """-> (metrics, samples): the gold judge on the policy's and the reference's answers to the same
-    prompts (evals.alignment_eval), the reference's interval, and the reward model's mean score when given."""
+    prompts (evals.alignment_eval), the reference's interval, and the reward model's mean score when given.
+    Under torchrun (ctx) every process calls it: each samples and scores its chunks of the prompts (chunk k by
+    process k mod N, generator seeded from (seed, k)), the results are gathered in prompt order, and every
+    process returns the same figures, those of one process."""
     if not prompts:
         return {}, []
     policy.eval()
     prompt_ids = [enc.encode_ordinary(p) for p in prompts]
     with autocast():
-        ref_out = sample_completions(ref, enc, prompt_ids, max_new_tokens, seed)
+        ref_out = sample_completions(ref, enc, prompt_ids, max_new_tokens, seed, ctx=ctx)
         metrics = alignment_eval(policy, ref, enc, prompts, judge, max_new_tokens, seed=seed,
-                                 ref_completions=ref_out, return_completions=True)
+                                 ref_completions=ref_out, return_completions=True, ctx=ctx)
         completions = metrics.pop("completions")
         if rm is not None:  # the reward model's view of the same samples
-            metrics["rm_reward"] = reward_scores(rm, enc, prompt_ids, completions).mean().item()
+            metrics["rm_reward"] = torch.tensor(chunked_reward_scores(rm, enc, prompt_ids, completions, ctx)).mean().item()
     metrics["ref_gold_reward_ci95"] = mean_ci95([judge(enc.decode(strip_eos(c, enc)).strip()) for c in ref_out])[1]
     return metrics, metrics.pop("samples")
+
+
+def chunked_reward_scores(rm, enc, prompt_ids, completions, ctx=None, chunk=64):
+    """reward.reward_scores of every (prompt, completion), as a list in order on every process; under torchrun
+    each process scores its chunks (evals.my_chunks) and they are gathered."""
+    mine = {k: reward_scores(rm, enc, prompt_ids[lo:hi], completions[lo:hi]).tolist()
+            for k, lo, hi in my_chunks(len(prompt_ids), chunk, ctx)}
+    return gather_chunks(mine, ctx)
 
 
 def print_final(metrics, samples):

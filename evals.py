@@ -16,6 +16,7 @@ import world
 from common import UserError
 from gpt import completion_logprobs, cross_entropy_loss, generate
 from tokenizer import eos_id, pad_id
+from training import all_gather_json
 
 
 def batched(items, n):
@@ -208,46 +209,82 @@ def win_rate(scores, baseline_scores):
     return wins / max(1, len(scores))
 
 
+# Under torchrun every process calls the evaluation: the prompts go in fixed-size chunks, chunk k is handled by
+# process k mod N, and the results are gathered in prompt order, so every process gets the whole set and the
+# figures do not depend on N (nor on which process sampled a chunk).
+
+def my_chunks(n, size, ctx=None):
+    """[(k, lo, hi)] of the chunks of `size` items (the last one fewer) this process handles: chunk k by process
+    k mod N; every chunk without torchrun."""
+    rank, world = (ctx.rank, ctx.world) if ctx is not None and ctx.ddp else (0, 1)
+    return [(k, lo, min(lo + size, n)) for k, lo in enumerate(range(0, n, size)) if k % world == rank]
+
+
+def gather_chunks(mine, ctx=None):
+    """{k: [results of chunk k]} of this process -> the results of every chunk in order, on every process
+    (JSON through training.all_gather_json under torchrun: token ids and floats travel exactly)."""
+    parts = all_gather_json(mine, ctx) if ctx is not None and ctx.ddp else [mine]
+    chunks = {int(k): v for part in parts for k, v in part.items()}
+    return [x for k in sorted(chunks) for x in chunks[k]]
+
+
+def chunk_seed(seed, k):
+    """The sampling generator's seed for chunk k of the prompts, a pure function of (seed, k): chunk 0 keeps
+    `seed`, so a set of prompts that fits one chunk samples as a single generator seeded with `seed` does."""
+    return seed + 1_000_003 * k
+
+
 @torch.no_grad()
-def sequence_kl(policy, ref, prompt_ids, completions, enc, device, batch=32):
+def sequence_kl(policy, ref, prompt_ids, completions, enc, device, batch=32, ctx=None):
     """KL(pi || pi_ref) of whole completions, estimated on samples y ~ pi:
-    KL ≈ mean_i [log pi(y_i|x_i) - log pi_ref(y_i|x_i)], each log pi a sum over the completion's tokens."""
-    total = []
-    for i in range(0, len(prompt_ids), batch):
-        b = data.completion_batch(prompt_ids[i:i + batch], completions[i:i + batch], pad_id(enc))
-        b = {k: v.to(device) for k, v in b.items()}
-        diff = completion_logprobs(policy, b).sum(-1) - completion_logprobs(ref, b).sum(-1)
-        total += diff.tolist()
+    KL ≈ mean_i [log pi(y_i|x_i) - log pi_ref(y_i|x_i)], each log pi a sum over the completion's tokens.
+    Under torchrun each process scores its chunks of `batch` rows; every process gets the mean of all."""
+    mine = {}
+    for k, lo, hi in my_chunks(len(prompt_ids), batch, ctx):
+        b = data.completion_batch(prompt_ids[lo:hi], completions[lo:hi], pad_id(enc))
+        b = {key: v.to(device) for key, v in b.items()}
+        mine[k] = (completion_logprobs(policy, b).sum(-1) - completion_logprobs(ref, b).sum(-1)).tolist()
+    total = gather_chunks(mine, ctx)
     return sum(total) / max(1, len(total))
 
 
-def sample_completions(model, enc, prompt_ids, max_new_tokens, seed, temperature=1.0, batch=64):
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = []
-    for chunk in batched(prompt_ids, batch):
-        outs += generate(model, chunk, max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
-                         temperature=temperature, generator=gen)
-    return outs
+def sample_chunks(model, enc, prompt_ids, max_new_tokens, seed, temperature=1.0, batch=64, ctx=None):
+    """{k: completions} of the chunks of `batch` prompts this process samples (my_chunks), chunk k with its own
+    generator seeded chunk_seed(seed, k): a chunk's samples depend on (seed, k) and its prompts only."""
+    device = next(model.parameters()).device
+    mine = {}
+    for k, lo, hi in my_chunks(len(prompt_ids), batch, ctx):
+        gen = torch.Generator(device=device).manual_seed(chunk_seed(seed, k))
+        mine[k] = generate(model, prompt_ids[lo:hi], max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                           temperature=temperature, generator=gen)
+    return mine
+
+
+def sample_completions(model, enc, prompt_ids, max_new_tokens, seed, temperature=1.0, batch=64, ctx=None):
+    """One sampled completion (token ids, ending with EOS when it ended) per prompt, in prompt order, on
+    every process; under torchrun each process samples its chunks (sample_chunks) and they are gathered."""
+    return gather_chunks(sample_chunks(model, enc, prompt_ids, max_new_tokens, seed, temperature, batch, ctx), ctx)
 
 
 def alignment_eval(policy, ref, enc, prompts, judge, max_new_tokens=48, seed=0, ref_completions=None,
-                   return_completions=False):
+                   return_completions=False, ctx=None):
     """The figures by which DPO and PPO are judged, on held-out prompts (strings):
     gold reward of the policy's samples (mean and 95% interval), win rate against the reference
     policy's samples for the same prompts, sequence KL(pi || pi_ref), EOS rate, mean length.
-    Sampling is at temperature 1, the distribution whose KL is reported."""
+    Sampling is at temperature 1, the distribution whose KL is reported. Under torchrun (ctx) every process
+    calls it: each samples and scores its chunks of the prompts, and every process gets the figures of all."""
     device = next(policy.parameters()).device
     prompt_ids = [enc.encode_ordinary(p) for p in prompts]
-    completions = sample_completions(policy, enc, prompt_ids, max_new_tokens, seed)
+    completions = sample_completions(policy, enc, prompt_ids, max_new_tokens, seed, ctx=ctx)
     if ref_completions is None:
-        ref_completions = sample_completions(ref, enc, prompt_ids, max_new_tokens, seed)
+        ref_completions = sample_completions(ref, enc, prompt_ids, max_new_tokens, seed, ctx=ctx)
     texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
     scores = [judge(t) for t in texts]
     ref_scores = [judge(enc.decode(strip_eos(c, enc)).strip()) for c in ref_completions]
     mean, ci = mean_ci95(scores)
     out = {"gold_reward": mean, "gold_reward_ci95": ci, "ref_gold_reward": sum(ref_scores) / len(ref_scores),
             "win_rate": win_rate(scores, ref_scores),
-            "kl": sequence_kl(policy, ref, prompt_ids, completions, enc, device),
+            "kl": sequence_kl(policy, ref, prompt_ids, completions, enc, device, ctx=ctx),
             "eos_rate": sum(bool(c) and c[-1] == eos_id(enc) for c in completions) / len(completions),
             "mean_len": sum(len(c) for c in completions) / len(completions),
             "samples": [{"prompt": p, "completion": t, "score": s} for p, t, s in list(zip(prompts, texts, scores))[:8]]}
