@@ -8,6 +8,7 @@
     python dpo.py --data world             # pairs from the world's review train split (no preferences.py)
     python dpo.py --data pairs.jsonl --eval-prompts none   # your prompt/chosen/rejected JSONL or Anthropic HH
     python dpo.py --toy                    # exact check: DPO on a tabular policy reaches pi_ref * exp(r / beta)
+    torchrun --nproc_per_node=4 dpo.py --grad-accum 4   # DistributedDataParallel, the same run as one process
 
 log pi(y|x) is the sum of the completion tokens' log-probs (prompt and padding masked out); chosen
 and rejected rows go through the model in one padded batch. Every log interval prints the loss and
@@ -17,6 +18,13 @@ fall: likelihood displacement; --rpo-alpha holds the chosen one up); held-out pa
 --eval-interval steps. At the end the policy and the reference each answer the held-out review prompts (sampled at temperature 1) and the gold judge
 (world.sentiment_score) scores them: mean gold reward, win rate against the reference, and the
 sequence KL(pi || pi_ref) the policy paid, all in OUT/config.json.
+
+Under torchrun a step's --batch-size x --grad-accum pairs are split into contiguous shares, one per process
+(--grad-accum counts micro-batches summed over the processes, so it must be a multiple of N), DDP averages the
+gradients, and the logged loss and statistics are those of the whole batch (the log-probs are gathered): the
+run is the one-process run with the same options. The reference log-probs and the held-out pairs are split
+across the processes and gathered; the final evaluation samples each process's share of the prompts. Only
+the first process writes files.
 """
 
 import argparse
@@ -36,8 +44,9 @@ from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float
                     positive_int, run_cli)
 from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_finite, load_train_state, lr_at,
-                      make_optimizer, micro_steps, optimizer_step, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_finite, gather_rows,
+                      load_train_state, lr_at, make_optimizer, micro_steps, optimizer_step, rank_slice, save_train_state,
+                      set_lr, setup, wrap_model)
 
 
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -130,14 +139,16 @@ def pair_logps(model, batch):
 
 
 @torch.no_grad()
-def reference_logps(ref, pairs, pad, batch_size, device, autocast):
-    """(N, 2) table of log pi_ref(y_w|x), log pi_ref(y_l|x), computed once before training."""
-    rows = []
-    for i in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in pair_batch(pairs[i:i + batch_size], pad).items()}
-        with autocast():
+def reference_logps(ref, pairs, pad, batch_size, ctx):
+    """(N, 2) table of log pi_ref(y_w|x), log pi_ref(y_l|x), computed once before training; under torchrun each
+    process computes its contiguous share of the pairs (training.rank_slice) and every process gets the table."""
+    lo, hi = rank_slice(len(pairs), ctx)
+    rows = [torch.zeros(0, 2, device=ctx.device)]
+    for i in range(lo, hi, batch_size):
+        batch = {k: v.to(ctx.device) for k, v in pair_batch(pairs[i:min(i + batch_size, hi)], pad).items()}
+        with ctx.autocast():
             rows.append(torch.stack(pair_logps(ref, batch), -1).float())
-    return torch.cat(rows) if rows else torch.zeros(0, 2, device=device)
+    return gather_rows(torch.cat(rows), len(pairs), ctx)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -171,7 +182,8 @@ def rpo_loss(dpo_loss_value, logp_chosen, chosen_tokens, alpha):
         L_RPO = L_DPO + alpha * NLL,   NLL = -sum_i log pi(y_w_i|x_i) / sum_i |y_w_i|
     normalised as TRL's rpo_alpha: the chosen answers' summed log-probs over the batch's total number of
     chosen tokens (a per-token mean over the batch; the paper divides each log pi(y_w|x) by its own length
-    before the mean over pairs). The NLL keeps pushing log pi(y_w|x) up, where DPO alone only pushes the
+    before the mean over pairs). The batch is the optimizer step's, over all its micro-batches and processes
+    (train_step). The NLL keeps pushing log pi(y_w|x) up, where DPO alone only pushes the
     margin and lets both log-probs fall (likelihood displacement). alpha = 0 is DPO.
     Returns (L_RPO, NLL)."""
     nll = -logp_chosen.sum() / chosen_tokens.clamp(min=1)
@@ -248,9 +260,10 @@ def toy_report():
 
 # ----------------------------------------------------------------------------- one step, evaluation, saving
 
-def pairs_loss(model, ref, pairs, ref_rows, pad, args, ctx):
-    """DPO loss and stats of some pairs: chosen and rejected in one forward of the model. ref_rows: their
-    precomputed (log pi_ref(y_w|x), log pi_ref(y_l|x)), or None to run the reference now."""
+def logp_table(model, ref, pairs, ref_rows, pad, ctx):
+    """(B, 4) float32 table of some pairs' log pi(y_w|x), log pi(y_l|x), log pi_ref(y_w|x), log pi_ref(y_l|x):
+    chosen and rejected in one forward of the model. ref_rows: their precomputed reference log-probs, or None to
+    run the reference now."""
     batch = {k: v.to(ctx.device) for k, v in pair_batch(pairs, pad).items()}
     with ctx.autocast():
         logp_chosen, logp_rejected = pair_logps(model, batch)
@@ -259,52 +272,79 @@ def pairs_loss(model, ref, pairs, ref_rows, pad, args, ctx):
         else:
             with torch.no_grad():
                 ref_logp_chosen, ref_logp_rejected = pair_logps(ref, batch)
-    loss, rewards_chosen, rewards_rejected = dpo_loss(
-        logp_chosen.float(), logp_rejected.float(), ref_logp_chosen.float(), ref_logp_rejected.float(),
-        args.beta, args.label_smoothing, args.loss_type)
-    loss, nll = rpo_loss(loss, logp_chosen.float(), (batch["targets"][:len(pairs)] != -1).sum(), args.rpo_alpha)
-    stats = preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected,
-                             ref_logp_chosen.float(), ref_logp_rejected.float())
-    return loss, {**stats, "nll/chosen": nll.item()}
+    return torch.stack([logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected], -1).float()
+
+
+def batch_loss(table, chosen_tokens, args):
+    """The loss of a batch from its logp_table: L_DPO (mean over the table's pairs) + alpha * NLL, with the NLL's
+    sum over the table's chosen answers divided by chosen_tokens; -> (L, NLL, rewards_chosen, rewards_rejected)."""
+    logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected = table.unbind(-1)
+    loss, rewards_chosen, rewards_rejected = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected,
+                                                      args.beta, args.label_smoothing, args.loss_type)
+    loss, nll = rpo_loss(loss, logp_chosen, chosen_tokens, args.rpo_alpha)
+    return loss, nll, rewards_chosen, rewards_rejected
+
+
+def batch_stats(table, chosen_tokens, args):
+    """The loss and every logged statistic of a whole batch, from the (n, 4) logp_table of all its pairs (every
+    process's rows gathered), as the equations define them over the batch; -> (loss, stats)."""
+    loss, nll, rewards_chosen, rewards_rejected = batch_loss(table.detach(), chosen_tokens, args)
+    stats = preference_stats(rewards_chosen, rewards_rejected, *table.detach().unbind(-1))
+    return loss, {"loss": loss.item(), **stats, "nll/chosen": nll.item()}
+
+
+def chosen_tokens_of(rows):
+    """Sum over the pairs (x, y_w, y_l) of |y_w|: the tokens whose log-probs make log pi(y_w|x), EOS included."""
+    return torch.tensor(float(sum(len(y_w) for _, y_w, _ in rows)))
 
 
 def train_step(train_model, ref, pairs, idx, accum, pad, args, ctx):
-    """Forward and backward of one optimizer step's pairs, split into micro-batches (and processes);
-    -> (the last micro-batch's loss, the step's mean stats). The optimizer step itself is the caller's."""
-    sums = {}
+    """Forward and backward of one optimizer step's pairs idx: this process's contiguous share of them
+    (training.rank_slice) in `accum` micro-batches; -> (loss, stats) of the whole step's batch (every process's
+    log-probs gathered, batch_stats). The optimizer step itself is the caller's.
+    DDP averages the N processes' gradients and each process divides its micro-batches' losses by accum, so the
+    gradient is the mean over the step's G = --grad-accum micro-batches; RPO's NLL of each micro-batch is divided
+    by T / G (T: chosen tokens of the whole step), so that mean is L_DPO + alpha * (-sum log pi(y_w|x) / T) of
+    the whole batch, whatever N and G."""
+    mine = idx[slice(*rank_slice(len(idx), ctx))]
+    chosen_tokens = chosen_tokens_of([pairs.train[i] for i in idx])
+    rows = []
     for micro in range(accum):
-        k = ctx.rank + ctx.world * micro
-        rows = idx[k * args.batch_size:(k + 1) * args.batch_size]
+        part = mine[micro * args.batch_size:(micro + 1) * args.batch_size]
         sync = ctx.ddp and micro < accum - 1
         with train_model.no_sync() if sync else contextlib.nullcontext():
-            loss, stats = pairs_loss(train_model, ref, [pairs.train[i] for i in rows],
-                                     None if pairs.ref_train is None else pairs.ref_train[torch.as_tensor(rows)],
-                                     pad, args, ctx)
+            table = logp_table(train_model, ref, [pairs.train[i] for i in part],
+                               None if pairs.ref_train is None else pairs.ref_train[torch.as_tensor(part)], pad, ctx)
+            loss = batch_loss(table, chosen_tokens / args.grad_accum, args)[0]
             (loss / accum).backward()
-        for key, v in {"loss": loss.item(), **stats}.items():
-            sums[key] = sums.get(key, 0.0) + v / accum
-    return loss, sums
+        rows.append(table.detach())
+    return batch_stats(gather_rows(torch.cat(rows), len(idx), ctx), chosen_tokens, args)
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, ref, pairs, pad, args, ctx):
-    """Loss, reward accuracy, margin and the drift of log pi(y_w|x), log pi(y_l|x) from the reference on the
-    held-out pairs."""
+    """Loss, reward accuracy, margin and the drift of log pi(y_w|x), log pi(y_l|x) from the reference over all the
+    held-out pairs; under torchrun each process scores its contiguous share and the log-probs are gathered."""
     if not pairs.val:
         return {}
     policy.eval()
-    sums, n = {}, 0
-    for i in range(0, len(pairs.val), 2 * args.batch_size):
-        idx = list(range(i, min(i + 2 * args.batch_size, len(pairs.val))))
-        loss, stats = pairs_loss(policy, ref, [pairs.val[j] for j in idx],
-                                 None if pairs.ref_val is None else pairs.ref_val[torch.as_tensor(idx)], pad, args, ctx)
-        for k, v in {"loss": loss.item(), **stats}.items():
-            sums[k] = sums.get(k, 0.0) + v * len(idx)
-        n += len(idx)
+    lo, hi = rank_slice(len(pairs.val), ctx)
+    rows = [torch.zeros(0, 4, device=ctx.device)]
+    for i in range(lo, hi, 2 * args.batch_size):
+        idx = list(range(i, min(i + 2 * args.batch_size, hi)))
+        rows.append(logp_table(policy, ref, [pairs.val[j] for j in idx],
+                               None if pairs.ref_val is None else pairs.ref_val[torch.as_tensor(idx)], pad, ctx))
     policy.train()
-    return {"eval_loss": sums["loss"] / n, "eval_accuracy": sums["rewards/accuracies"] / n,
-            "eval_margin": sums["rewards/margins"] / n, "eval_drift_chosen": sums["drift/chosen"] / n,
-            "eval_drift_rejected": sums["drift/rejected"] / n}
+    _, stats = batch_stats(gather_rows(torch.cat(rows), len(pairs.val), ctx), chosen_tokens_of(pairs.val), args)
+    return {"eval_loss": stats["loss"], "eval_accuracy": stats["rewards/accuracies"],
+            "eval_margin": stats["rewards/margins"], "eval_drift_chosen": stats["drift/chosen"],
+            "eval_drift_rejected": stats["drift/rejected"]}
+
+
+def any_process(flag, ctx):
+    """True on every process when flag is true on any: a signal may reach the processes at different steps,
+    and they must stop (and save) at the same one."""
+    return all_reduce_mean(torch.tensor(float(flag), device=ctx.device), ctx).item() > 0
 
 
 def prepare_pairs(args, enc, policy, ref, ctx):
@@ -327,8 +367,8 @@ def prepare_pairs(args, enc, policy, ref, ctx):
               f"; {max_iters} steps of {per_step} pairs; model {policy.num_params() / 1e6:.2f}M parameters "
               "without the position embeddings")
     if args.precompute_ref:
-        pairs.ref_train = reference_logps(ref, pairs.train, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
-        pairs.ref_val = reference_logps(ref, pairs.val, pad, 2 * args.batch_size, ctx.device, ctx.autocast)
+        pairs.ref_train = reference_logps(ref, pairs.train, pad, 2 * args.batch_size, ctx)
+        pairs.ref_val = reference_logps(ref, pairs.val, pad, 2 * args.batch_size, ctx)
     return pairs, max_iters
 
 
@@ -372,9 +412,8 @@ def main(argv=None):
             sums[key] = sums.get(key, 0.0) + v
         done, n_logged = step + 1, n_logged + 1
         if done % args.log_interval == 0 or done == max_iters:
-            means = {k: all_reduce_mean(torch.tensor(v / n_logged), ctx).item() for k, v in sums.items()}
-            dt, t_last = time.time() - t_last, time.time()
-            log.log(done, **means, grad_norm=grad_norm.item(), lr=lr,
+            dt, t_last = time.time() - t_last, time.time()   # stats are the whole batch's: the same on every process
+            log.log(done, **{k: v / n_logged for k, v in sums.items()}, grad_norm=grad_norm.item(), lr=lr,
                     pairs_per_s=round(per_step * n_logged / max(dt, 1e-9), 1))
             sums, n_logged = {}, 0
         if pairs.val and args.eval_interval and done % args.eval_interval == 0 and done < max_iters:
@@ -382,20 +421,20 @@ def main(argv=None):
             log.log(done, **ev)
             if ctx.master:
                 save(args, policy, optimizer, enc, done, ev)
-        if stop.requested or done == args.stop_at:
+        if any_process(stop.requested or done == args.stop_at, ctx):
             if ctx.master:
                 save(args, policy, optimizer, enc, done, {})
-            print(f"stopped at step {done}; continue with: python dpo.py --resume --out {args.out}")
+                print(f"stopped at step {done}; continue with: python dpo.py --resume --out {args.out}")
             return
 
-    # final evaluation: held-out pairs, then the gold judge on held-out prompts, policy vs reference
+    # final evaluation on every process: held-out pairs, then the gold judge on held-out prompts, policy vs reference
     metrics = {"train_loss": loss.item() if loss is not None else float("nan"),
                **evaluate_pairs(policy, ref, pairs, pad, args, ctx)}
+    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    heldout, samples = heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, ctx=ctx)
+    metrics.update(heldout)
+    metrics["time_s"] = round(time.time() - t0, 1)
     if ctx.master:
-        prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
-        heldout, samples = heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast)
-        metrics.update(heldout)
-        metrics["time_s"] = round(time.time() - t0, 1)
         save(args, policy, optimizer, enc, max_iters, metrics, samples, finished=True)
         print_final(metrics, samples)
     return metrics

@@ -2,6 +2,9 @@
 reference, the exact tabular optimum pi_ref * exp(r / beta), the CLI end to end, and exact resume."""
 import json
 import math
+import os
+import socket
+import sys
 
 import pytest
 import torch
@@ -9,9 +12,12 @@ import torch.nn.functional as F
 
 import align
 import dpo
-from common import UserError
+from common import UserError, read_safetensors
+from conftest import run_torchrun
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import pad_id
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["Instruction: Write a review of the kettle.\nOutput:", "Instruction: Write a review of the pie.\nOutput:",
            "Instruction: Write a review of the inn.\nOutput:", "Instruction: Describe the river.\nOutput:"]
@@ -251,3 +257,66 @@ def test_bad_input_is_one_clear_error(tiny_setup, monkeypatch):
     (tmp / "long.jsonl").write_text(json.dumps(long) + "\n")
     with pytest.raises(UserError, match="long.jsonl: pair 1.*longer than the context"):
         dpo.main(cli(tmp, **{"--data": str(tmp / "long.jsonl")}))
+
+
+# ----------------------------------------------------------------------------- one step's batch, however it is split
+
+def logged(path):
+    return [json.loads(line) for line in open(path / "metrics.jsonl")]
+
+
+def assert_same_runs(a, b, atol):
+    """Same metrics.jsonl (every logged figure but time and speed) and the same final weights."""
+    rows_a, rows_b = logged(a), logged(b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra.keys() == rb.keys()
+        for k in set(ra) - {"step", "elapsed", "pairs_per_s"}:
+            assert rb[k] == pytest.approx(ra[k], abs=atol), (ra["step"], k)
+    wa, wb = read_safetensors(str(a / "model.safetensors")), read_safetensors(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol, rtol=0) for k in wa)
+
+
+def test_micro_batches_make_the_step_of_their_whole_batch(tiny_setup):
+    """4 pairs a step as one micro-batch or as 2 x 2: the same losses and weights, the RPO term included (its
+    NLL is normalised by the chosen tokens of the whole step, whose answers differ in length)."""
+    tmp, _, _ = tiny_setup
+    run = {"--max-iters": "4", "--log-interval": "1", "--eval-interval": "2", "--eval-prompts": "none", "--rpo-alpha": "1"}
+    one = dpo.main(cli(tmp, out="b4", **run))
+    two = dpo.main(cli(tmp, out="b2x2", **run, **{"--batch-size": "2", "--grad-accum": "2"}))
+    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+    assert_same_runs(tmp / "b4", tmp / "b2x2", atol=1e-5)
+    assert logged(tmp / "b4")[0]["nll/chosen"] > 0
+
+
+def torchrun(tmp, argv, nproc=2):
+    with socket.socket() as sock:  # a free port, so parallel test runs never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                      f"--master_port={port}", os.path.join(ROOT, "dpo.py"), *argv], cwd=tmp,
+                     env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_process_torchrun_stopped_and_resumed_equals_one_process(tiny_setup):
+    """2 gloo processes, each 2 micro-batches of 1 pair a step (--batch-size 1 --grad-accum 4), stopped at step 3
+    and resumed, against 1 process with the 4 pairs in one micro-batch: the same logged losses and statistics
+    (each the whole batch's), held-out figures, final weights and sampled evaluation (80 prompts: 2 chunks, one
+    per process)."""
+    tmp, _, _ = tiny_setup
+    (tmp / "many.jsonl").write_text("".join(json.dumps({"prompt": PROMPTS[i % 4]}) + "\n" for i in range(80)))
+    run = {"--max-iters": "6", "--log-interval": "1", "--eval-interval": "2", "--rpo-alpha": "0.5",
+           "--eval-prompts": str(tmp / "many.jsonl")}
+    one = dpo.main(cli(tmp, out="one", **run))
+    split = {**run, "--batch-size": "1", "--grad-accum": "4"}
+    r = torchrun(tmp, cli(tmp, out="two", **split, **{"--stop-at": "3"}))
+    assert r.stdout.count("stopped at step 3") == 1                    # the first process alone prints and writes
+    torchrun(tmp, cli(tmp, out="two", **split, **{"--resume": ""}))
+    assert_same_runs(tmp / "one", tmp / "two", atol=1e-5)
+    two = json.load(open(tmp / "two" / "config.json"))["metrics"]
+    assert set(two) == set(one)
+    for k, v in one.items():
+        if k != "time_s":
+            assert two[k] == pytest.approx(v, abs=1e-5), k
