@@ -42,7 +42,8 @@ from reward import load_reward_model, reward_scores
 from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
-CACHE_VERSION = 3  # bump when the figures of a row change, so cached rows are recomputed
+CACHE_VERSION = 4  # bump when the figures of a row change, so cached rows are recomputed (4: --prompts beyond 64 are
+#                   sampled in chunks of 64, each with a generator of its own, evals.chunk_seed)
 FRONTIER_FAMILIES = ("dpo", "ppo", "grpo", "rloo")
 SEED_KEYS = ("gold_reward", "on_topic_gold", "on_topic", "win_rate", "kl", "sentiment", "story", "facts", "addition",
              "drift_chosen", "drift_rejected")
