@@ -14,6 +14,7 @@ adapters on a frozen base (lora.py); --qlora R does the same on a 4-bit NF4 base
     python sft.py --qlora 8 --out out/sft_qlora        # adapters on a 4-bit base
     python sft.py --mode domain --out out/domain       # read the held-out region's text
     python sft.py --init out/domain --out out/domain_sft   # then instruction-tune it
+    python sft.py --init out/domain --replay 0.3 --out out/domain_sft_replay   # ... keeping what it read
     python sft.py --data my_alpaca.jsonl --val-data my_val.jsonl   # your Alpaca / messages JSONL
     python sft.py --mode domain --data notes/*.txt     # your domain text
     torchrun --nproc_per_node=2 sft.py                 # DistributedDataParallel
@@ -59,10 +60,11 @@ def build_parser():
     p.add_argument("--val-fraction", type=fraction, default=0.05)
     p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="world tasks to train on (instruct mode)")
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
-    p.add_argument("--replay", type=fraction0, default=0.5, help="domain mode: share of each batch drawn from the "
-                   "pre-training text (rehearsal, against forgetting)")
-    p.add_argument("--replay-data", nargs="*", default=None, help="pre-training .txt files for --replay "
-                   "(default: the embedded world's corpus)")
+    p.add_argument("--replay", type=fraction0, default=None, help="rehearsal, against forgetting: domain mode: "
+                   "share of each batch drawn from the pre-training text (default 0.5); instruct mode: weight rho of "
+                   "the language-modelling loss on --replay-data text, L = (1-rho) L_SFT + rho L_LM (default 0)")
+    p.add_argument("--replay-data", nargs="*", default=None, help=".txt files for --replay (default: the world's "
+                   "pre-training corpus; in instruct mode also the held-out region's domain text)")
     p.add_argument("--lora", type=nonneg_int, default=0, metavar="R", help="train rank-R LoRA adapters only")
     p.add_argument("--qlora", type=nonneg_int, default=0, metavar="R", help="rank-R LoRA adapters on a 4-bit base")
     p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default 2r: scale 2)")
@@ -87,6 +89,10 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     domain = args.mode == "domain"
+    if args.replay is None:
+        args.replay = 0.5 if domain else 0.0
+    if not domain and args.data and args.replay and not args.replay_data:
+        raise UserError("--replay with your own --data needs --replay-data: the text the model should keep")
     if domain and args.data and not args.replay_data and args.replay:
         print("note: --replay needs --replay-data (pre-training text) with your own domain text; none is mixed in")
         args.replay = 0.0
@@ -139,9 +145,15 @@ def domain_texts(args):
 
 
 def replay_data(args, enc):
-    """The pre-training text that --replay mixes into domain batches (its training part only)."""
-    docs = data.read_text(args.replay_data, split_blank_lines=True) if args.replay_data else \
-        data.split_documents(world.pretrain_docs(world.make_world(args.world_seed)))[0]
+    """The text that --replay rehearses (training parts only): --replay-data, or the world's pre-training
+    corpus, plus in instruct mode the held-out region's text (what out/domain read before instruction tuning)."""
+    if args.replay_data:
+        docs = data.read_text(args.replay_data, split_blank_lines=True)
+    else:
+        w = world.make_world(args.world_seed)
+        docs = data.split_documents(world.pretrain_docs(w))[0]
+        if args.mode == "instruct":
+            docs = docs + world.domain_docs(w)[0]
     return cached_tokens(docs, enc, args, "replay.bin")
 
 
@@ -152,6 +164,12 @@ def sft_loss(logits, targets):
     response tokens and the EOS that ends them. data.completion_batch sets every other target
     (prompt, padding) to -1, so the same cross-entropy as pre-training counts only Y."""
     return cross_entropy_loss(logits, targets)
+
+
+def replay_loss(sft, lm, rho):
+    """Instruction tuning with rehearsal: L = (1 - rho) * L_SFT + rho * L_LM, where L_LM is the pre-training
+    loss (every token) on text the model should keep; rho = 0 is plain SFT, the mix PPO-ptx also uses."""
+    return (1 - rho) * sft + rho * lm
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -201,6 +219,7 @@ def load_data(args, enc, block_size):
         if not args.data:  # the held-out region's text, to show what instruction tuning alone does to it
             d.domain_val = cached_tokens(world.domain_docs(world.make_world(args.world_seed))[1], enc, args,
                                          "domain_val.bin")
+        d.replay_tokens = replay_data(args, enc) if args.replay > 0 else None
         d.size = f"{len(d.train):,} examples"
     else:
         train_docs, val_docs = domain_texts(args)
@@ -216,7 +235,9 @@ def load_data(args, enc, block_size):
 
 
 def micro_batch(d, args, ctx, pad, block_size, step, micro):
-    """(input ids, attention mask, position ids, targets) of one micro-batch of step `step`."""
+    """(input ids, attention mask, position ids, targets, rows) of one micro-batch of step `step`; in instruct
+    mode with --replay the rows after the first `rows` are windows of the replayed text, as wide as the
+    instruction rows (rows is None when the whole batch takes one loss)."""
     shard = ctx.rank + ctx.world * micro
     if args.mode == "domain":
         n_old = round(args.batch_size * args.replay)
@@ -224,11 +245,17 @@ def micro_batch(d, args, ctx, pad, block_size, step, micro):
         if n_old:  # rehearsal: a share of the batch is pre-training text
             xo, yo = data.get_batch(d.replay_tokens, n_old, block_size, args.seed + 1, step, shard)
             x, y = torch.cat([x, xo]), torch.cat([y, yo])
-        return x, None, None, y
+        return x, None, None, y, None
     idx = data.step_indices(len(d.train), args.batch_size * args.grad_accum, args.seed, step)
     idx = idx[shard * args.batch_size:(shard + 1) * args.batch_size]
     b = data.completion_batch([d.train[i][0] for i in idx], [d.train[i][1] for i in idx], pad)
-    return b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"]
+    x, mask, pos, y = b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"]
+    if d.replay_tokens is None:
+        return x, mask, pos, y, None
+    n_old, T = max(1, round(args.batch_size * args.replay)), x.size(1)
+    xo, yo = data.get_batch(d.replay_tokens, n_old, T, args.seed + 1, step, shard)
+    return (torch.cat([x, xo]), torch.cat([mask, torch.ones_like(xo, dtype=torch.bool)]),
+            torch.cat([pos, torch.arange(T).expand(n_old, T)]), torch.cat([y, yo]), len(idx))
 
 
 def adapt(model, args):
@@ -246,12 +273,14 @@ def train_step(train_model, d, args, ctx, pad, block_size, step, accum):
     """Forward and backward of one optimizer step's micro-batches; -> (last loss, completion tokens seen)."""
     n_tokens = 0
     for micro in range(accum):
-        x, mask, pos, y = (t if t is None else t.to(ctx.device)
-                           for t in micro_batch(d, args, ctx, pad, block_size, step, micro))
+        *batch, rows = micro_batch(d, args, ctx, pad, block_size, step, micro)
+        x, mask, pos, y = (t if t is None else t.to(ctx.device) for t in batch)
         n_tokens += int((y != -1).sum())
         sync = ctx.ddp and micro < accum - 1
         with train_model.no_sync() if sync else contextlib.nullcontext(), ctx.autocast():
-            loss = sft_loss(train_model(x, mask, pos), y)
+            logits = train_model(x, mask, pos)
+            loss = sft_loss(logits, y) if rows is None else \
+                replay_loss(sft_loss(logits[:rows], y[:rows]), sft_loss(logits[rows:], y[rows:]), args.replay)
             (loss / accum).backward()
     return loss, n_tokens
 

@@ -1,5 +1,7 @@
 """SFT: the loss mask, full / LoRA / QLoRA / domain runs end to end on a tiny model, exact resume."""
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import data
 import sft
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from tokenizer import pad_id
 
 
 def test_loss_counts_only_response_and_eos(tiny_model):
@@ -140,3 +143,32 @@ def test_domain_replay_mixes_pretraining_text(tiny_ckpt, tmp_path):
     assert (tmp_path / "rep" / "replay.bin").exists() and m["domain_ppl"] > 0
     with pytest.raises(SystemExit, match="2"):  # argparse: the range of --replay
         run(tiny_ckpt, tmp_path / "bad", "--mode", "domain", "--replay", "1.5")
+
+
+def test_replay_loss_mixes_by_hand():
+    assert sft.replay_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(0.75 * 2 + 0.25 * 4)
+    assert sft.replay_loss(torch.tensor(2.0), torch.tensor(4.0), 0.0).item() == 2.0
+
+
+def test_instruct_replay_appends_text_windows_as_wide_as_the_instructions(tiny_ckpt, tmp_path):
+    args = sft.parse_args(["--init", tiny_ckpt, "--out", str(tmp_path), "--batch-size", "4", "--replay", "0.5"])
+    enc = load_checkpoint(tiny_ckpt)[1]
+    d = sft.load_data(args, enc, 384)
+    ctx = SimpleNamespace(rank=0, world=1)
+    x, mask, pos, y, rows = sft.micro_batch(d, args, ctx, pad_id(enc), 384, 3, 0)
+    plain = sft.micro_batch(SimpleNamespace(**{**vars(d), "replay_tokens": None}), args, ctx, pad_id(enc), 384, 3, 0)
+    assert rows == 4 and x.shape == (6, plain[0].size(1)) and plain[4] is None
+    for a, b in zip((x, mask, pos, y), plain[:4]):  # the instruction rows are those of plain SFT
+        assert torch.equal(a[:rows], b)
+    T = x.size(1)
+    assert mask[rows:].all() and (y[rows:] != -1).all() and torch.equal(pos[rows:], torch.arange(T).expand(2, T))
+    assert torch.equal(x[rows:, 1:], y[rows:, :-1])  # next-token targets on every replayed token
+
+
+def test_instruct_replay_trains_and_needs_text_with_your_data(tiny_ckpt, tmp_path):
+    m = run(tiny_ckpt, tmp_path / "rep", "--replay", "0.3", "--recall-limit", "0")
+    assert (tmp_path / "rep" / "replay.bin").exists() and math.isfinite(m["train_loss"])
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"instruction": "Say hi.", "output": "hi"}\n' * 8)
+    with pytest.raises(UserError, match="--replay-data"):
+        sft.parse_args(["--data", str(path), "--replay", "0.3"])
