@@ -11,7 +11,7 @@ completions, and the other completions of the same prompt are the baseline of ea
                                                      # verifiable reward: 1 if the answer is the world's answer
     python grpo.py --reward exact --prompts qa.jsonl # your questions: Alpaca records whose 'output' is the answer
     python grpo.py --toy                             # exact check of both fixed points on a tabular policy
-    torchrun --nproc_per_node=4 grpo.py              # 4 processes, the same samples and updates as one
+    torchrun --nproc_per_node=4 grpo.py --sample-batch 8   # 4 processes sampling, the results of one
 
 One iteration: take --rollout-batch prompts, sample --group-size completions of each with the KV cache
 (left-padded prompts, one --temperature for sampling and for every log-prob; --sample-batch rows at a time,
@@ -29,12 +29,12 @@ Saved to OUT: the policy as a plain GPT checkpoint (config.json stage "grpo", "a
 metrics), metrics.jsonl, resume/.
 
 Under torchrun, as ppo.py: the sampling chunks are spread over the processes and gathered, so every process
-holds the whole rollout and each group's G scores sit together (the group statistics are those of one process);
-scores and log-probs are computed on shares of the rows and gathered; each minibatch is split across the
-processes with the token weights of the whole minibatch, so DistributedDataParallel's average is the gradient
-of one process (--minibatch must be a multiple of N). The samples depend on --sample-batch, not on the number
-of processes; for a --seed they differ from those of versions that sampled the whole rollout with one
-generator. Only the first process writes OUT and prints; the final evaluation runs there.
+holds the whole rollout and each group's G scores sit together (the group statistics are those of one
+process); scores and log-probs are computed on shares of the rows and gathered; each minibatch is split across
+the processes with the token weights of the whole minibatch, so DistributedDataParallel's average is the
+gradient of one process (--minibatch must be a multiple of N). The samples depend on --sample-batch, not on
+the number of processes; the default makes the default rollout (8 x 4 rows) one chunk: lower it so that every
+process samples. Only the first process writes OUT and prints; the final evaluation runs there.
 
 Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
   seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
@@ -75,8 +75,8 @@ from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, fro
 from common import ArgumentParser, UserError, nonneg_float, positive_float, positive_int, run_cli
 from evals import exact_match, strip_eos, task_accuracy
 from gpt import check_same_tokenizer, save_checkpoint
-from ppo import (kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sample_completions, sequence_scores,
-                 token_logps, training_prompts)
+from ppo import (kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sample_completions, sampling_note,
+                 sequence_scores, token_logps, training_prompts)
 from reward import load_reward_model
 from tokenizer import eos_id, pad_id
 from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_max, all_reduce_mean, check_divisible,
@@ -111,8 +111,9 @@ def build_parser():
     p.add_argument("--group-size", type=positive_int, default=4, help="completions sampled per prompt (G)")
     p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step (all processes "
                    "together; a multiple of their number)")
-    p.add_argument("--sample-batch", type=positive_int, default=8, help="completions sampled together: the rollout's "
-                   "chunks, which torchrun's processes share; the samples depend on it, not on the process count")
+    p.add_argument("--sample-batch", type=positive_int, default=32, help="completions sampled together: the rollout's "
+                   "chunks, which torchrun's processes share (lower it to give each process one); the samples "
+                   "depend on it, not on the process count")
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
@@ -513,7 +514,7 @@ def main(argv=None):
         print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} prompts x {args.group_size} "
               f"completions; advantage {args.advantage} (scale {args.scale_rewards}), KL in the {args.kl_in}, loss "
               f"{args.loss_agg}; reward {args.reward}; model {policy.num_params() / 1e6:.2f}M parameters"
-              + (f"; {ctx.world} processes" if ctx.ddp else ""))
+              + sampling_note(args.rollout_batch * args.group_size, args, ctx))
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0

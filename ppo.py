@@ -8,7 +8,7 @@ clipped surrogate objective moves it towards higher reward; a value head on the 
     python ppo.py --reward gold                 # PPO against the gold judge (world.sentiment_score) itself
     python ppo.py --prompts my_prompts.jsonl    # your prompts ('prompt', Alpaca fields or 'messages')
     python ppo.py --toy                         # exact check: a tabular policy reaches pi_ref * exp(r / beta)
-    torchrun --nproc_per_node=4 ppo.py          # 4 processes, the same samples and updates as one
+    torchrun --nproc_per_node=4 ppo.py --sample-batch 8   # 4 processes sampling, the results of one
 
 One iteration: sample a completion for each of --rollout-batch prompts with the KV cache (left-padded
 prompts, so every completion starts in the same column), --sample-batch prompts at a time, chunk k with its
@@ -19,14 +19,14 @@ advantages by GAE, whitened; then --ppo-epochs passes over shuffled minibatches 
 policy loss + vf_coef * the clipped value loss. Padding after EOS gets no reward, advantage or loss.
 
 Under torchrun (gloo on CPU, NCCL on CUDA) chunk k is sampled by process k mod N and the completions are
-gathered in order, so every process holds the whole rollout; scores, log-probs and values are computed on
-each process's share of the rows and gathered; whitening and the KL controller see the whole rollout. Every
-process draws the same minibatches and runs the forward of its share of each (--minibatch must be a multiple
-of N), normalised by the token count of the whole minibatch, so DistributedDataParallel's average is the
-gradient of one process. The samples depend on --sample-batch, never on the number of processes: N processes
-give one process's results to float rounding. (A --seed's samples are those of the chunks: versions that drew
-the whole rollout with one generator sampled other completions for the same seed.) Only the first process
-writes OUT and prints; the final evaluation runs there.
+gathered in order, so every process holds the whole rollout; scores, log-probs and values are computed on each
+process's share of the rows and gathered; whitening and the KL controller see the whole rollout. Every process
+draws the same minibatches and runs the forward of its share of each (--minibatch must be a multiple of N),
+normalised by the token count of the whole minibatch, so DistributedDataParallel's average is the gradient of
+one process. The samples depend on --sample-batch, never on the number of processes: N processes give one
+process's results to float rounding. The default --sample-batch makes the default rollout one chunk, whose
+generator is seeded from (--seed, iteration) alone: lower it (e.g. to --rollout-batch / N) so that every
+process samples. Only the first process writes OUT and prints; the final evaluation runs there.
 
 State s_t = prompt x + y_1..y_t, action a_t = the next token, reward from the frozen reward model for the
 whole completion. At the end the policy and the reference each answer held-out prompts (temperature 1)
@@ -52,7 +52,7 @@ from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
 from training import (MetricsLog, StopFlag, add_optimizer_args, all_gather_json, all_reduce_max, all_reduce_mean,
-                      batch_seed, check_divisible, check_finite, gather_rows, load_train_state, lr_at, make_optimizer,
+                      check_divisible, check_finite, gather_rows, load_train_state, lr_at, make_optimizer,
                       optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
 
 
@@ -69,8 +69,9 @@ def build_parser():
     p.add_argument("--rollout-batch", type=positive_int, default=32, help="prompts sampled per iteration")
     p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step (all processes "
                    "together; a multiple of their number)")
-    p.add_argument("--sample-batch", type=positive_int, default=8, help="prompts sampled together: the rollout's "
-                   "chunks, which torchrun's processes share; the samples depend on it, not on the process count")
+    p.add_argument("--sample-batch", type=positive_int, default=32, help="prompts sampled together: the rollout's "
+                   "chunks, which torchrun's processes share (lower it to give each process one); the samples "
+                   "depend on it, not on the process count")
     p.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
@@ -248,15 +249,30 @@ def token_logps(model, batch, start, n, temperature=1.0):
     return token_logprobs(model.lm_head(h), batch["actions"], temperature)
 
 
+def chunk_seed(seed, it, k):
+    """The generator seed of chunk k of iteration it's rollout: a pure function of (seed, it, k), so a chunk's
+    samples do not depend on which process draws it; chunk 0 has the seed of a rollout sampled in one piece."""
+    return (seed * 1_000_003 + it + k * 1_000_000_007) % 2 ** 63
+
+
+def sampling_note(rows, args, ctx):
+    """Under torchrun, the start line's word on how many processes sample the rollout's chunks."""
+    chunks = -(-rows // args.sample_batch)
+    if not ctx.ddp:
+        return ""
+    note = f"; {ctx.world} processes, {min(chunks, ctx.world)} of them sampling ({chunks} chunks of --sample-batch)"
+    return note + (": lower --sample-batch to share the sampling" if chunks < ctx.world else "")
+
+
 def sample_completions(gpt, prompts, args, it, enc, ctx=None):
     """The completion of every prompt row, on every process: chunk k of --sample-batch rows is sampled by
-    process k mod N with generator batch_seed(--seed, it, k), and the chunks are gathered in order, so the
+    process k mod N with generator chunk_seed(--seed, it, k), and the chunks are gathered in order, so the
     samples do not depend on N. An empty completion becomes [EOS]."""
     rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
     device = next(gpt.parameters()).device
     starts, mine = range(0, len(prompts), args.sample_batch), {}
     for k in range(rank, len(starts), world):
-        gen = torch.Generator(device=device).manual_seed(batch_seed(args.seed, it, k))
+        gen = torch.Generator(device=device).manual_seed(chunk_seed(args.seed, it, k))
         mine[k] = generate(gpt, prompts[starts[k]:starts[k] + args.sample_batch], args.max_new_tokens,
                            eos_id=eos_id(enc), pad_id=pad_id(enc), temperature=args.temperature, generator=gen)
     chunks = {int(k): v for part in all_gather_json(mine, ctx) for k, v in part.items()}
@@ -487,7 +503,7 @@ def main(argv=None):
     if ctx.master:
         print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
               f"{'gold judge' if rm is None else args.reward}; model {policy.gpt.num_params() / 1e6:.2f}M parameters "
-              "without the position embeddings" + (f"; {ctx.world} processes" if ctx.ddp else ""))
+              "without the position embeddings" + sampling_note(args.rollout_batch, args, ctx))
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start, beta = 0, args.kl_coef

@@ -171,9 +171,8 @@ def gather_rows(x, n, ctx=None):
 
 
 def batch_seed(seed, split, k):
-    """The generator seed of batch k of a stream (preferences.py: split 0 train, 1 val; ppo.py and grpo.py:
-    the iteration): a pure function, so a batch's samples do not depend on which process draws it, nor on
-    the batches drawn before it."""
+    """The generator seed of batch k of a split (0 train, 1 val): a pure function, so a batch's samples do
+    not depend on which process draws it, nor on the batches drawn before it."""
     return (seed * 1_000_003 + split * 100_003 + k) % 2 ** 63
 
 

@@ -228,7 +228,7 @@ def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
     keys = ("score", "kl", "eos", "len", "zero_std_groups", "loss", "pg_loss", "k3", "clipfrac", "approx_kl",
             "grad_norm")
     assert_same_runs(ckpt / "one", ckpt / "two", keys, ("model.safetensors",))
-    assert 0 < one["train_eos"] < 1
+    assert any(0 < json.loads(line)["eos"] < 1 for line in open(ckpt / "one" / "metrics.jsonl"))  # lengths differ
     two = json.load(open(ckpt / "two" / "config.json"))["metrics"]
     for k in ("train_loss", "gold_reward", "kl", "win_rate"):
         assert two[k] == pytest.approx(one[k], abs=1e-5), k
