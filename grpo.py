@@ -28,13 +28,12 @@ stored log pi_old: ratio = 1 on the first minibatch, and clipping measures only 
 Saved to OUT: the policy as a plain GPT checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final
 metrics), metrics.jsonl, resume/.
 
-Under torchrun, as ppo.py: the sampling chunks are spread over the processes and gathered, so every process
-holds the whole rollout and each group's G scores sit together (the group statistics are those of one
-process); scores and log-probs are computed on shares of the rows and gathered; each minibatch is split across
-the processes with the token weights of the whole minibatch, so DistributedDataParallel's average is the
-gradient of one process (--minibatch must be a multiple of N). The samples depend on --sample-batch, not on
-the number of processes; the default makes the default rollout (8 x 4 rows) one chunk: lower it so that every
-process samples. Only the first process writes OUT and prints; the final evaluation runs there.
+Under torchrun, as in ppo.py: the sampling chunks are shared by the processes and gathered, so every process
+holds the whole rollout and sees each group of G whole; scores and log-probs are computed on shares of the
+rows; each minibatch (a multiple of N) is split across the processes with the token weights of the whole
+minibatch, so DistributedDataParallel's average is the one-process gradient. The samples depend on
+--sample-batch, not on N; lower it (default: the default 8 x 4 rollout in one chunk) so that every process
+samples. Only the first process writes OUT and prints, and it alone runs the final evaluation.
 
 Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
   seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
