@@ -44,7 +44,7 @@ from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float
                     positive_int, run_cli)
 from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_finite, gather_rows,
+from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, gather_rows,
                       load_train_state, lr_at, make_optimizer, micro_steps, optimizer_step, rank_slice, save_train_state,
                       set_lr, setup, wrap_model)
 
@@ -341,12 +341,6 @@ def evaluate_pairs(policy, ref, pairs, pad, args, ctx):
             "eval_drift_rejected": stats["drift/rejected"]}
 
 
-def any_process(flag, ctx):
-    """True on every process when flag is true on any: a signal may reach the processes at different steps,
-    and they must stop (and save) at the same one."""
-    return all_reduce_mean(torch.tensor(float(flag), device=ctx.device), ctx).item() > 0
-
-
 def prepare_pairs(args, enc, policy, ref, ctx):
     """Tokenized train and held-out pairs, with the reference's log-probs of both when precomputed;
     -> (pairs, the number of optimizer steps)."""
@@ -421,7 +415,7 @@ def main(argv=None):
             log.log(done, **ev)
             if ctx.master:
                 save(args, policy, optimizer, enc, done, ev)
-        if any_process(stop.requested or done == args.stop_at, ctx):
+        if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, policy, optimizer, enc, done, {})
                 print(f"stopped at step {done}; continue with: python dpo.py --resume --out {args.out}")

@@ -11,20 +11,29 @@ completions, and the other completions of the same prompt are the baseline of ea
                                                      # verifiable reward: 1 if the answer is the world's answer
     python grpo.py --reward exact --prompts qa.jsonl # your questions: Alpaca records whose 'output' is the answer
     python grpo.py --toy                             # exact check of both fixed points on a tabular policy
+    torchrun --nproc_per_node=4 grpo.py --sample-batch 8   # 4 processes sampling, the results of one
 
 One iteration: take --rollout-batch prompts, sample --group-size completions of each with the KV cache
-(left-padded prompts, one --temperature for sampling and for every log-prob); score each whole completion
-r_i (reward model, gold judge, or exact answer; minus --no-eos-penalty if it never ends); compute log pi_old
-and log pi_ref of every completion token; turn the G scores of each prompt into one advantage per completion
-(grpo_advantages or rloo_advantages), given to each of its tokens and to no padding; then --epochs passes over
-shuffled minibatches of the clipped surrogate of ppo.py (ppo.ppo_policy_loss). The KL to the frozen
-reference enters either the loss (--kl-in loss, GRPO: beta * k3 per token, with the current policy) or
+(left-padded prompts, one --temperature for sampling and for every log-prob; --sample-batch rows at a time,
+chunk k with its own generator seeded from (--seed, iteration, k): ppo.sample_completions); score each whole
+completion r_i (reward model, gold judge, or exact answer; minus --no-eos-penalty if it never ends); compute
+log pi_old and log pi_ref of every completion token; turn the G scores of each prompt into one advantage per
+completion (grpo_advantages or rloo_advantages), given to each of its tokens and to no padding; then --epochs
+passes over shuffled minibatches of the clipped surrogate of ppo.py (ppo.ppo_policy_loss). The KL to the
+frozen reference enters either the loss (--kl-in loss, GRPO: beta * k3 per token, with the current policy) or
 the reward before the advantages (--kl-in reward, RLOO/PPO style: r_i - beta * sum_t k1_t, with pi_old).
 
 The policy stays in eval mode throughout (dropout off) so that its log-probs in the update match the
 stored log pi_old: ratio = 1 on the first minibatch, and clipping measures only the policy's own change.
-One process, as ppo.py (under torchrun it stops with an error). Saved to OUT: the policy as a plain GPT
-checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final metrics), metrics.jsonl, resume/.
+Saved to OUT: the policy as a plain GPT checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final
+metrics), metrics.jsonl, resume/.
+
+Under torchrun, as in ppo.py: the sampling chunks are shared by the processes and gathered, so every process
+holds the whole rollout and sees each group of G whole; scores and log-probs are computed on shares of the
+rows; each minibatch (a multiple of N) is split across the processes with the token weights of the whole
+minibatch, so DistributedDataParallel's average is the one-process gradient. The samples depend on
+--sample-batch, not on N; lower it (default: the default 8 x 4 rollout in one chunk) so that every process
+samples. Only the first process writes OUT and prints, and it alone runs the final evaluation.
 
 Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
   seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
@@ -64,12 +73,14 @@ from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, fro
                    kl_regularised_optimum, load_policy_and_reference, print_final, toy_problem, toy_token_logps)
 from common import ArgumentParser, UserError, nonneg_float, positive_float, positive_int, run_cli
 from evals import exact_match, strip_eos, task_accuracy
-from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
-from ppo import kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sequence_scores, training_prompts
+from gpt import check_same_tokenizer, save_checkpoint
+from ppo import (kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sample_completions, sampling_note,
+                 sequence_scores, token_logps, training_prompts)
 from reward import load_reward_model
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      optimizer_step, save_train_state, set_lr, setup)
+from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_max, all_reduce_mean, check_divisible,
+                      check_finite, gather_rows, load_train_state, lr_at, make_optimizer, optimizer_step, rank_slice,
+                      save_train_state, set_lr, setup, wrap_model)
 
 LOSS_AGGS = ("token-sum-norm", "seq-mean-token-mean", "token-mean")
 EXACT_TASKS = ("domain_facts", "facts", "addition")
@@ -97,7 +108,11 @@ def build_parser():
     p.add_argument("--iters", type=positive_int, default=40, help="iterations (rollout + update)")
     p.add_argument("--rollout-batch", type=positive_int, default=8, help="prompts sampled per iteration")
     p.add_argument("--group-size", type=positive_int, default=4, help="completions sampled per prompt (G)")
-    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step")
+    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step (all processes "
+                   "together; a multiple of their number)")
+    p.add_argument("--sample-batch", type=positive_int, default=32, help="completions sampled together: the rollout's "
+                   "chunks, which torchrun's processes share (lower it to give each process one); the samples "
+                   "depend on it, not on the process count")
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
@@ -186,14 +201,18 @@ def token_weights(mask, agg="token-sum-norm", max_len=None):
     return mask / (B * (max_len or mask.size(-1)))
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, weights, beta=0.0, cliprange=0.2):
+def grpo_loss(logp, old_logp, ref_logp, adv, weights, beta=0.0, cliprange=0.2, total=None):
     """The minimised loss, summed over tokens with weights w (token_weights):
     L = sum_bt w_bt [ -min(rho_bt A_bt, clip(rho_bt, 1 - eps, 1 + eps) A_bt) + beta * k3_bt ],
     rho = pi / pi_old; the first term is ppo.ppo_policy_loss (its weighted mean times sum w), and
     k3_bt = pi_ref/pi - 1 - log(pi_ref/pi) of the current policy (ppo.kl_per_token "k3", the GRPO paper's
-    estimator); beta = 0 when the KL is in the reward. Returns (L, policy term, k3 term, clipfrac, approx KL)."""
-    pg, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp, adv, weights, cliprange)
-    pg = pg * weights.sum()
+    estimator); beta = 0 when the KL is in the reward. Returns (L, policy term, k3 term, clipfrac, approx KL).
+    One process's share of a minibatch (torchrun): weights = its rows of the whole minibatch's w times N, and
+    total = sum w over the whole minibatch; then the mean of the N processes' L (DDP averages their gradients),
+    clipfracs and approx KLs are those of the whole minibatch."""
+    total = weights.sum() if total is None else total
+    pg, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp, adv, weights, cliprange, denom=total)
+    pg = pg * total
     kl = (kl_per_token(logp, ref_logp, "k3") * weights).sum()
     return pg + beta * kl, pg, kl, clipfrac, approx_kl
 
@@ -309,10 +328,16 @@ def toy_report():
 
 # ----------------------------------------------------------------------------- data, rollout, update
 
-def policy_logps(model, batch, start, n, temperature=1.0):
-    """log pi(a_t|s_t) of every completion token of a ppo.rollout_batch (columns start..start+n-1 predict them)."""
-    h = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
-    return token_logprobs(model.lm_head(h), batch["actions"], temperature)
+class PolicyLogps(torch.nn.Module):
+    """The policy as DistributedDataParallel wraps it: forward = ppo.token_logps of a rollout batch, so that DDP
+    sees the call and averages the gradients. Its parameters are the GPT's, under the GPT's names after .gpt."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, batch, start, n, temperature=1.0):
+        return token_logps(self.gpt, batch, start, n, temperature)
 
 
 def exact_prompts(args, enc, block_size):
@@ -333,32 +358,33 @@ def exact_prompts(args, enc, block_size):
     return [p for p, _ in pairs], ids, [a for _, a in pairs]
 
 
-def score_completions(reward, enc, prompts, completions, texts, answers):
+def score_completions(reward, enc, prompts, completions, texts, answers, ctx=None):
     """r_i of each whole completion: exact answer (answers given), reward model, or gold judge (reward None)."""
     if answers is not None:
         return torch.tensor([exact_reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
-    return sequence_scores(reward, enc, prompts, completions, texts)
+    return sequence_scores(reward, enc, prompts, completions, texts, ctx)
 
 
 @torch.no_grad()
-def make_rollout(policy, ref, reward, enc, prompts, answers, args, generator):
+def make_rollout(policy, ref, reward, enc, prompts, answers, args, it, ctx=None):
     """G completions of each prompt (rows grouped: prompt k owns rows kG..kG+G-1), their scores, log pi_old,
-    log pi_ref and the per-token advantages: everything the update needs, as tensors."""
+    log pi_ref and the per-token advantages: everything the update needs, as tensors, the whole rollout on every
+    process (scores and log-probs computed on shares of the rows, gathered), so every group is seen whole."""
     G = args.group_size
     rows = [p for p in prompts for _ in range(G)]
     row_answers = None if answers is None else [a for a in answers for _ in range(G)]
-    completions = generate(policy, rows, args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
-                           temperature=args.temperature, generator=generator)
-    completions = [c if c else [eos_id(enc)] for c in completions]
+    completions = sample_completions(policy, rows, args, it, enc, ctx)
     texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
     ended = torch.tensor([c[-1] == eos_id(enc) for c in completions])
-    raw = score_completions(reward, enc, rows, completions, texts, row_answers)
+    raw = score_completions(reward, enc, rows, completions, texts, row_answers, ctx)
     score = raw - args.no_eos_penalty * (~ended).float()
     device = next(policy.parameters()).device
     batch, start, n = rollout_batch(rows, completions, pad_id(enc))
     batch = {k: v.to(device) for k, v in batch.items()}
-    old_logp = policy_logps(policy, batch, start, n, args.temperature)
-    ref_logp = policy_logps(ref, batch, start, n, args.temperature)
+    lo, hi = rank_slice(len(rows), ctx)
+    mine = {k: v[lo:hi] for k, v in batch.items()}
+    old_logp, ref_logp = (gather_rows(token_logps(m, mine, start, n, args.temperature), len(rows), ctx)
+                          for m in (policy, ref))
     mask = batch["mask"]
     r = score.to(device)
     if args.kl_in == "reward":
@@ -372,28 +398,33 @@ def make_rollout(policy, ref, reward, enc, prompts, answers, args, generator):
             "zero_std": (groups.std(-1) == 0).float().mean()}
 
 
-def grpo_update(policy, optimizer, ro, args, rng, it=0):
-    """--epochs passes over the rollout in shuffled minibatches of grpo_loss; mean stats."""
-    stats, B = {}, ro["mask"].size(0)
+def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
+    """--epochs passes over the rollout in shuffled minibatches of grpo_loss; mean stats. model: a PolicyLogps
+    (DDP-wrapped under torchrun); every process draws the same minibatches and runs its share of the rows of each."""
+    stats, B, world = {}, ro["mask"].size(0), ctx.world if ctx is not None else 1
+    lo, hi = rank_slice(args.minibatch, ctx)
     beta = args.kl_coef if args.kl_in == "loss" else 0.0
     for _ in range(args.epochs):
         order = rng.permutation(B)
         for i in range(0, B, args.minibatch):
-            idx = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
+            whole = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
+            w = token_weights(ro["mask"][whole], args.loss_agg, args.max_new_tokens)   # of the whole minibatch
+            idx = whole[lo:hi]
             mb = {k: v[idx] for k, v in ro["batch"].items()}
-            logp = policy_logps(policy, mb, ro["start"], ro["n"], args.temperature)
-            mask = ro["mask"][idx]
+            logp = model(mb, ro["start"], ro["n"], args.temperature)
             loss, pg, k3, clipfrac, approx_kl = grpo_loss(logp, ro["old_logp"][idx], ro["ref_logp"][idx],
-                                                          ro["advantages"][idx],
-                                                          token_weights(mask, args.loss_agg, args.max_new_tokens),
-                                                          beta, args.cliprange)
-            check_finite(loss, it)  # a NaN/inf stops the run; the last checkpoint stays
+                                                          ro["advantages"][idx], w[lo:hi] * world, beta,
+                                                          args.cliprange, total=w.sum())
             loss.backward()
-            grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
-            for k, v in (("loss", loss), ("pg_loss", pg), ("k3", k3), ("clipfrac", clipfrac),
-                         ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
-                stats.setdefault(k, []).append(v.item())
-            stats.setdefault("ratio_first", [math.exp((logp - ro["old_logp"][idx]).abs().max().item()) - 1])
+            means = all_reduce_mean(torch.stack([loss, pg, k3, clipfrac, approx_kl]).detach(), ctx)
+            check_finite(means[0], it)  # NaN/inf anywhere stops every process before the step
+            grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+            for k, v in zip(("loss", "pg_loss", "k3", "clipfrac", "approx_kl", "grad_norm"),
+                            (*means.tolist(), grad_norm.item())):
+                stats.setdefault(k, []).append(v)
+            if "ratio_first" not in stats:  # max |ratio - 1| on the first minibatch, over every process
+                gap = all_reduce_max((logp - ro["old_logp"][idx]).abs().max().detach(), ctx)
+                stats["ratio_first"] = [math.exp(gap.item()) - 1]
     return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
 
 
@@ -411,13 +442,31 @@ def load_models(args, ctx):
     return gpt.eval(), ref, rm, enc
 
 
+def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, args, ctx):
+    """One iteration: sample the groups of this iteration's prompts, then the clipped updates of model (the
+    PolicyLogps, DDP-wrapped under torchrun); -> (the rollout, its figures for the log, over the whole rollout)."""
+    idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
+    with ctx.autocast():
+        ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx],
+                          None if answers is None else [answers[i] for i in idx], args, it, ctx)
+        stats = grpo_update(model, optimizer, ro, args, np.random.default_rng([args.seed, it]), it, ctx)
+    stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
+    # gold: the exact answer's correctness, or the world's sentiment judge, which knows its review prompts only
+    gold = {} if args.prompts and args.reward != "exact" else {"gold": ro["gold"].mean().item()}
+    return ro, {"score": ro["score"].mean().item(), **gold, "kl": ro["kl"].mean().item(),
+                "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(),
+                "zero_std_groups": ro["zero_std"].item(), **stats}
+
+
 def final_eval(policy, ref, rm, enc, args, ctx):
     """With --reward exact: greedy exact-match accuracy of policy and reference on the task's test split and,
-    as the forgetting check, on the other tasks' test splits (with --prompts: on --eval-prompts FILE, if given). Otherwise as ppo.py: the gold judge on held-out
-    review prompts (gold reward, win rate against the reference, sequence KL, EOS rate) and the RM's view."""
+    as the forgetting check, on the other tasks' test splits (with --prompts: on --eval-prompts FILE, if given).
+    Otherwise as ppo.py: the gold judge on held-out review prompts (gold reward, win rate against the reference,
+    sequence KL, EOS rate) and the RM's view, every process sampling its share. The greedy accuracies of
+    --reward exact run on the first process alone; the others return no metrics."""
     lim = lambda xs: xs[:args.eval_limit] if args.eval_limit else xs  # noqa: E731
     metrics, samples = {}, []
-    if args.eval_prompts == "none":
+    if args.eval_prompts == "none" or (args.reward == "exact" and not ctx.master):
         return metrics, samples
     if args.reward == "exact" and args.prompts:  # your questions: accuracy on --eval-prompts FILE (with answers)
         if args.eval_prompts == "review":
@@ -437,7 +486,14 @@ def final_eval(policy, ref, rm, enc, args, ctx):
                                for e, p in zip(tasks[task]["test"][:8], preds)]
         return metrics, samples
     prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
-    return heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm)
+    return heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm, ctx=ctx)
+
+
+def save(args, policy, optimizer, enc, step, metrics, samples=(), finished=False):
+    save_train_state(args.out, policy, optimizer, step, args=args)
+    save_checkpoint(args.out, policy, enc, {"stage": "grpo", "algorithm": args.advantage, "args": vars(args),
+                                            "step": step, "metrics": metrics, "samples": list(samples),
+                                            "finished": finished})
 
 
 # ----------------------------------------------------------------------------- main
@@ -447,37 +503,29 @@ def main(argv=None):
     if args.toy:
         return toy_report()
     t0 = time.time()
-    ctx = setup(args, single_process="grpo.py")
+    ctx = setup(args)
+    check_divisible(args.minibatch, "--minibatch", ctx)
     policy, ref, rm, enc = load_models(args, ctx)
     if args.reward == "exact":
         prompts, prompt_ids, answers = exact_prompts(args, enc, policy.config.block_size)
     else:
         (prompts, prompt_ids), answers = training_prompts(args, enc, policy.config.block_size), None
-    print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} prompts x {args.group_size} "
-          f"completions; advantage {args.advantage} (scale {args.scale_rewards}), KL in the {args.kl_in}, loss "
-          f"{args.loss_agg}; reward {args.reward}; model {policy.num_params() / 1e6:.2f}M parameters")
+    if ctx.master:
+        print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} prompts x {args.group_size} "
+              f"completions; advantage {args.advantage} (scale {args.scale_rewards}), KL in the {args.kl_in}, loss "
+              f"{args.loss_agg}; reward {args.reward}; model {policy.num_params() / 1e6:.2f}M parameters"
+              + sampling_note(args.rollout_batch * args.group_size, args, ctx))
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
+    model = wrap_model(PolicyLogps(policy), ctx, compile=False)   # DDP under torchrun: it averages the gradients
     stop = StopFlag()
-    log = MetricsLog(args.out, args.iters, resume=args.resume)
-    meta = {"stage": "grpo", "algorithm": args.advantage, "args": vars(args)}
+    log = MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
     t_last, sums, n_logged, window = time.time(), {}, 0, {}
     for it in range(start, args.iters):
         lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
         set_lr(optimizer, lr)
-        idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
-        gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
-        with ctx.autocast():
-            ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx],
-                              None if answers is None else [answers[i] for i in idx], args, gen)
-            stats = grpo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
-        stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
-        # gold: the exact answer's correctness, or the world's sentiment judge, which knows its review prompts only
-        gold = {} if args.prompts and args.reward != "exact" else {"gold": ro["gold"].mean().item()}
-        row = {"score": ro["score"].mean().item(), **gold, "kl": ro["kl"].mean().item(),
-               "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(),
-               "zero_std_groups": ro["zero_std"].item(), **stats}
+        ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, args, ctx)
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v
         n_logged += 1
@@ -486,24 +534,24 @@ def main(argv=None):
             dt, t_last = time.time() - t_last, time.time()
             window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
             log.log(done, **window, lr=lr, samples_per_s=round(len(ro["texts"]) * n_logged / max(dt, 1e-9), 1))
-            judge = "gold" if gold else "score"
-            print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
+            judge = "gold" if "gold" in row else "score"
+            if ctx.master:
+                print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
-        if stop.requested or done == args.stop_at:
-            save_train_state(args.out, policy, optimizer, done, args=args)
-            save_checkpoint(args.out, policy, enc, meta | {"step": done, "metrics": {}, "finished": False})
-            print(f"stopped at iteration {done}; continue with: python grpo.py --resume --out {args.out} "
-                  f"(and the same options)")
+        if stop.requested_anywhere(ctx) or done == args.stop_at:
+            if ctx.master:
+                save(args, policy, optimizer, enc, done, {})
+                print(f"stopped at iteration {done}; continue with: python grpo.py --resume --out {args.out} "
+                      f"(and the same options)")
             return {"stopped_at": done, **row}
 
     metrics = {f"train_{k}": v for k, v in window.items()}
     with ctx.autocast():
         evaluated, samples = final_eval(policy, ref, rm, enc, args, ctx)
     metrics.update(evaluated, time_s=round(time.time() - t0, 1))
-    save_train_state(args.out, policy, optimizer, args.iters, args=args)
-    save_checkpoint(args.out, policy, enc, meta | {"step": args.iters, "metrics": metrics, "samples": samples,
-                                                   "finished": True})
-    print_final(metrics, samples)
+    if ctx.master:
+        save(args, policy, optimizer, enc, args.iters, metrics, samples, finished=True)
+        print_final(metrics, samples)
     return metrics
 
 

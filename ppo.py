@@ -8,13 +8,25 @@ clipped surrogate objective moves it towards higher reward; a value head on the 
     python ppo.py --reward gold                 # PPO against the gold judge (world.sentiment_score) itself
     python ppo.py --prompts my_prompts.jsonl    # your prompts ('prompt', Alpaca fields or 'messages')
     python ppo.py --toy                         # exact check: a tabular policy reaches pi_ref * exp(r / beta)
+    torchrun --nproc_per_node=4 ppo.py --sample-batch 8   # 4 processes sampling, the results of one
 
 One iteration: sample a completion for each of --rollout-batch prompts with the KV cache (left-padded
-prompts, so every completion starts in the same column); score it (reward model, or the gold judge);
+prompts, so every completion starts in the same column), --sample-batch prompts at a time, chunk k with its
+own generator seeded from (--seed, iteration, k); score it (reward model, or the gold judge);
 compute log pi_old, log pi_ref and V_old for every completion token in one forward each; build the
 per-token rewards r_t = -beta * KL_t, plus the score at the last token (or spread as r_T * gamma^(T-t));
 advantages by GAE, whitened; then --ppo-epochs passes over shuffled minibatches with the clipped
 policy loss + vf_coef * the clipped value loss. Padding after EOS gets no reward, advantage or loss.
+
+Under torchrun (gloo on CPU, NCCL on CUDA) chunk k is sampled by process k mod N and the completions are
+gathered in order, so every process holds the whole rollout; scores, log-probs and values are computed on each
+process's share of the rows and gathered; whitening and the KL controller see the whole rollout. Every process
+draws the same minibatches and runs the forward of its share of each (--minibatch must be a multiple of N),
+normalised by the token count of the whole minibatch, so DistributedDataParallel's average is the gradient of
+one process. The samples depend on --sample-batch, never on the number of processes: N processes give one
+process's results to float rounding. The default --sample-batch makes the default rollout one chunk, whose
+generator is seeded from (--seed, iteration) alone: lower it (e.g. to --rollout-batch / N) so that every
+process samples. Only the first process writes OUT and prints; the final evaluation runs there.
 
 State s_t = prompt x + y_1..y_t, action a_t = the next token, reward from the frozen reward model for the
 whole completion. At the end the policy and the reference each answer held-out prompts (temperature 1)
@@ -39,8 +51,9 @@ from evals import strip_eos
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, load_train_state, lr_at, make_optimizer,
-                      optimizer_step, save_train_state, set_lr, setup)
+from training import (MetricsLog, StopFlag, add_optimizer_args, all_gather_json, all_reduce_max, all_reduce_mean,
+                      check_divisible, check_finite, gather_rows, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
 
 
 def build_parser():
@@ -54,7 +67,11 @@ def build_parser():
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train prompts)")
     p.add_argument("--iters", type=positive_int, default=40, help="PPO iterations (rollout + update)")
     p.add_argument("--rollout-batch", type=positive_int, default=32, help="prompts sampled per iteration")
-    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step")
+    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step (all processes "
+                   "together; a multiple of their number)")
+    p.add_argument("--sample-batch", type=positive_int, default=32, help="prompts sampled together: the rollout's "
+                   "chunks, which torchrun's processes share (lower it to give each process one); the samples "
+                   "depend on it, not on the process count")
     p.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
@@ -92,9 +109,11 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- the equations
 
-def masked_mean(x, mask):
-    """Mean of x over real tokens: sum_t x_t * m_t / sum_t m_t (m may also be float weights)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+def masked_mean(x, mask, denom=None):
+    """Mean of x over real tokens: sum_t x_t * m_t / sum_t m_t (m may also be float weights). denom replaces
+    sum_t m_t when x holds one process's share of the rows: the whole minibatch's sum_t m_t / N, so that the
+    mean of the N processes' values (DDP averages their gradients) is the mean over the whole minibatch."""
+    return (x * mask).sum() / (mask.sum() if denom is None else denom).clamp(min=1e-8)
 
 
 def whiten(x, mask, shift_mean=True):
@@ -157,26 +176,29 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, (adv + values) * mask
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, cliprange=0.2):
+def ppo_policy_loss(logp, old_logp, advantages, mask, cliprange=0.2, denom=None):
     """Clipped surrogate objective, as a loss to minimise, averaged over real tokens:
     ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) = exp(log pi - log pi_old),
     L = -mean_t min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t).
-    Returns (L, share of tokens clipped, approx KL(pi_old || pi) = mean 0.5 * (log ratio)^2)."""
+    Returns (L, share of tokens clipped, approx KL(pi_old || pi) = mean 0.5 * (log ratio)^2); every mean is
+    masked_mean's, with its denom for one process's share of a minibatch."""
     log_ratio = torch.where(mask > 0, logp - old_logp, 0.0)          # padding: ratio 1, weight 0
     ratio = torch.exp(log_ratio)
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(loss1, loss2), mask)
-    clipfrac = masked_mean((loss2 > loss1).float(), mask)
-    return loss, clipfrac.detach(), masked_mean(0.5 * log_ratio ** 2, mask).detach()
+    loss = masked_mean(torch.max(loss1, loss2), mask, denom)
+    clipfrac = masked_mean((loss2 > loss1).float(), mask, denom)
+    return loss, clipfrac.detach(), masked_mean(0.5 * log_ratio ** 2, mask, denom).detach()
 
 
-def ppo_value_loss(values, old_values, returns, mask, cliprange_value=0.2):
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value=0.2, denom=None):
     """Clipped value loss: V_clip = V_old + clip(V - V_old, -eps_v, eps_v),
-    L_V = 0.5 * mean_t max((V - R_t)^2, (V_clip - R_t)^2). Returns (L_V, share clipped)."""
+    L_V = 0.5 * mean_t max((V - R_t)^2, (V_clip - R_t)^2). Returns (L_V, share clipped: the clipped term is the
+    larger and |V - V_old| > eps_v, since inside the range V_clip is V only up to rounding); means as masked_mean."""
     v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     l1, l2 = (values - returns) ** 2, (v_clip - returns) ** 2
-    return 0.5 * masked_mean(torch.max(l1, l2), mask), masked_mean((l2 > l1).float(), mask).detach()
+    clipped = ((values - old_values).abs() > cliprange_value) & (l2 > l1)
+    return 0.5 * masked_mean(torch.max(l1, l2), mask, denom), masked_mean(clipped.float(), mask, denom).detach()
 
 
 def adaptive_kl_coef(beta, kl, target, n_samples, horizon):
@@ -221,30 +243,69 @@ def rollout_batch(prompts, completions, pad):
             "actions": torch.where(real[:, P:], ids[:, P:], -1), "mask": mask}, P - 1, T
 
 
-def sequence_scores(reward, enc, prompts, completions, texts):
-    """Reward of each whole completion: the reward model's score at its last real token, or the gold judge."""
+def token_logps(model, batch, start, n, temperature=1.0):
+    """log pi(a_t|s_t) of every completion token of a rollout_batch (columns start..start+n-1 predict them)."""
+    h = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
+    return token_logprobs(model.lm_head(h), batch["actions"], temperature)
+
+
+def chunk_seed(seed, it, k):
+    """The generator seed of chunk k of iteration it's rollout: a pure function of (seed, it, k), so a chunk's
+    samples do not depend on which process draws it; chunk 0 has the seed of a rollout sampled in one piece."""
+    return (seed * 1_000_003 + it + k * 1_000_000_007) % 2 ** 63
+
+
+def sampling_note(rows, args, ctx):
+    """Under torchrun, the start line's word on how many processes sample the rollout's chunks."""
+    chunks = -(-rows // args.sample_batch)
+    if not ctx.ddp:
+        return ""
+    note = f"; {ctx.world} processes, {min(chunks, ctx.world)} of them sampling ({chunks} chunks of --sample-batch)"
+    return note + (": lower --sample-batch to share the sampling" if chunks < ctx.world else "")
+
+
+def sample_completions(gpt, prompts, args, it, enc, ctx=None):
+    """The completion of every prompt row, on every process: chunk k of --sample-batch rows is sampled by
+    process k mod N with generator chunk_seed(--seed, it, k), and the chunks are gathered in order, so the
+    samples do not depend on N. An empty completion becomes [EOS]."""
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
+    device = next(gpt.parameters()).device
+    starts, mine = range(0, len(prompts), args.sample_batch), {}
+    for k in range(rank, len(starts), world):
+        gen = torch.Generator(device=device).manual_seed(chunk_seed(args.seed, it, k))
+        mine[k] = generate(gpt, prompts[starts[k]:starts[k] + args.sample_batch], args.max_new_tokens,
+                           eos_id=eos_id(enc), pad_id=pad_id(enc), temperature=args.temperature, generator=gen)
+    chunks = {int(k): v for part in all_gather_json(mine, ctx) for k, v in part.items()}
+    return [c if c else [eos_id(enc)] for k in range(len(starts)) for c in chunks[k]]
+
+
+def sequence_scores(reward, enc, prompts, completions, texts, ctx=None):
+    """Reward of each whole completion: the reward model's score at its last real token (each process scores
+    its share of the rows; all scores gathered), or the gold judge."""
     if reward is None:
         return torch.tensor([world.sentiment_score(t) for t in texts], dtype=torch.float32)
-    return reward_scores(reward, enc, prompts, completions).float().cpu()
+    lo, hi = rank_slice(len(prompts), ctx)
+    return gather_rows(reward_scores(reward, enc, prompts[lo:hi], completions[lo:hi]).float(), len(prompts), ctx).cpu()
 
 
 @torch.no_grad()
-def make_rollout(policy, ref, reward, enc, prompts, args, generator, beta):
-    """Sample, score and evaluate one batch of completions; everything PPO needs, as tensors."""
+def make_rollout(policy, ref, reward, enc, prompts, args, it, beta, ctx=None):
+    """Sample, score and evaluate the iteration's batch of completions; everything PPO needs, as tensors,
+    the whole rollout on every process (log pi_old, V_old and log pi_ref computed on shares, gathered)."""
     policy.eval()
-    completions = generate(policy.gpt, prompts, args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
-                           temperature=args.temperature, generator=generator)
-    completions = [c if c else [eos_id(enc)] for c in completions]
+    completions = sample_completions(policy.gpt, prompts, args, it, enc, ctx)
     texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
     ended = torch.tensor([c[-1] == eos_id(enc) for c in completions])
-    score = sequence_scores(reward, enc, prompts, completions, texts)
+    score = sequence_scores(reward, enc, prompts, completions, texts, ctx)
     score = score - args.no_eos_penalty * (~ended).float()
     device = next(policy.parameters()).device
     batch, start, n = rollout_batch(prompts, completions, pad_id(enc))
     batch = {k: v.to(device) for k, v in batch.items()}
-    old_logp, old_values = policy(batch, start, n, args.temperature)
-    h = ref.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
-    ref_logp = token_logprobs(ref.lm_head(h), batch["actions"], args.temperature)
+    lo, hi = rank_slice(len(prompts), ctx)
+    mine = {k: v[lo:hi] for k, v in batch.items()}
+    old_logp, old_values = policy(mine, start, n, args.temperature)
+    ref_logp = token_logps(ref, mine, start, n, args.temperature)
+    old_logp, old_values, ref_logp = (gather_rows(x, len(prompts), ctx) for x in (old_logp, old_values, ref_logp))
     mask = batch["mask"]
     rewards, kl = kl_penalty_rewards(score.to(device), old_logp, ref_logp, mask, beta, args.kl_estimator,
                                      args.reward_shape, args.shape_gamma)
@@ -256,28 +317,36 @@ def make_rollout(policy, ref, reward, enc, prompts, args, generator, beta):
             "gold": torch.tensor([world.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
 
 
-def ppo_update(policy, optimizer, ro, args, rng, it=0):
-    """--ppo-epochs passes over the rollout in shuffled minibatches of the clipped losses; mean stats."""
-    stats, B = {}, ro["mask"].size(0)
+def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
+    """--ppo-epochs passes over the rollout in shuffled minibatches of the clipped losses; mean stats.
+    model: the policy, or its DDP wrapper under torchrun; every process draws the same minibatches and runs
+    its share of the rows of each."""
+    stats, B, world = {}, ro["mask"].size(0), ctx.world if ctx is not None else 1
+    lo, hi = rank_slice(args.minibatch, ctx)
+    names = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")
     for _ in range(args.ppo_epochs):
         order = rng.permutation(B)
         for i in range(0, B, args.minibatch):
-            idx = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
+            whole = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
+            denom = ro["mask"][whole].sum() / world   # see masked_mean: DDP's average = the whole minibatch's mean
+            idx = whole[lo:hi]
             mb = {k: v[idx] for k, v in ro["batch"].items()}
-            logp, values = policy(mb, ro["start"], ro["n"], args.temperature)
+            logp, values = model(mb, ro["start"], ro["n"], args.temperature)
             mask = ro["mask"][idx]
             pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, ro["old_logp"][idx], ro["advantages"][idx], mask,
-                                                           args.cliprange)
+                                                           args.cliprange, denom)
             vf_loss, vf_clipfrac = ppo_value_loss(values, ro["old_values"][idx], ro["returns"][idx], mask,
-                                                  args.cliprange_value)
+                                                  args.cliprange_value, denom)
             loss = pg_loss + args.vf_coef * vf_loss
-            check_finite(loss, it)  # a NaN/inf stops the run; the last checkpoint stays
             loss.backward()
-            grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
-            for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
-                         ("vf_clipfrac", vf_clipfrac), ("grad_norm", grad_norm)):
-                stats.setdefault(k, []).append(v.item())
-            stats.setdefault("ratio_first", [math.exp((logp - ro["old_logp"][idx]).abs().max().item()) - 1])
+            means = all_reduce_mean(torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac]).detach(), ctx)
+            check_finite(means[0] + args.vf_coef * means[1], it)  # NaN/inf anywhere stops every process before the step
+            grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+            for k, v in zip(names + ("grad_norm",), (*means.tolist(), grad_norm.item())):
+                stats.setdefault(k, []).append(v)
+            if "ratio_first" not in stats:  # max |ratio - 1| on the first minibatch, over every process
+                gap = all_reduce_max((logp - ro["old_logp"][idx]).abs().max().detach(), ctx)
+                stats["ratio_first"] = [math.exp(gap.item()) - 1]
     return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
 
 
@@ -389,19 +458,25 @@ def load_models(args, ctx):
     return policy.to(ctx.device).train(), ref, rm, enc
 
 
-def iteration(policy, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx):
-    """One PPO iteration: sample a rollout for this iteration's prompts, then the clipped updates;
-    -> (the rollout, its figures for the log)."""
+def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx):
+    """One PPO iteration: sample a rollout for this iteration's prompts, then the clipped updates of model (the
+    policy, or its DDP wrapper); -> (the rollout, its figures for the log, over the whole rollout)."""
     idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
-    gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + it)   # (seed, iteration)
     with ctx.autocast():
-        ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, gen, beta)
-        stats = ppo_update(policy, optimizer, ro, args, np.random.default_rng([args.seed, it]), it)
+        ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, it, beta, ctx)
+        stats = ppo_update(model, optimizer, ro, args, np.random.default_rng([args.seed, it]), it, ctx)
     # stats["ratio_first"]: max |ratio - 1| on the first minibatch, 0 when rollout and update see the same policy
     # the gold judge knows the world's review prompts only: on --prompts of your own it means nothing
     gold = {} if args.prompts else {"gold": ro["gold"].mean().item()}
     return ro, {"score": ro["score"].mean().item(), **gold, "kl": ro["kl"].mean().item(), "beta": beta,
                 "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
+
+
+def final_eval(policy, ref, rm, enc, args, ctx):
+    """The gold judge on held-out prompts, policy against the reference (the SFT model); under torchrun every
+    process samples its share of the prompts and all get the same figures (align.heldout_eval)."""
+    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    return heldout_eval(policy.gpt, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm, ctx=ctx)
 
 
 def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
@@ -419,29 +494,32 @@ def main(argv=None):
     if args.toy:
         return toy_report()
     t0 = time.time()
-    ctx = setup(args, single_process="ppo.py")
+    ctx = setup(args)
+    check_divisible(args.minibatch, "--minibatch", ctx)
     policy, ref, rm, enc = load_models(args, ctx)
     prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
-    print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
-          f"{'gold judge' if rm is None else args.reward}; model {policy.gpt.num_params() / 1e6:.2f}M parameters "
-          "without the position embeddings")
+    if ctx.master:
+        print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
+              f"{'gold judge' if rm is None else args.reward}; model {policy.gpt.num_params() / 1e6:.2f}M parameters "
+              "without the position embeddings" + sampling_note(args.rollout_batch, args, ctx))
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start, beta = 0, args.kl_coef
     if args.resume:
         start, extra = load_train_state(args.out, policy, optimizer)
         beta = extra["kl_coef"]
+    model = wrap_model(policy, ctx, compile=False)   # DDP under torchrun: it averages the gradients
     stop = StopFlag()
-    log = MetricsLog(args.out, args.iters, resume=args.resume)
+    log = MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
     t_last, sums, n_logged, window = time.time(), {}, 0, {}
     for it in range(start, args.iters):
         lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
         set_lr(optimizer, lr)
-        ro, row = iteration(policy, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx)
+        ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx)
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v
         n_logged += 1
-        if args.target_kl:
+        if args.target_kl:   # the KL of the whole rollout, the same on every process
             beta = adaptive_kl_coef(beta, row["kl"], args.target_kl, args.rollout_batch, args.horizon)
         done = it + 1
         if done % args.log_interval == 0 or done == args.iters:
@@ -450,21 +528,22 @@ def main(argv=None):
             log.log(done, **window, lr=lr,
                     samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
             judge = "score" if args.prompts else "gold"
-            print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
+            if ctx.master:
+                print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
             sums, n_logged = {}, 0
-        if stop.requested or done == args.stop_at:
-            save(args, policy, optimizer, enc, done, beta, {})
-            print(f"stopped at iteration {done}; continue with: python ppo.py --resume --out {args.out}")
+        if stop.requested_anywhere(ctx) or done == args.stop_at:
+            if ctx.master:
+                save(args, policy, optimizer, enc, done, beta, {})
+                print(f"stopped at iteration {done}; continue with: python ppo.py --resume --out {args.out}")
             return {"stopped_at": done, **row}
 
-    # final evaluation: the gold judge on held-out prompts, policy vs reference (the SFT model)
     metrics = {**{f"train_{k}": v for k, v in window.items()}, "kl_coef_final": beta}
-    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
-    heldout, samples = heldout_eval(policy.gpt, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm)
+    heldout, samples = final_eval(policy, ref, rm, enc, args, ctx)
     metrics.update(heldout)
     metrics["time_s"] = round(time.time() - t0, 1)
-    save(args, policy, optimizer, enc, args.iters, beta, metrics, samples)
-    print_final(metrics, samples)
+    if ctx.master:
+        save(args, policy, optimizer, enc, args.iters, beta, metrics, samples)
+        print_final(metrics, samples)
     return metrics
 
 

@@ -171,7 +171,7 @@ def main(argv=None):
             log.log(done, val_loss=val_loss, val_bpb=bpb)
             if ctx.master:
                 save(args, model, optimizer, enc, done, {"val_loss": val_loss, "val_bpb": bpb})
-        if stop.requested or done == args.stop_at:
+        if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, model, optimizer, enc, done, {})
             print(f"stopped at step {done}; continue with: python pretrain.py --resume --out {args.out}")

@@ -444,7 +444,7 @@ def main(argv=None):
             m = evaluate(rm, enc, d.val, [], args.eval_batch, ctx)
             log.log(done, val_loss=m["val_loss"], val_accuracy=m["pairwise_accuracy"])
             train_mode(rm, features)
-        if stop.requested or done == args.stop_at:
+        if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, rm, optimizer, enc, done, {}, total)
                 print(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "

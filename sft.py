@@ -356,7 +356,7 @@ def main(argv=None):
             log.log(done, loss=all_reduce_mean(loss, ctx).item(), grad_norm=grad_norm.item(), lr=lr,
                     tok_per_s=round(n_tokens * ctx.world / max(dt, 1e-9)))
             n_tokens = 0
-        if stop.requested or done == args.stop_at:
+        if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, model, optimizer, enc, done, {}, rank)
             print(f"stopped at step {done}; continue with: python sft.py --resume --out {args.out} (same options)")

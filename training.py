@@ -69,15 +69,12 @@ def add_optimizer_args(p, lr, min_lr, warmup, weight_decay=0.0):
     return p
 
 
-def setup(args, single_process=None):
+def setup(args):
     """Threads, device, precision, seeds, (under torchrun) the process group; then the output directory
-    checked and locked, and for --resume the saved options taken back, all before any work.
-    single_process: the name of a stage that runs in one process only, refused under torchrun."""
+    checked and locked, and for --resume the saved options taken back, all before any work."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp and single_process:
-        raise UserError(f"{single_process} runs in one process; start it with python, not torchrun")
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
@@ -93,7 +90,7 @@ def setup(args, single_process=None):
     if rank == 0 and getattr(args, "out", None):
         claim_output_dir(args.out)
     if getattr(args, "resume", False):
-        resume_options(args)
+        resume_options(args, rank == 0)
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -115,9 +112,10 @@ def micro_steps(grad_accum, ctx):
     return grad_accum // ctx.world
 
 
-def wrap_model(model, ctx):
-    """torch.compile and DDP as the context asks; returns the model to call in the loop."""
-    if ctx.compile:
+def wrap_model(model, ctx, compile=None):
+    """torch.compile and DDP as the context asks (compile=False: never, for a model whose input shapes change
+    every step); returns the model to call in the loop."""
+    if ctx.compile if compile is None else compile:
         model = torch.compile(model)
     if ctx.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.cuda else None)
@@ -130,11 +128,20 @@ def unwrap(model):
 
 
 def all_reduce_mean(x, ctx):
-    if ctx.ddp:
+    """The mean of x over the processes (x itself in one process)."""
+    if ctx is not None and ctx.ddp:
         x = x.detach().clone()
         dist.all_reduce(x, op=dist.ReduceOp.AVG if ctx.cuda else dist.ReduceOp.SUM)
         if not ctx.cuda:
             x /= ctx.world
+    return x
+
+
+def all_reduce_max(x, ctx):
+    """The largest x of the processes, elementwise (x itself in one process)."""
+    if ctx is not None and ctx.ddp:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 
@@ -169,10 +176,16 @@ def batch_seed(seed, split, k):
     return (seed * 1_000_003 + split * 100_003 + k) % 2 ** 63
 
 
+def check_divisible(n, option, ctx):
+    """Every process takes an equal share of n items (a minibatch): n must be a multiple of the process count."""
+    if n % ctx.world:
+        raise UserError(f"{option} {n} must be a multiple of the {ctx.world} processes: each takes an equal share")
+
+
 def all_gather_json(obj, ctx):
     """-> [each process's obj], in rank order, on every process: JSON bytes in uint8 tensors (no pickle),
     padded to the longest for all_gather."""
-    if not ctx.ddp:
+    if ctx is None or not ctx.ddp:
         return [obj]
     device = ctx.device if ctx.cuda else "cpu"  # NCCL moves CUDA tensors only
     raw = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
@@ -259,9 +272,10 @@ def _option(key):
     return "--" + key.replace("_", "-")
 
 
-def resume_options(args):
+def resume_options(args, master=True):
     """--resume: take the options of the run being continued (its data, model, optimizer), refuse one
-    typed differently, and say when the run is finished already (exit 0) or --max-iters is behind it."""
+    typed differently, and say when the run is finished already (exit 0) or --max-iters is behind it
+    (the first process alone says it)."""
     meta = read_state_meta(args.out)
     step, saved, given = meta["step"], meta.get("args", {}), getattr(args, "given", frozenset())
     for key, then in saved.items():
@@ -277,13 +291,15 @@ def resume_options(args):
     length = "iters" if hasattr(args, "iters") else "max_iters"
     longer = length in given and getattr(args, length) > step
     if run_finished(args.out) and not longer:
-        print(f"{args.out} holds a finished run ({step} steps): nothing to resume; a larger {_option(length)} "
-              "continues it")
+        if master:
+            print(f"{args.out} holds a finished run ({step} steps): nothing to resume; a larger {_option(length)} "
+                  "continues it")
         sys.exit(0)
     if length in given and getattr(args, length) and not longer:
         raise UserError(f"{_option(length)} {getattr(args, length)}: the run in {args.out} is at step {step} "
                         f"already; give a larger {_option(length)}")
-    print(f"resuming {args.out} at step {step} with the options it was started with")
+    if master:
+        print(f"resuming {args.out} at step {step} with the options it was started with")
 
 
 def save_train_state(out_dir, model, optimizer, step, extra=None, args=None):
@@ -353,7 +369,8 @@ def load_train_state(out_dir, model, optimizer):
 # ----------------------------------------------------------------------------- stopping and logging
 
 class StopFlag:
-    """Ctrl-C or SIGTERM sets .requested; the loop checks it, saves a resumable state and exits."""
+    """Ctrl-C or SIGTERM sets .requested; the loop checks it, saves a resumable state and exits. Under
+    torchrun a signal may reach one process only: requested_anywhere is the decision they all take."""
 
     def __init__(self):
         self.requested = False
@@ -367,6 +384,14 @@ class StopFlag:
         note_stop_signal(signum)  # the stage saves, returns, and run_cli exits 128 + signum: not finished
         print(f"\n{signal.Signals(signum).name}: saving a resumable state, then stopping "
               "(press again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested_anywhere(self, ctx):
+        """True on every process when any process was asked to stop: one all_reduce (MAX) of the flag, so
+        every process leaves the loop at the same step and none waits for the others in a collective."""
+        if ctx is None or not ctx.ddp:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=ctx.device if ctx.cuda else "cpu")
+        return bool(all_reduce_max(flag, ctx).item())
 
 
 class MetricsLog:

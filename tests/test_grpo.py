@@ -11,7 +11,7 @@ import torch
 import grpo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
-from tests.test_ppo import likes_eos
+from tests.test_ppo import assert_same_runs, likes_eos, torchrun
 
 
 
@@ -127,8 +127,7 @@ def tiny_rollout(model, enc, args):
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
     prompts = [enc.encode_ordinary(p) for p in ("the kettle", "an excellent pie .")]
-    gen = torch.Generator().manual_seed(3)
-    return grpo.make_rollout(model.eval(), grpo.frozen(ref), None, enc, prompts, None, args, gen)
+    return grpo.make_rollout(model.eval(), grpo.frozen(ref), None, enc, prompts, None, args, 3)
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
@@ -161,11 +160,12 @@ def test_ratio_is_one_on_the_first_minibatch_with_dropout_in_the_checkpoint(tiny
     args = tiny_args()
     ro = tiny_rollout(drop, enc, args)
     assert ro["kl"].abs().max().item() < 1e-6                      # policy = reference at the start
-    stats = grpo.grpo_update(drop, torch.optim.AdamW(drop.parameters(), lr=1e-3), ro, args, np.random.default_rng(0))
+    stats = grpo.grpo_update(grpo.PolicyLogps(drop), torch.optim.AdamW(drop.parameters(), lr=1e-3), ro, args,
+                             np.random.default_rng(0))
     assert stats["ratio_first"] < 1e-6
     # the same forward in train mode (dropout on) would not reproduce log pi_old
     drop.train()
-    lp = grpo.policy_logps(drop, ro["batch"], ro["start"], ro["n"])
+    lp = grpo.token_logps(drop, ro["batch"], ro["start"], ro["n"])
     assert (lp - ro["old_logp"]).abs().max().item() > 1e-2
 
 
@@ -212,6 +212,26 @@ def test_rloo_with_exact_reward_on_a_questions_file(ckpt):
                            "--eval-prompts", qa, "--iters", "2"))
     assert 0.0 <= m["train_gold"] <= 1.0 and 0.0 <= m["eval_acc"] <= 1.0 and "ref_eval_acc" in m
     assert json.load(open(ckpt / "rloo" / "config.json"))["args"]["kl_in"] == "reward"
+
+
+def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
+    """2 gloo processes = 1 process: 3 sampling chunks of 2 rows (process 0 samples chunks 0 and 2), every group
+    of 3 scored whole, minibatches of 2 split 1 + 1 with --loss-agg token-mean weights of the whole minibatch
+    (completions of different lengths: EOS is likely); the same metrics.jsonl and final weights, stopped at
+    iteration 2 and resumed under torchrun."""
+    model, enc = tiny
+    save_checkpoint(str(ckpt / "sft"), likes_eos(model, enc), enc, {"stage": "sft"})
+    argv = ["--minibatch", "2", "--sample-batch", "2", "--loss-agg", "token-mean"]
+    one = grpo.main(run_args(ckpt, "one", *argv))
+    torchrun("grpo.py", run_args(ckpt, "two", *argv, "--stop-at", "2"), ckpt)
+    torchrun("grpo.py", run_args(ckpt, "two", *argv, "--resume"), ckpt)
+    keys = ("score", "kl", "eos", "len", "zero_std_groups", "loss", "pg_loss", "k3", "clipfrac", "approx_kl",
+            "grad_norm")
+    assert_same_runs(ckpt / "one", ckpt / "two", keys, ("model.safetensors",))
+    assert any(0 < json.loads(line)["eos"] < 1 for line in open(ckpt / "one" / "metrics.jsonl"))  # lengths differ
+    two = json.load(open(ckpt / "two" / "config.json"))["metrics"]
+    for k in ("train_loss", "gold_reward", "kl", "win_rate"):
+        assert two[k] == pytest.approx(one[k], abs=1e-5), k
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -2,6 +2,9 @@
 the first ratio and KL, frozen reference and reward models, the exact tabular check, and exact resume."""
 import json
 import math
+import os
+import socket
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,9 @@ import ppo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import eos_id, pad_id
+from conftest import run_torchrun
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -153,8 +159,7 @@ def tiny_rollout(model, enc, args, beta=0.05, reward=None):
     ref.load_state_dict(model.state_dict())
     ref = align.frozen(ref)
     prompts = [enc.encode_ordinary(p) for p in ("the kettle", "a good", "an excellent pie .", "bad")]
-    gen = torch.Generator().manual_seed(3)
-    return policy, ref, ppo.make_rollout(policy, ref, reward, enc, prompts, args, gen, beta)
+    return policy, ref, ppo.make_rollout(policy, ref, reward, enc, prompts, args, 3, beta)
 
 
 def test_logprobs_and_values_do_not_depend_on_left_padding(tiny):
@@ -293,17 +298,80 @@ def test_refuses_a_reward_model_with_another_tokenizer(ckpt, tiny):
         ppo.main(args)
 
 
-def test_runs_with_a_reward_model_and_critic_from_its_head(ckpt, tiny):
+def save_reward_model(path, model, enc):
+    """A random reward model (reward.py's layout) on the tiny GPT's shape: a trunk checkpoint and its head."""
     reward = pytest.importorskip("reward")
-    model, enc = tiny
+    from common import atomic_save_safetensors
     torch.manual_seed(7)
     trunk = GPT(model.config)
     rm = reward.RewardModel(trunk)
-    save_checkpoint(str(ckpt / "rm"), trunk, enc, {"stage": "reward"})
-    from common import atomic_save_safetensors
-    atomic_save_safetensors(reward.head_state(rm), str(ckpt / "rm" / reward.HEAD_FILE))
+    save_checkpoint(str(path), trunk, enc, {"stage": "reward"})
+    atomic_save_safetensors(reward.head_state(rm), str(path / reward.HEAD_FILE))
+    return str(path)
+
+
+def test_runs_with_a_reward_model_and_critic_from_its_head(ckpt, tiny):
+    model, enc = tiny
+    save_reward_model(ckpt / "rm", model, enc)
     args = run_args(ckpt, "with_rm", "--critic-init", "reward", "--kl-estimator", "k3", "--reward-shape", "discounted")
     args[args.index("--reward") + 1] = str(ckpt / "rm")
     args[args.index("--iters") + 1] = "1"
     out = ppo.main(args)
     assert math.isfinite(out["rm_reward"]) and math.isfinite(out["gold_reward"])
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def torchrun(script, argv, cwd):
+    """script under torchrun, 2 gloo processes on CPU -> the finished process (asserted to exit 0)."""
+    with socket.socket() as sock:  # a free port, so parallel test runs never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, script), *argv]
+    r = run_torchrun(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_runs(a, b, keys, files, atol=1e-5):
+    """Runs in directories a and b: the same metrics.jsonl steps with each of keys within atol, the same tensors in
+    files within atol."""
+    log_a, log_b = ([json.loads(line) for line in open(d / "metrics.jsonl")] for d in (a, b))
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
+    for ra, rb in zip(log_a, log_b):
+        for k in keys:
+            assert rb[k] == pytest.approx(ra[k], abs=atol), (ra["step"], k)
+    for name in files:
+        wa, wb = read_safetensors(str(a / name)), read_safetensors(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), (name, k)
+
+
+def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
+    """2 gloo processes = 1 process with the same options: each process samples one chunk of 2 prompts, scores
+    its rows with the reward model, takes 1 row of each minibatch of 2 and normalises by the whole minibatch's
+    token count (completions of different lengths: EOS is likely), so metrics.jsonl (losses, clip fractions, the
+    adaptive KL coefficient) and the final weights and value head agree; stopped at iteration 2 and resumed
+    under torchrun, and only the first process prints."""
+    model, enc = tiny
+    save_checkpoint(str(ckpt / "sft"), likes_eos(model, enc), enc, {"stage": "sft"})
+    rm = save_reward_model(ckpt / "rm", model, enc)
+
+    def argv(out, *extra):
+        args = run_args(ckpt, out, "--sample-batch", "2", "--target-kl", "0.5", "--horizon", "20", *extra)
+        args[args.index("--reward") + 1] = rm
+        return args
+
+    one = ppo.main(argv("one"))
+    r = torchrun("ppo.py", argv("two", "--stop-at", "2"), ckpt)
+    assert r.stdout.count("step 1/4") == 1 and "stopped at iteration 2" in r.stdout
+    torchrun("ppo.py", argv("two", "--resume"), ckpt)
+    keys = ("score", "kl", "beta", "eos", "len", "pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac",
+            "grad_norm", "ratio_first")
+    assert_same_runs(ckpt / "one", ckpt / "two", keys, ("model.safetensors", "value_head.safetensors"))
+    assert any(0 < json.loads(line)["eos"] < 1 for line in open(ckpt / "one" / "metrics.jsonl"))  # lengths differ
+    two = json.load(open(ckpt / "two" / "config.json"))["metrics"]
+    for k in ("train_pg_loss", "kl_coef_final", "gold_reward", "rm_reward", "kl", "win_rate"):
+        assert two[k] == pytest.approx(one[k], abs=1e-5), k
