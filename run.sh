@@ -11,7 +11,8 @@
 #                            report.py shows mean ± sd over the seeds
 #
 # Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
-# -> SFT on the adapted model -> preference pairs -> reward model -> DPO (RPO alpha 1; sweep of beta;
+# -> SFT on the adapted model (plain, and with rehearsal of the text it read) -> GRPO with an exact-answer
+# reward on the region's questions -> preference pairs -> reward model -> DPO (RPO alpha 1; sweep of beta;
 # plain DPO, alpha 0, as out/dpo_rpo0) and PPO
 # (sweep of the KL coefficient) from the SFT model -> GRPO and RLOO (critic-free, same sweep of the KL
 # coefficient) -> DPO straight from the base model -> report.py.
@@ -104,6 +105,9 @@ stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --o
 stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
 stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
 stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
+stage domain_sft_replay $OUT/domain_sft_replay/config.json $PY sft.py --init $OUT/domain --replay 0.3 --out $OUT/domain_sft_replay $SFT
+# RL with a verifiable reward: the region's training questions, 1 for the exact answer (quick: $GRPO shortens it)
+stage domain_grpo $OUT/domain_grpo/config.json $PY grpo.py --init $OUT/domain_sft_replay --reward exact --task domain_facts --iters 100 --max-new-tokens 16 --out $OUT/domain_grpo $GRPO
 stage preferences $OUT/preferences/val.jsonl $PY preferences.py --init $OUT/sft --out $OUT/preferences $PREF
 stage reward     $OUT/reward/config.json     $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/reward $RM
 stage reward_head $OUT/reward_head/config.json $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --train head --out $OUT/reward_head $RM

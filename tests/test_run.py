@@ -6,8 +6,8 @@ import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "reward", "reward_head", "dpo", "dpo_rpo0", "dpo_beta0.5",
-          "ppo", "ppo_kl0.2", "grpo", "rloo", "dpo_from_base")
+STAGES = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo",
+          "reward", "reward_head", "dpo", "dpo_rpo0", "dpo_beta0.5", "ppo", "ppo_kl0.2", "grpo", "rloo", "dpo_from_base")
 
 
 def run_quick(out):
