@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # gloo can abort a process while it tears down after its work is done ("terminate called without an active
 # exception", SIGABRT); seen about once in ten clean-clone runs of the two-process tests
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def sigint_default():
+    """preexec_fn for a child that a test stops with SIGINT: a shell starts background jobs with SIGINT
+    ignored, and the child would inherit that; a terminal's Ctrl-C reaches a process that has the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_torchrun(cmd, **kw):

@@ -19,6 +19,7 @@ import world
 from common import RANGED_TYPES, UserError, atomic_save_safetensors, atomic_write, claim_output_dir
 from gpt import GPT, GPTConfig, save_checkpoint
 from training import MetricsLog, make_optimizer, run_finished, save_train_state
+from conftest import sigint_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every module with a command line (a build_parser function): a stage added later is covered without a new test
@@ -167,7 +168,7 @@ def test_ctrl_c_before_the_loop_is_one_line_exit_130_and_leaves_nothing_half_wri
     out = tmp_path / "run"
     # the default world and a 4096-token tokenizer: seconds of work before the training loop starts
     proc = subprocess.Popen([sys.executable, "pretrain.py", "--out", str(out), "--max-iters", "2"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     t0 = time.time()
     while not (out / ".lock").exists() and time.time() - t0 < 60:
         time.sleep(0.05)
@@ -287,7 +288,8 @@ def test_ctrl_c_stops_run_sh_with_a_way_to_continue(tmp_path):
     out = tmp_path / "pipe"
     # as a terminal does, SIGINT goes to the whole process group: bash and the stage
     proc = subprocess.Popen(["bash", "run.sh", "--quick", "--out", str(out), "--until", "pretrain"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_default)
     t0 = time.time()
     while not (out / "pretrain" / ".lock").exists() and time.time() - t0 < 120:
         time.sleep(0.05)
