@@ -293,10 +293,11 @@ def split_hh(chosen, rejected, where):
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def load_preference_pairs(path):
+def load_preference_pairs(path, with_where=False):
     """[{"prompt", "chosen", "rejected"[, "score_chosen", "score_rejected"]}] from prompt/chosen/rejected
     records, Anthropic-HH records (chosen/rejected only, prompt embedded) or chosen/rejected as
-    message lists (the prompt is the rendering of the shared turns)."""
+    message lists (the prompt is the rendering of the shared turns). with_where: each pair also has
+    "where", the "path:line" its record came from, for later error messages."""
     out = []
     for where, r in records_with_lines(path):
         if isinstance(r.get("chosen"), list) and isinstance(r.get("rejected"), list):
@@ -318,6 +319,8 @@ def load_preference_pairs(path):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
                     raise UserError(f"{where}: '{k}' must be a number (finite), not {v}")
                 pair[k] = float(r[k])
+        if with_where:
+            pair["where"] = where
         out.append(pair)
     return out
 

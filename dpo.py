@@ -101,13 +101,13 @@ def load_pairs(args):
         raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`, "
                              f"or train on the world's review pairs with --data world")
     else:
-        pairs = data.load_preference_pairs(args.data)
+        pairs = data.load_preference_pairs(args.data, with_where=True)
     val_path = args.val_data
     if val_path is None and args.data.endswith("train.jsonl"):
         sibling = args.data[:-len("train.jsonl")] + "val.jsonl"
         val_path = sibling if os.path.exists(sibling) else None
     if val_path:
-        return pairs, data.load_preference_pairs(val_path), val_path
+        return pairs, data.load_preference_pairs(val_path, with_where=True), val_path
     n_val = int(len(pairs) * args.val_fraction)
     return pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:], args.data
 
@@ -116,7 +116,7 @@ def tokenize_pairs(pairs, enc, block_size, source):
     """Prompt and answers are encoded separately and joined as ids: (x, y_w + [EOS], y_l + [EOS])."""
     out = []
     for i, pair in enumerate(pairs):
-        where = f"{source}: pair {i + 1}"
+        where = pair.get("where", f"{source}: pair {i + 1}")   # path:line, or the world's pair number
         x, y_w = data.encode_example(enc, pair["prompt"], pair["chosen"], block_size, where)
         _, y_l = data.encode_example(enc, pair["prompt"], pair["rejected"], block_size, where)
         out.append((x, y_w, y_l))

@@ -121,8 +121,9 @@ def encode_pairs(pairs, enc, block_size, where):
     """-> (prompt ids, chosen ids + EOS, rejected ids + EOS) lists."""
     P, W, L = [], [], []
     for i, p in enumerate(pairs):
-        x, yw = data.encode_example(enc, p["prompt"], p["chosen"], block_size, f"{where}: pair {i + 1}")
-        _, yl = data.encode_example(enc, p["prompt"], p["rejected"], block_size, f"{where}: pair {i + 1}")
+        at = p.get("where", f"{where}: pair {i + 1}")   # path:line of the record
+        x, yw = data.encode_example(enc, p["prompt"], p["chosen"], block_size, at)
+        _, yl = data.encode_example(enc, p["prompt"], p["rejected"], block_size, at)
         P.append(x), W.append(yw), L.append(yl)
     return P, W, L
 
@@ -352,10 +353,11 @@ def load_data(args, enc, block):
     (or None) and held-out groups."""
     if not os.path.exists(args.data) and args.data == DEFAULT_PAIRS:
         raise UserError(f"no preference pairs at {args.data}; make them with `python preferences.py`")
-    train_pairs = data.load_preference_pairs(args.data)
+    train_pairs = data.load_preference_pairs(args.data, with_where=True)
     P, W, L = encode_pairs(train_pairs, enc, block, args.data)
     margins = pair_margins(train_pairs, args.margin) if args.margin else None
-    val = encode_pairs(data.load_preference_pairs(args.val_data), enc, block, args.val_data) if args.val_data else None
+    val = encode_pairs(data.load_preference_pairs(args.val_data, with_where=True), enc, block, args.val_data) \
+        if args.val_data else None
     if val is None:
         print("note: no held-out pairs (--val-data, or val.jsonl beside --data): no held-out accuracy is measured")
     groups = load_groups(args.val_groups) if args.val_groups else []

@@ -389,6 +389,9 @@ def test_load_preference_pairs_and_hh_prompt_splitting(tmp_path):
     assert pairs[1] == {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Help me?\n\nAssistant:",
                         "chosen": " Sure, here is how.", "rejected": " Sure, no."}
     assert pairs[2] == {"prompt": "Instruction: Q\nOutput:", "chosen": " good", "rejected": " bad"}
+    path = write(tmp_path, "w.jsonl", "\n" + "".join(json.dumps(r) + "\n\n" for r in rows))  # lines 2, 4, 6
+    located = data.load_preference_pairs(path, with_where=True)
+    assert [p.pop("where") for p in located] == [f"{path}:2", f"{path}:4", f"{path}:6"] and located == pairs
     for bad, msg in [({"prompt": "P", "chosen": "x", "rejected": "x"}, "identical"),
                      ({"chosen": hh_c, "rejected": hh_c}, "identical"),
                      ({"chosen": "a", "rejected": "b"}, "no 'prompt' field"),

@@ -253,9 +253,9 @@ def test_bad_input_is_one_clear_error(tiny_setup, monkeypatch):
         dpo.main(cli(tmp, **{"--data": dpo.DEFAULT_PAIRS}))
     with pytest.raises(SystemExit, match="2"):  # argparse: --beta must be > 0
         dpo.main(cli(tmp, **{"--beta": "0"}))
-    long = dict(tiny_pairs(1)[0], chosen=" good" * 80)
-    (tmp / "long.jsonl").write_text(json.dumps(long) + "\n")
-    with pytest.raises(UserError, match="long.jsonl: pair 1.*longer than the context"):
+    long = dict(tiny_pairs(1)[0], chosen=" good" * 80)   # the file's line 3, after a good pair and a blank line
+    (tmp / "long.jsonl").write_text(json.dumps(tiny_pairs(1)[0]) + "\n\n" + json.dumps(long) + "\n")
+    with pytest.raises(UserError, match="long.jsonl:3: .*longer than the context"):
         dpo.main(cli(tmp, **{"--data": str(tmp / "long.jsonl")}))
 
 
