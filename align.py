@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import data
 import world
 from common import UserError, nonneg_int
-from evals import alignment_eval, gather_chunks, mean_ci95, my_chunks, sample_completions, strip_eos
+from evals import alignment_eval, mean_ci95, sample_completions, strip_eos
 from gpt import GPT, check_same_tokenizer, load_checkpoint
 from reward import reward_scores
-from training import add_common_args
+from training import add_common_args, gather_chunks, my_chunks
 
 
 # ----------------------------------------------------------------------------- command-line options they share
@@ -129,7 +129,7 @@ def heldout_eval(policy, ref, enc, prompts, max_new_tokens, seed, autocast, judg
 
 def chunked_reward_scores(rm, enc, prompt_ids, completions, ctx=None, chunk=64):
     """reward.reward_scores of every (prompt, completion), as a list in order on every process; under torchrun
-    each process scores its chunks (evals.my_chunks) and they are gathered."""
+    each process scores its chunks (training.my_chunks) and they are gathered."""
     mine = {k: reward_scores(rm, enc, prompt_ids[lo:hi], completions[lo:hi]).tolist()
             for k, lo, hi in my_chunks(len(prompt_ids), chunk, ctx)}
     return gather_chunks(mine, ctx)

@@ -16,7 +16,7 @@ import world
 from common import UserError
 from gpt import completion_logprobs, cross_entropy_loss, generate
 from tokenizer import eos_id, pad_id
-from training import all_gather_json
+from training import gather_chunks, my_chunks
 
 
 def batched(items, n):
@@ -212,21 +212,6 @@ def win_rate(scores, baseline_scores):
 # Under torchrun every process calls the evaluation: the prompts go in fixed-size chunks, chunk k is handled by
 # process k mod N, and the results are gathered in prompt order, so every process gets the whole set and the
 # figures do not depend on N (nor on which process sampled a chunk).
-
-def my_chunks(n, size, ctx=None):
-    """[(k, lo, hi)] of the chunks of `size` items (the last one fewer) this process handles: chunk k by process
-    k mod N; every chunk without torchrun."""
-    rank, world = (ctx.rank, ctx.world) if ctx is not None and ctx.ddp else (0, 1)
-    return [(k, lo, min(lo + size, n)) for k, lo in enumerate(range(0, n, size)) if k % world == rank]
-
-
-def gather_chunks(mine, ctx=None):
-    """{k: [results of chunk k]} of this process -> the results of every chunk in order, on every process
-    (JSON through training.all_gather_json under torchrun: token ids and floats travel exactly)."""
-    parts = all_gather_json(mine, ctx) if ctx is not None and ctx.ddp else [mine]
-    chunks = {int(k): v for part in parts for k, v in part.items()}
-    return [x for k in sorted(chunks) for x in chunks[k]]
-
 
 def chunk_seed(seed, k):
     """The sampling generator's seed for chunk k of the prompts, a pure function of (seed, k): chunk 0 keeps

@@ -51,8 +51,8 @@ from evals import strip_eos
 from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
 from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, all_gather_json, all_reduce_max, all_reduce_mean,
-                      check_divisible, check_finite, gather_rows, load_train_state, lr_at, make_optimizer,
+from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_max, all_reduce_mean, check_divisible,
+                      check_finite, gather_chunks, gather_rows, load_train_state, lr_at, make_optimizer, my_chunks,
                       optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
 
 
@@ -268,15 +268,12 @@ def sample_completions(gpt, prompts, args, it, enc, ctx=None):
     """The completion of every prompt row, on every process: chunk k of --sample-batch rows is sampled by
     process k mod N with generator chunk_seed(--seed, it, k), and the chunks are gathered in order, so the
     samples do not depend on N. An empty completion becomes [EOS]."""
-    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
-    device = next(gpt.parameters()).device
-    starts, mine = range(0, len(prompts), args.sample_batch), {}
-    for k in range(rank, len(starts), world):
+    device, mine = next(gpt.parameters()).device, {}
+    for k, lo, hi in my_chunks(len(prompts), args.sample_batch, ctx):
         gen = torch.Generator(device=device).manual_seed(chunk_seed(args.seed, it, k))
-        mine[k] = generate(gpt, prompts[starts[k]:starts[k] + args.sample_batch], args.max_new_tokens,
-                           eos_id=eos_id(enc), pad_id=pad_id(enc), temperature=args.temperature, generator=gen)
-    chunks = {int(k): v for part in all_gather_json(mine, ctx) for k, v in part.items()}
-    return [c if c else [eos_id(enc)] for k in range(len(starts)) for c in chunks[k]]
+        mine[k] = generate(gpt, prompts[lo:hi], args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                           temperature=args.temperature, generator=gen)
+    return [c if c else [eos_id(enc)] for c in gather_chunks(mine, ctx)]
 
 
 def sequence_scores(reward, enc, prompts, completions, texts, ctx=None):

@@ -197,6 +197,21 @@ def all_gather_json(obj, ctx):
     return [json.loads(bytes(p[:int(n)].tolist()).decode()) for p, n in zip(parts, sizes)]
 
 
+def my_chunks(n, size, ctx=None):
+    """[(k, lo, hi)] of the chunks of `size` items (the last one fewer) this process handles: chunk k by process
+    k mod N; every chunk without torchrun."""
+    rank, world = (ctx.rank, ctx.world) if ctx is not None and ctx.ddp else (0, 1)
+    return [(k, lo, min(lo + size, n)) for k, lo in enumerate(range(0, n, size)) if k % world == rank]
+
+
+def gather_chunks(mine, ctx=None):
+    """{k: [results of chunk k]} of this process -> the results of every chunk in order, on every process
+    (JSON through all_gather_json under torchrun: token ids and floats travel exactly)."""
+    parts = all_gather_json(mine, ctx) if ctx is not None and ctx.ddp else [mine]
+    chunks = {int(k): v for part in parts for k, v in part.items()}
+    return [x for k in sorted(chunks) for x in chunks[k]]
+
+
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), ctx=None):

@@ -10,6 +10,7 @@ import torch
 
 import align
 import evals
+import training
 from gpt import GPT, GPTConfig, generate
 from tokenizer import eos_id, pad_id
 
@@ -32,12 +33,12 @@ def tiny(small_enc):
 
 def test_chunk_k_goes_to_process_k_mod_n_and_the_chunks_cover_the_items_once():
     for n, size, world in ((5, 2, 2), (7, 3, 3), (1, 64, 4), (0, 2, 2), (128, 64, 2)):
-        owned = [evals.my_chunks(n, size, fake_ctx(r, world)) for r in range(world)]
+        owned = [training.my_chunks(n, size, fake_ctx(r, world)) for r in range(world)]
         assert all(k % world == r for r in range(world) for k, _, _ in owned[r])
         cover = sorted((k, lo, hi) for part in owned for k, lo, hi in part)
-        assert cover == evals.my_chunks(n, size)                     # one process: every chunk, in order
+        assert cover == training.my_chunks(n, size)                     # one process: every chunk, in order
         assert [i for _, lo, hi in cover for i in range(lo, hi)] == list(range(n))
-    assert evals.gather_chunks({1: ["c", "d"], 0: ["a", "b"], 2: ["e"]}) == ["a", "b", "c", "d", "e"]
+    assert training.gather_chunks({1: ["c", "d"], 0: ["a", "b"], 2: ["e"]}) == ["a", "b", "c", "d", "e"]
 
 
 def test_samples_do_not_depend_on_the_number_of_processes(tiny):
@@ -47,7 +48,7 @@ def test_samples_do_not_depend_on_the_number_of_processes(tiny):
     for world in (2, 3):
         parts = [evals.sample_chunks(model, enc, ids, 8, 3, batch=2, ctx=fake_ctx(r, world)) for r in range(world)]
         assert sorted(k for p in parts for k in p) == [0, 1, 2]
-        assert evals.gather_chunks({k: v for p in parts for k, v in p.items()}) == one
+        assert training.gather_chunks({k: v for p in parts for k, v in p.items()}) == one
     # chunk 0 is sampled with the seed itself: a set of one chunk samples as it did with a single generator
     gen = torch.Generator().manual_seed(3)
     assert one[:2] == generate(model, ids[:2], 8, eos_id=eos_id(enc), pad_id=pad_id(enc), generator=gen)
