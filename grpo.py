@@ -7,8 +7,8 @@ completions, and the other completions of the same prompt are the baseline of ea
     python grpo.py --scale-rewards none              # Dr. GRPO: no division by the group's standard deviation
     python grpo.py --kl-coef 0.2 --out out/grpo_kl0.2
     python grpo.py --reward gold                     # against the gold judge (world.sentiment_score) itself
-    python grpo.py --reward exact --init out/domain_sft --task domain_facts --out out/domain_grpo
-                                                     # verifiable reward: 1 if the answer is the world's answer
+    python grpo.py --reward exact --init out/domain_sft_replay --task domain_facts --iters 100 --max-new-tokens 16 \
+                   --out out/domain_grpo             # verifiable reward: 1 if the answer is the world's answer
     python grpo.py --reward exact --prompts qa.jsonl # your questions: Alpaca records whose 'output' is the answer
     python grpo.py --toy                             # exact check of both fixed points on a tabular policy
     torchrun --nproc_per_node=4 grpo.py --sample-batch 8   # 4 processes sampling, the results of one
@@ -33,7 +33,8 @@ holds the whole rollout and sees each group of G whole; scores and log-probs are
 rows; each minibatch (a multiple of N) is split across the processes with the token weights of the whole
 minibatch, so DistributedDataParallel's average is the one-process gradient. The samples depend on
 --sample-batch, not on N; lower it (default: the default 8 x 4 rollout in one chunk) so that every process
-samples. Only the first process writes OUT and prints, and it alone runs the final evaluation.
+samples. Only the first process writes OUT and prints. Every process runs the final held-out evaluation
+(align.heldout_eval, each its share of the prompts); the greedy accuracies of --reward exact run on the first.
 
 Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
   seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
