@@ -26,7 +26,8 @@ normalised by the token count of the whole minibatch, so DistributedDataParallel
 one process. The samples depend on --sample-batch, never on the number of processes: N processes give one
 process's results to float rounding. The default --sample-batch makes the default rollout one chunk, whose
 generator is seeded from (--seed, iteration) alone: lower it (e.g. to --rollout-batch / N) so that every
-process samples. Only the first process writes OUT and prints; the final evaluation runs there.
+process samples. Only the first process writes OUT and prints; every process runs its share of the final
+held-out evaluation (align.heldout_eval).
 
 State s_t = prompt x + y_1..y_t, action a_t = the next token, reward from the frozen reward model for the
 whole completion. At the end the policy and the reference each answer held-out prompts (temperature 1)
