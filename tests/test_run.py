@@ -26,8 +26,10 @@ def test_quick_pipeline_end_to_end_then_reuse(tmp_path):
     assert (out / "preferences" / "train.jsonl").stat().st_size > 0
     assert json.loads((out / "prompting" / "results.json").read_text())
     report = (out / "report.md").read_text()
-    for name in ("pretrain", "sft", "sft_lora", "sft_qlora", "domain_sft", "dpo", "ppo", "grpo", "rloo", "dpo_from_base"):
+    for name in ("pretrain", "sft", "sft_lora", "sft_qlora", "domain_sft", "domain_sft_replay", "domain_grpo", "dpo", "ppo",
+                 "grpo", "rloo", "dpo_from_base"):
         assert f"| {name} |" in report, name
+    assert "| format | region |" in report
     assert "skipped" not in first
 
     t0 = time.time()
