@@ -345,7 +345,9 @@ def plot(rows, aggregated, args):
                 ax.annotate(p["label"], (p["kl"][0], p[key][0]), fontsize=6)
         if sft and key in sft:
             ax.scatter([0], [sft[key]], color="k", label="SFT", zorder=3)
-        ax.set(xlabel="sequence KL(pi || pi_SFT) (nats)", ylabel=label, title=label.split(" (")[0] + " vs KL")
+        ax.set_xscale("symlog", linthresh=1)  # linear below 1 nat, logarithmic above: KL 1-10 and 50 both readable
+        ax.set(xlabel="sequence KL(pi || pi_SFT) (nats, log scale above 1)", ylabel=label,
+               title=label.split(" (")[0] + " vs KL")
         ax.legend(fontsize=7)
     fig.suptitle("reward-KL frontier on held-out prompts (mean ± sd over seeds)")
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120, bbox_inches="tight")
