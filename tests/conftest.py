@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -20,12 +21,24 @@ def sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_torchrun(cmd, **kw):
-    """subprocess.run of a torchrun command, once more if a process died of gloo's teardown abort: the test
-    then checks the results of a run that completed, so the retry hides nothing it asserts."""
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(script, argv, cwd, nproc=2, timeout=240):
+    """The project's `script` under torchrun, nproc gloo processes on CPU, one thread each, on a free port (so
+    parallel test runs never collide) -> the finished process, asserted to exit 0. Run once more if a process
+    died of gloo's teardown abort: the test then checks the results of a run that completed, so the retry
+    hides nothing it asserts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "--", os.path.join(ROOT, script), *map(str, argv)]   # "--": the script's options are not torchrun's
+    kw = dict(cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout, capture_output=True, text=True)
+    r = subprocess.run(cmd, **kw)
     if r.returncode != 0 and GLOO_TEARDOWN_ABORT in r.stderr:
-        r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+        r = subprocess.run(cmd, **kw)
+    assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 

@@ -2,9 +2,6 @@
 reference, the exact tabular optimum pi_ref * exp(r / beta), the CLI end to end, and exact resume."""
 import json
 import math
-import os
-import socket
-import sys
 
 import pytest
 import torch
@@ -13,11 +10,10 @@ import torch.nn.functional as F
 import align
 import dpo
 from common import UserError, read_safetensors
-from conftest import run_torchrun
+from conftest import torchrun
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import pad_id
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["Instruction: Write a review of the kettle.\nOutput:", "Instruction: Write a review of the pie.\nOutput:",
            "Instruction: Write a review of the inn.\nOutput:", "Instruction: Describe the river.\nOutput:"]
@@ -289,17 +285,6 @@ def test_micro_batches_make_the_step_of_their_whole_batch(tiny_setup):
     assert logged(tmp / "b4")[0]["nll/chosen"] > 0
 
 
-def torchrun(tmp, argv, nproc=2):
-    with socket.socket() as sock:  # a free port, so parallel test runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                      f"--master_port={port}", os.path.join(ROOT, "dpo.py"), *argv], cwd=tmp,
-                     env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
 def test_two_process_torchrun_stopped_and_resumed_equals_one_process(tiny_setup):
     """2 gloo processes, each 2 micro-batches of 1 pair a step (--batch-size 1 --grad-accum 4), stopped at step 3
     and resumed, against 1 process with the 4 pairs in one micro-batch: the same logged losses and statistics
@@ -311,9 +296,9 @@ def test_two_process_torchrun_stopped_and_resumed_equals_one_process(tiny_setup)
            "--eval-prompts": str(tmp / "many.jsonl")}
     one = dpo.main(cli(tmp, out="one", **run))
     split = {**run, "--batch-size": "1", "--grad-accum": "4"}
-    r = torchrun(tmp, cli(tmp, out="two", **split, **{"--stop-at": "3"}))
+    r = torchrun("dpo.py", cli(tmp, out="two", **split, **{"--stop-at": "3"}), tmp)
     assert r.stdout.count("stopped at step 3") == 1                    # the first process alone prints and writes
-    torchrun(tmp, cli(tmp, out="two", **split, **{"--resume": ""}))
+    torchrun("dpo.py", cli(tmp, out="two", **split, **{"--resume": ""}), tmp)
     assert_same_runs(tmp / "one", tmp / "two", atol=1e-5)
     two = json.load(open(tmp / "two" / "config.json"))["metrics"]
     assert set(two) == set(one)

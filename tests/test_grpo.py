@@ -11,8 +11,8 @@ import torch
 import grpo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
-from tests.test_ppo import assert_same_runs, likes_eos, torchrun
-
+from conftest import torchrun
+from tests.test_ppo import assert_same_runs, likes_eos
 
 
 # ----------------------------------------------------------------------------- the equations

@@ -2,9 +2,6 @@
 the first ratio and KL, frozen reference and reward models, the exact tabular check, and exact resume."""
 import json
 import math
-import os
-import socket
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +12,7 @@ import ppo
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import eos_id, pad_id
-from conftest import run_torchrun
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import torchrun
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -321,18 +316,6 @@ def test_runs_with_a_reward_model_and_critic_from_its_head(ckpt, tiny):
 
 
 # ----------------------------------------------------------------------------- torchrun
-
-def torchrun(script, argv, cwd):
-    """script under torchrun, 2 gloo processes on CPU -> the finished process (asserted to exit 0)."""
-    with socket.socket() as sock:  # a free port, so parallel test runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, script), *argv]
-    r = run_torchrun(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
 
 def assert_same_runs(a, b, keys, files, atol=1e-5):
     """Runs in directories a and b: the same metrics.jsonl steps with each of keys within atol, the same tensors in

@@ -1,7 +1,4 @@
 import json
-import os
-import socket
-import sys
 
 import pytest
 import torch
@@ -11,9 +8,7 @@ import preferences
 from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 from preferences import make_pairs, split_by_prompt
-from conftest import run_torchrun
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import torchrun
 
 
 def read_jsonl(path):
@@ -99,13 +94,7 @@ def test_two_process_torchrun_writes_the_same_files(ckpt, tmp_path):
                         "--max-new-tokens", "8", "--n", "3", "--batch-size", "5", "--out", str(tmp_path / out),
                         "--device", "cpu"]
     preferences.main(argv("one"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                      "--", os.path.join(ROOT, "preferences.py"), *argv("two")], cwd=tmp_path,
-                     env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun("preferences.py", argv("two"), tmp_path, timeout=180)
     for name in ("train.jsonl", "val.jsonl", "val_groups.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     assert read_jsonl(tmp_path / "one" / "train.jsonl")

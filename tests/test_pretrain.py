@@ -1,8 +1,5 @@
 """Pre-training: the schedule, gradient accumulation, exact resume, DDP, and a loss that falls."""
 import json
-import os
-import socket
-import sys
 
 import pytest
 import torch
@@ -12,9 +9,7 @@ import pretrain
 from common import read_safetensors
 from gpt import GPT, GPTConfig, cross_entropy_loss
 from training import lr_at
-from conftest import run_torchrun
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import torchrun
 
 
 def tiny_args(tmp_path, text_file, out="run", **over):
@@ -88,14 +83,7 @@ def test_resume_from_mid_run_ends_at_the_same_loss(tmp_path, text_file):
 def test_two_process_torchrun_matches_one_process(tmp_path, text_file):
     common = {"--grad-accum": "2", "--max-iters": "4", "--eval-interval": "100"}
     one = pretrain.main(tiny_args(tmp_path, text_file, out="one", **common))
-    with socket.socket() as sock:  # a free port, so parallel test runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "pretrain.py")] + tiny_args(tmp_path, text_file, out="two", **common)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = run_torchrun(cmd, cwd=tmp_path, env=env, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun("pretrain.py", tiny_args(tmp_path, text_file, out="two", **common), tmp_path, timeout=180)
     w1 = read_safetensors(tmp_path / "one" / "model.safetensors")
     w2 = read_safetensors(tmp_path / "two" / "model.safetensors")
     for k in w1:

@@ -1,9 +1,6 @@
 import json
 import math
-import os
 import random
-import socket
-import sys
 
 import pytest
 import torch
@@ -16,9 +13,8 @@ from reward import (RewardModel, bradley_terry_loss, kendall_tau, load_reward_mo
                     set_trainable)
 from tokenizer import pad_id, train_tokenizer
 from training import rank_slice
-from conftest import run_torchrun
+from conftest import torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Instruction: Review the kettle.\nOutput:", "Instruction: Review the inn.\nOutput:",
            "Instruction: Review the pie.\nOutput:", "Instruction: What is the flag of belmora?\nOutput:"]
 GOOD = [" a good kettle , an excellent pie .", " the inn is good .", " an excellent pie", " green , a good flag ."]
@@ -263,17 +259,6 @@ def reward_argv(ckpt, pairs_dir, out, *extra):
             "--batch-size", "4", "--max-iters", "6", "--warmup", "2", "--log-interval", "3", *extra]
 
 
-def torchrun(tmp_path, argv, nproc=2):
-    with socket.socket() as sock:  # a free port, so parallel test runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           os.path.join(ROOT, "reward.py"), *argv]
-    r = run_torchrun(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
 def assert_same_files(a, b, atol):
     """Same weights, except ln.bias and head.bias: they add one constant to every reward, which leaves the
     Bradley-Terry loss unchanged, so their gradient is 0 up to rounding, and Adam turns rounding into steps."""
@@ -299,7 +284,7 @@ def test_two_process_torchrun_matches_one_process_and_resumes(ckpt, pairs_dir, t
     """2 gloo processes, 2 pairs each per step, DDP-averaged = 1 process, 4 pairs a step: same losses,
     same held-out accuracy and Kendall's tau, same weights; a torchrun stopped at step 3 resumes exactly."""
     one = reward.main(reward_argv(ckpt, pairs_dir, tmp_path / "one", "--eval-interval", "3"))
-    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "two", "--eval-interval", "3"))
+    torchrun("reward.py", reward_argv(ckpt, pairs_dir, tmp_path / "two", "--eval-interval", "3"), tmp_path)
     two = json.load(open(tmp_path / "two" / "config.json"))["metrics"]
     for k in ("train_loss", "val_loss", "margin", "kendall_tau"):
         assert two[k] == pytest.approx(one[k], abs=1e-5), k
@@ -311,8 +296,8 @@ def test_two_process_torchrun_matches_one_process_and_resumes(ckpt, pairs_dir, t
         for k in ("loss", "acc", "margin", "val_loss", "val_accuracy"):
             if k in r1:
                 assert r2[k] == pytest.approx(r1[k], abs=1e-5), k
-    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "half", "--eval-interval", "3", "--stop-at", "3"))
-    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "half", "--eval-interval", "3", "--resume"))
+    torchrun("reward.py", reward_argv(ckpt, pairs_dir, tmp_path / "half", "--eval-interval", "3", "--stop-at", "3"), tmp_path)
+    torchrun("reward.py", reward_argv(ckpt, pairs_dir, tmp_path / "half", "--eval-interval", "3", "--resume"), tmp_path)
     resumed = json.load(open(tmp_path / "half" / "config.json"))["metrics"]
     assert resumed["train_loss"] == pytest.approx(two["train_loss"], abs=1e-6)
     assert_same_files(tmp_path / "two", tmp_path / "half", atol=1e-6)
@@ -320,7 +305,7 @@ def test_two_process_torchrun_matches_one_process_and_resumes(ckpt, pairs_dir, t
 
 def test_two_process_frozen_trunk_matches_one_process(ckpt, pairs_dir, tmp_path):
     one = reward.main(reward_argv(ckpt, pairs_dir, tmp_path / "one", "--train", "head"))
-    torchrun(tmp_path, reward_argv(ckpt, pairs_dir, tmp_path / "two", "--train", "head"))
+    torchrun("reward.py", reward_argv(ckpt, pairs_dir, tmp_path / "two", "--train", "head"), tmp_path)
     two = json.load(open(tmp_path / "two" / "config.json"))["metrics"]
     assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
     assert two["kendall_tau"] == pytest.approx(one["kendall_tau"], abs=1e-5)
