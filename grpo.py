@@ -61,7 +61,6 @@ The exact check (--toy), on the tabular two-token policy of ppo.py (answers aa a
       instead of pi*'s exp(-(r_max - r_a) / beta).
 """
 
-import math
 import re
 import time
 
@@ -75,11 +74,11 @@ from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, fro
 from common import ArgumentParser, UserError, nonneg_float, positive_float, positive_int, run_cli
 from evals import exact_match, strip_eos, task_accuracy
 from gpt import check_same_tokenizer, save_checkpoint
-from ppo import (kl_per_token, ppo_policy_loss, prompt_indices, rollout_batch, sample_completions, sampling_note,
-                 sequence_scores, token_logps, training_prompts)
+from ppo import (kl_per_token, ppo_policy_loss, prompt_indices, ratio_gap, rollout_batch, sample_completions,
+                 sampling_note, sequence_scores, token_logps, training_prompts)
 from reward import load_reward_model
 from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_max, all_reduce_mean, check_divisible,
+from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_divisible,
                       check_finite, gather_rows, load_train_state, lr_at, make_optimizer, optimizer_step, rank_slice,
                       save_train_state, set_lr, setup, wrap_model)
 
@@ -423,9 +422,8 @@ def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
             for k, v in zip(("loss", "pg_loss", "k3", "clipfrac", "approx_kl", "grad_norm"),
                             (*means.tolist(), grad_norm.item())):
                 stats.setdefault(k, []).append(v)
-            if "ratio_first" not in stats:  # max |ratio - 1| on the first minibatch, over every process
-                gap = all_reduce_max((logp - ro["old_logp"][idx]).abs().max().detach(), ctx)
-                stats["ratio_first"] = [math.exp(gap.item()) - 1]
+            if "ratio_first" not in stats:
+                stats["ratio_first"] = [ratio_gap(logp, ro["old_logp"][idx], ctx)]
     return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
 
 

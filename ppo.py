@@ -315,6 +315,12 @@ def make_rollout(policy, ref, reward, enc, prompts, args, it, beta, ctx=None):
             "gold": torch.tensor([world.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
 
 
+def ratio_gap(logp, old_logp, ctx=None):
+    """max |ratio - 1| = exp(max_t |log pi - log pi_old|) - 1 over every process's tokens: on the first minibatch
+    of a rollout it is 0 when rollout and update see the same policy (dropout off, one temperature)."""
+    return math.exp(all_reduce_max((logp - old_logp).abs().max().detach(), ctx).item()) - 1
+
+
 def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
     """--ppo-epochs passes over the rollout in shuffled minibatches of the clipped losses; mean stats.
     model: the policy, or its DDP wrapper under torchrun; every process draws the same minibatches and runs
@@ -342,9 +348,8 @@ def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
             grad_norm = optimizer_step(model, optimizer, args.grad_clip)
             for k, v in zip(names + ("grad_norm",), (*means.tolist(), grad_norm.item())):
                 stats.setdefault(k, []).append(v)
-            if "ratio_first" not in stats:  # max |ratio - 1| on the first minibatch, over every process
-                gap = all_reduce_max((logp - ro["old_logp"][idx]).abs().max().detach(), ctx)
-                stats["ratio_first"] = [math.exp(gap.item()) - 1]
+            if "ratio_first" not in stats:
+                stats["ratio_first"] = [ratio_gap(logp, ro["old_logp"][idx], ctx)]
     return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
 
 
