@@ -42,7 +42,8 @@ import world
 from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, run_cli
 from gpt import (GPT, GPTConfig, PRESETS, completion_logprobs, cross_entropy_loss, generate, save_checkpoint,
                  token_logprobs)
-from grpo import grpo_advantages, grpo_loss, token_weights
+from grpo import grpo_advantages, grpo_loss
+from rollout import token_weights
 from lora import inject_lora
 from quant4 import quantize_model
 from tokenizer import encoding_from_merges, train_tokenizer
@@ -438,7 +439,7 @@ def bench_rl(args, ctx):
                 mb = slice_batch(batch, rows)
                 with ctx.autocast():
                     lp = completion_logprobs(policy, mb)
-                    loss = grpo_loss(lp, old_lp[rows], ref_lp[rows], adv[rows], token_weights(mask[rows], max_len=C), 0.1)[0]
+                    loss = grpo_loss(lp, old_lp[rows], ref_lp[rows], adv[rows], token_weights(mask[rows], "token-sum-norm", C), 0.1)[0]
                 update(loss)
 
     times = interleaved({"sft": sft_step, "dpo": dpo_step, "ppo": ppo_iteration, "grpo": grpo_iteration},
