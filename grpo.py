@@ -71,11 +71,11 @@ from common import ArgumentParser, UserError, positive_int, run_cli
 from evals import exact_match, task_accuracy
 from gpt import check_same_tokenizer, save_checkpoint
 from reward import load_reward_model
-from rollout import (LogWindow, PolicyLogps, add_rollout_args, checked_prompt_ids, forward_rows, kl_per_token,
-                     minibatches, prompt_indices, ratio_gap, ratio_stats, sample_rollout, sampling_note,
-                     sequence_scores, token_weights, training_prompts)
-from training import (MetricsLog, StopFlag, all_reduce_mean, check_divisible, check_finite, load_train_state, lr_at,
-                      make_optimizer, optimizer_step, save_train_state, set_lr, setup, wrap_model)
+from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, checked_prompt_ids, forward_rows,
+                     kl_per_token, minibatches, prompt_indices, ratio_stats, sample_rollout, sampling_note,
+                     sequence_scores, setup_rl, token_weights, training_prompts)
+from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, save_train_state, set_lr, wrap_model)
 
 LOSS_AGGS = ("token-sum-norm", "seq-mean-token-mean", "token-mean")
 EXACT_TASKS = ("domain_facts", "facts", "addition")
@@ -354,7 +354,8 @@ def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=contex
     """--epochs passes over the rollout in shuffled minibatches of grpo_loss (rollout.minibatches: this process's
     rows and their --loss-agg weights); -> the mean of each figure. model: a rollout.PolicyLogps (DDP-wrapped under
     torchrun); autocast: the precision context of its forward pass (backward and step run outside it)."""
-    stats, beta = {}, args.kl_coef if args.kl_in == "loss" else 0.0
+    stats = UpdateStats(("loss", "pg_loss", "k3", "clipfrac", "approx_kl"))
+    beta = args.kl_coef if args.kl_in == "loss" else 0.0
     for rows, weights, mean_weights in minibatches(ro["mask"], args.minibatch, args.epochs, rng, args.loss_agg,
                                                    args.max_new_tokens, ctx):
         with autocast():
@@ -367,12 +368,8 @@ def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=contex
         clipfrac, approx_kl = ratio_stats(per_token_logps, old_per_token_logps, advantages, mean_weights, args.cliprange)
         means = all_reduce_mean(torch.stack([loss, pg, k3, clipfrac, approx_kl]).detach(), ctx)
         check_finite(means[0], it)  # NaN/inf anywhere stops every process before the step
-        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
-        for k, v in zip(("loss", "pg_loss", "k3", "clipfrac", "approx_kl", "grad_norm"),
-                        (*means.tolist(), grad_norm.item())):
-            stats.setdefault(k, []).append(v)
-        stats.setdefault("ratio_first", [ratio_gap(per_token_logps, old_per_token_logps, ctx)])
-    return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
+        stats.record(means, optimizer_step(model, optimizer, args.grad_clip), per_token_logps, old_per_token_logps, ctx)
+    return stats.result()
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -443,6 +440,15 @@ def save(args, policy, optimizer, enc, step, metrics, samples=(), finished=False
                                             "finished": finished})
 
 
+def stop_early(args, policy, optimizer, enc, step, row, ctx):
+    """Ctrl-C, SIGTERM or --stop-at: a resumable state in OUT, and how to continue."""
+    if ctx.master:
+        save(args, policy, optimizer, enc, step, {})
+        print(f"stopped at iteration {step}; continue with: python grpo.py --resume --out {args.out} "
+              "(and the same options)")
+    return {"stopped_at": step, **row}
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -450,9 +456,7 @@ def main(argv=None):
     check_args(args)
     if args.toy:
         return toy_report()
-    t0 = time.time()
-    ctx = setup(args)
-    check_divisible(args.minibatch, "--minibatch", ctx)
+    t0, ctx = time.time(), setup_rl(args)
     policy, ref, rm, enc = load_models(args, ctx)
     if args.reward == "exact":
         prompts, prompt_ids, answers = exact_prompts(args, enc, policy.config.block_size)
@@ -467,22 +471,14 @@ def main(argv=None):
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
     model = wrap_model(PolicyLogps(policy), ctx, compile=False)   # DDP under torchrun: it averages the gradients
-    stop, window = StopFlag(), LogWindow()
-    log = MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
+    stop, log = StopFlag(), MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
+    window = LogWindow(log, args, ctx.master)
     for it in range(start, args.iters):
-        lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr_at(it, args.lr, args.warmup, args.iters, args.min_lr))
         ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, args, ctx)
-        window.add(row)
-        done = it + 1
-        if done % args.log_interval == 0 or done == args.iters:
-            window.write(log, done, lr, ro, "gold" if "gold" in row else "score", ctx.master)
-        if stop.requested_anywhere(ctx) or done == args.stop_at:
-            if ctx.master:
-                save(args, policy, optimizer, enc, done, {})
-                print(f"stopped at iteration {done}; continue with: python grpo.py --resume --out {args.out} "
-                      f"(and the same options)")
-            return {"stopped_at": done, **row}
+        window.add(it + 1, row, optimizer.param_groups[0]["lr"], ro, "gold" if "gold" in row else "score")
+        if stop.requested_anywhere(ctx) or it + 1 == args.stop_at:
+            return stop_early(args, policy, optimizer, enc, it + 1, row, ctx)
 
     metrics = {f"train_{k}": v for k, v in window.means.items()}
     if ctx.master:   # the trained model first: an error in the evaluation must not lose it

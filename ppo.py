@@ -49,10 +49,11 @@ from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_f
                     prob, run_cli)
 from gpt import check_same_tokenizer, save_checkpoint, token_logprobs
 from reward import load_reward_model
-from rollout import (LogWindow, PolicyLogps, add_rollout_args, forward_rows, kl_per_token, minibatches, prompt_indices,
-                     ratio_gap, ratio_stats, sample_rollout, sampling_note, sequence_scores, training_prompts)
-from training import (MetricsLog, StopFlag, all_reduce_mean, check_divisible, check_finite, load_train_state, lr_at,
-                      make_optimizer, optimizer_step, save_train_state, set_lr, setup, wrap_model)
+from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, forward_rows, kl_per_token, minibatches,
+                     prompt_indices, ratio_stats, sample_rollout, sampling_note, sequence_scores, setup_rl,
+                     training_prompts)
+from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, save_train_state, set_lr, wrap_model)
 
 
 def build_parser():
@@ -231,7 +232,7 @@ def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=context
     """--ppo-epochs passes over the rollout in shuffled minibatches (rollout.minibatches: this process's rows and
     their token weights) of the clipped losses; -> the mean of each figure. model: the policy, or its DDP wrapper
     under torchrun; autocast: the precision context of its forward pass (backward and step run outside it)."""
-    stats = {}
+    stats = UpdateStats(("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac"))
     for rows, weights, mean_weights in minibatches(ro["mask"], args.minibatch, args.ppo_epochs, rng, ctx=ctx):
         with autocast():
             per_token_logps, values = model({k: v[rows] for k, v in ro["batch"].items()}, ro["start"], ro["n"],
@@ -244,12 +245,8 @@ def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=context
         clipfrac, approx_kl = ratio_stats(per_token_logps, old_per_token_logps, advantages, mean_weights, args.cliprange)
         means = all_reduce_mean(torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac]).detach(), ctx)
         check_finite(means[0] + args.vf_coef * means[1], it)  # NaN/inf anywhere stops every process before the step
-        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
-        for k, v in zip(("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm"),
-                        (*means.tolist(), grad_norm.item())):
-            stats.setdefault(k, []).append(v)
-        stats.setdefault("ratio_first", [ratio_gap(per_token_logps, old_per_token_logps, ctx)])
-    return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
+        stats.record(means, optimizer_step(model, optimizer, args.grad_clip), per_token_logps, old_per_token_logps, ctx)
+    return stats.result()
 
 
 # ----------------------------------------------------------------------------- the exact check
@@ -368,13 +365,12 @@ def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    t0 = time.time()
     args = parse_args(argv)
     check_args(args)
     if args.toy:
         return toy_report()
-    t0 = time.time()
-    ctx = setup(args)
-    check_divisible(args.minibatch, "--minibatch", ctx)
+    ctx = setup_rl(args)
     policy, ref, rm, enc = load_models(args, ctx)
     prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
     if ctx.master:
@@ -388,18 +384,16 @@ def main(argv=None):
         start, extra = load_train_state(args.out, policy, optimizer)
         beta = extra["kl_coef"]
     model = wrap_model(policy, ctx, compile=False)   # DDP under torchrun: it averages the gradients
-    stop, window = StopFlag(), LogWindow()
-    log = MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
+    stop = StopFlag()
+    window = LogWindow(MetricsLog(args.out, args.iters, ctx.master, resume=args.resume), args, ctx.master)
     for it in range(start, args.iters):
         lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
         set_lr(optimizer, lr)
         ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx)
-        window.add(row)
+        done = it + 1
+        window.add(done, row, lr, ro, "score" if args.prompts else "gold")
         if args.target_kl:   # the KL of the whole rollout, the same on every process
             beta = adaptive_kl_coef(beta, row["kl"], args.target_kl, args.rollout_batch, args.horizon)
-        done = it + 1
-        if done % args.log_interval == 0 or done == args.iters:
-            window.write(log, done, lr, ro, "score" if args.prompts else "gold", ctx.master)
         if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, policy, optimizer, enc, done, beta, {})

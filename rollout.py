@@ -33,8 +33,8 @@ from evals import strip_eos
 from gpt import generate, token_logprobs
 from reward import reward_scores
 from tokenizer import eos_id, pad_id
-from training import (add_optimizer_args, all_reduce_max, chunk_seed, gather_chunks, gather_rows, my_chunks,
-                      rank_slice)
+from training import (add_optimizer_args, all_reduce_max, check_divisible, chunk_seed, gather_chunks, gather_rows,
+                      my_chunks, rank_slice, setup)
 
 
 # ----------------------------------------------------------------------------- the options both stages take
@@ -242,25 +242,51 @@ def ratio_gap(per_token_logps, old_per_token_logps, ctx=None):
     return math.exp(all_reduce_max(gap, ctx).item()) - 1
 
 
+
+class UpdateStats:
+    """The figures of an update: record() each optimizer step's (the all-reduced means of `names`, the gradient
+    norm) and, of the first, max |ratio - 1| (ratio_gap); result() -> the means over the steps, and that gap."""
+
+    def __init__(self, names):
+        self.names, self.values, self.ratio_first = names + ("grad_norm",), {}, None
+
+    def record(self, means, grad_norm, per_token_logps, old_per_token_logps, ctx=None):
+        for k, v in zip(self.names, (*means.tolist(), grad_norm.item())):
+            self.values.setdefault(k, []).append(v)
+        if self.ratio_first is None:
+            self.ratio_first = ratio_gap(per_token_logps, old_per_token_logps, ctx)
+
+    def result(self):
+        return {**{k: sum(v) / len(v) for k, v in self.values.items()}, "ratio_first": self.ratio_first}
+
 # ----------------------------------------------------------------------------- the log
 
 class LogWindow:
-    """The figures of the iterations since the last log line: add() each iteration's, then write() them as their
-    means with the throughput, and print one sampled completion of the last rollout (the first process alone)."""
+    """The figures of the iterations since the last log line: add() takes each iteration's and, every
+    --log-interval iterations and at the last, writes their means with the throughput (training.MetricsLog) and
+    prints one sampled completion of the last rollout (the first process alone); .means: the last line's."""
 
-    def __init__(self):
+    def __init__(self, log, args, master):
+        self.log, self.interval, self.iters, self.master = log, args.log_interval, args.iters, master
         self.sums, self.count, self.means, self.t_last = {}, 0, {}, time.time()
 
-    def add(self, row):
+    def add(self, step, row, lr, ro, judge):
+        """row: iteration `step`'s figures; judge: the figure of ro shown beside the sample."""
         for k, v in row.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
-
-    def write(self, log, step, lr, ro, judge, master):
-        """One line of log (training.MetricsLog) at `step`; judge: the figure of ro shown beside the sample."""
+        if step % self.interval and step != self.iters:
+            return
         dt, self.t_last = time.time() - self.t_last, time.time()
         self.means = {k: v / self.count for k, v in self.sums.items()}
-        log.log(step, **self.means, lr=lr, samples_per_s=round(len(ro["texts"]) * self.count / max(dt, 1e-9), 1))
-        if master:
+        self.log.log(step, **self.means, lr=lr, samples_per_s=round(len(ro["texts"]) * self.count / max(dt, 1e-9), 1))
+        if self.master:
             print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
         self.sums, self.count = {}, 0
+
+
+def setup_rl(args):
+    """training.setup, then the share check: every process takes an equal share of each --minibatch."""
+    ctx = setup(args)
+    check_divisible(args.minibatch, "--minibatch", ctx)
+    return ctx
