@@ -14,7 +14,7 @@ import rollout
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
 from conftest import torchrun
-from tests.test_ppo import assert_same_runs, likes_eos
+from tests.test_ppo import PrecisionProbe, assert_same_runs, likes_eos
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -187,6 +187,17 @@ def test_ratio_is_one_on_the_first_minibatch_with_dropout_in_the_checkpoint(tiny
     drop.train()
     lp = rollout.per_token_logps(drop, ro["batch"], ro["start"], ro["n"])
     assert (lp - ro["old_per_token_logps"]).abs().max().item() > 1e-2
+
+
+def test_autocast_wraps_the_forward_pass_only(tiny):
+    model, enc = tiny
+    args = tiny_args("--epochs", "2", "--minibatch", "2")
+    ro = tiny_rollout(model, enc, args)
+    policy = rollout.PolicyLogps(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    probe = PrecisionProbe(policy, opt)
+    grpo.grpo_update(policy, opt, ro, args, np.random.default_rng(0), autocast=probe)
+    probe.check(steps=2 * 8 // 2)                                   # 2 epochs of 2 x 4 rows in minibatches of 2
 
 
 # ----------------------------------------------------------------------------- the stage, end to end

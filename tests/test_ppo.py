@@ -1,5 +1,6 @@
 """PPO: GAE, whitening, reward shaping, the clipped losses (hand cases and a slow float64 loop), padding,
 the first ratio and KL, frozen reference and reward models, the exact tabular check, and exact resume."""
+import contextlib
 import json
 import math
 
@@ -362,3 +363,37 @@ def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
     two = json.load(open(ckpt / "two" / "config.json"))["metrics"]
     for k in ("train_pg_loss", "kl_coef_final", "gold_reward", "rm_reward", "kl", "win_rate"):
         assert two[k] == pytest.approx(one[k], abs=1e-5), k
+
+
+class PrecisionProbe:
+    """An autocast stand-in that records where it is active: forward passes (a forward hook), gradients (a hook on
+    a parameter's gradient, run by backward) and optimizer steps."""
+
+    def __init__(self, model, optimizer):
+        self.active, self.uses, self.seen = False, 0, {"forward": [], "backward": [], "step": []}
+        model.register_forward_hook(lambda *_: self.seen["forward"].append(self.active))
+        next(model.parameters()).register_hook(lambda g: self.seen["backward"].append(self.active))
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: (self.seen["step"].append(self.active), step(*a, **k))[1]
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.active, self.uses = True, self.uses + 1
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def check(self, steps):
+        assert self.uses == steps and self.seen["forward"] == [True] * steps
+        assert self.seen["backward"] == [False] * steps and self.seen["step"] == [False] * steps
+
+
+def test_autocast_wraps_the_forward_pass_only(tiny):
+    model, enc = tiny
+    args = tiny_args(ppo_epochs=2)
+    policy, ref, ro = tiny_rollout(model, enc, args)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    probe = PrecisionProbe(policy, opt)
+    ppo.ppo_update(policy, opt, ro, args, np.random.default_rng(0), autocast=probe)
+    probe.check(steps=2 * 4 // 2)                                   # 2 epochs of 4 rows in minibatches of 2
