@@ -37,23 +37,16 @@ samples. Only the first process writes OUT and prints; the model is saved before
 process runs the final held-out evaluation (align.heldout_eval, each its share of the prompts); the greedy
 accuracies of --reward exact run on the first.
 
-Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
-  seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
-                       token of a short completion weighs more: short right answers are pushed up harder
-                       and long wrong ones pushed down less, so wrong answers drift longer (Liu et al. 2025).
-  token-mean           every token of the minibatch alike (DAPO, Yu et al. 2025); the weight still depends
-                       on the other completions' lengths.
-  token-sum-norm       sum over tokens divided by the constant B * --max-new-tokens (Dr. GRPO). Default:
-                       the gradient is the policy gradient sum_t A grad log pi(y_t|s_t) of each completion
-                       with the same constant for every length and batch, so it has no length bias, and the
-                       k3 term is beta times a sequence-level KL estimate, the same beta as --kl-in reward.
+Token averaging (--loss-agg, rollout.token_weights): seq-mean-token-mean (the GRPO paper: short completions'
+tokens weigh more), token-mean (DAPO) or token-sum-norm (default, Dr. GRPO: a constant B * --max-new-tokens, no
+length bias); why: docs/rl-derivations.md#token-averaging-grpopy---loss-agg.
 
 The exact check (--toy), on align.py's tabular two-token policy (answers aa ab ba bb, exact expectations):
   KL in the reward (k1, RLOO): the fixed point is pi*(y) = pi_ref(y) exp(r(y) / beta) / Z, the maximum of
       E_pi[r] - beta KL(pi || pi_ref).
   KL in the loss (k3, GRPO): the expected gradient of k3 is that of KL(pi_ref || pi), the other direction, so the
       fixed point is not pi* but, state by state, pi_a = beta pi_ref,a / (beta - (A_a - A_bar)), A_bar = sum_a pi_a
-      A_a (k3_toy_fixed_point). The derivation: docs/rl-derivations.md.
+      A_a (align.k3_toy_fixed_point). The derivations: docs/rl-derivations.md.
 """
 
 import contextlib
@@ -65,7 +58,7 @@ import torch
 
 import data
 import world
-from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval,
+from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval, k3_toy_fixed_point,
                    kl_regularised_optimum, load_policy_and_reference, print_final, toy_problem, toy_token_logps)
 from common import ArgumentParser, UserError, positive_int, run_cli
 from evals import exact_match, task_accuracy
@@ -204,40 +197,6 @@ def exact_reward(text, answer):
 
 
 # ----------------------------------------------------------------------------- the exact check
-
-def k3_bandit_fixed_point(pi_ref, adv, beta):
-    """The zero of pi_a (A_a - sum_b pi_b A_b) - beta (pi_a - pi_ref,a) over the simplex: pi_a = beta pi_ref,a /
-    (lam - A_a) with lam = A_bar + beta the root of sum_a beta pi_ref,a / (lam - A_a) = 1 on (max A, max A + beta]
-    (decreasing from +inf to <= 1 there: one root, found by bisection in float64)."""
-    lo, hi = adv.max().item(), adv.max().item() + beta
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if (beta * pi_ref / (mid - adv)).sum() > 1 else (lo, mid)
-    return beta * pi_ref / (hi - adv)
-
-
-def k3_toy_fixed_point(ref_per_token_logps, r, beta, scale="none", eps=1e-4):
-    """The fixed point of GRPO with k3 in the loss on the two-token policy, state by state: the second token
-    after y1 is a bandit on the advantages s r(y1, .), the first a bandit on s E[r | y1] (s = 1, or 1/(sigma + eps)
-    with the group scaling, sigma the std of r under the fixed point itself: found by bisection on sigma)."""
-    ref1, ref2 = ref_per_token_logps[[0, 2], 0].exp(), ref_per_token_logps[:, 1].exp().view(2, 2)
-    R = r.view(2, 2)
-
-    def policy(s):
-        pi2 = torch.stack([k3_bandit_fixed_point(ref2[a], s * R[a], beta) for a in range(2)])
-        pi1 = k3_bandit_fixed_point(ref1, s * (pi2 * R).sum(-1), beta)
-        return (pi1[:, None] * pi2).flatten()
-
-    if scale == "none":
-        return policy(1.0)
-    lo, hi = 1e-9, (r.max() - r.min()).item()           # std(r under pi(1/(sigma+eps))) - sigma changes sign here
-    for _ in range(200):
-        sigma = (lo + hi) / 2
-        pi = policy(1.0 / (sigma + eps))
-        std = (pi * (r - (pi * r).sum()) ** 2).sum().sqrt().item()
-        lo, hi = (sigma, hi) if std > sigma else (lo, sigma)
-    return policy(1.0 / (hi + eps))
-
 
 def toy_run(beta, advantage="grpo", scale="none", kl_in="loss", iters=400, epochs=4, lr=1.0, seed=0,
             loss_agg="token-sum-norm"):

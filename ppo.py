@@ -255,8 +255,8 @@ def toy_exact_check(beta=0.5, iters=300, epochs=4, lr=2.0, seed=0):
     """PPO with the per-token KL penalty on align.py's tabular problem, small enough to enumerate: every
     expectation over answers is the exact sum weighted by pi_old(y) (no sampling noise). The KL-regularised
     objective E_pi[r] - beta * KL(pi || pi_ref) has its maximum at pi* = pi_ref * exp(r / beta) / Z; PPO's fixed
-    point (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*.
-    Returns (pi_ref, r, pi*, pi_ppo) as float64 tensors over aa, ab, ba, bb."""
+    point (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*
+    (docs/rl-derivations.md). Returns (pi_ref, r, pi*, pi_ppo) as float64 tensors over aa, ab, ba, bb."""
     t1_ref, t2_ref, r = toy_problem(torch.Generator().manual_seed(seed))
     ref_per_token_logps = toy_token_logps(t1_ref, t2_ref)
     pi_star = kl_regularised_optimum(ref_per_token_logps.sum(-1), r, beta)

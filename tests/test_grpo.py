@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import align
 import grpo
 import ppo
 import rollout
@@ -101,7 +102,7 @@ def test_exact_reward():
 def test_bandit_fixed_point_zeroes_the_expected_gradient_for_any_beta():
     pi_ref, adv = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
     for beta in (2.0, 0.3, 0.01):
-        pi = grpo.k3_bandit_fixed_point(pi_ref, adv, beta)
+        pi = align.k3_bandit_fixed_point(pi_ref, adv, beta)
         grad = pi * (adv - (pi * adv).sum()) - beta * (pi - pi_ref)
         assert (pi > 0).all() and pi.sum().item() == pytest.approx(1.0, abs=1e-12)   # interior, even at beta 0.01
         assert grad.abs().max().item() < 1e-12
@@ -121,7 +122,7 @@ def test_toy_k1_in_reward_reaches_pi_star_and_k3_in_loss_its_own_fixed_point(one
     pi_grpo = grpo.toy_run(beta, "grpo", "none", "loss", iters=300)[2]
     pi_grpo_s = grpo.toy_run(beta, "grpo", "group", "loss", iters=300)[2]
     pi_star = torch.softmax(ref_logp.sum(-1) + r / beta, 0)
-    k3, k3_s = grpo.k3_toy_fixed_point(ref_logp, r, beta), grpo.k3_toy_fixed_point(ref_logp, r, beta, "group")
+    k3, k3_s = align.k3_toy_fixed_point(ref_logp, r, beta), align.k3_toy_fixed_point(ref_logp, r, beta, "group")
     assert (pi_star - pi_ref).abs().max() > 0.1                  # the optimum is far from the start
     assert (pi_rloo - pi_star).abs().max().item() < 1e-5
     assert (pi_grpo - k3).abs().max().item() < 1e-6
