@@ -240,6 +240,16 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt, tiny):
     assert len(lines) == 4 and "k3" in json.loads(lines[0])
 
 
+def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(grpo, "final_eval", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        grpo.main(run_args(ckpt, "kept", "--iters", "1"))
+    cfg = json.load(open(ckpt / "kept" / "config.json"))
+    assert cfg["step"] == 1 and "train_loss" in cfg["metrics"] and (ckpt / "kept" / "model.safetensors").exists()
+
+
 def test_rloo_with_exact_reward_on_a_questions_file(ckpt):
     qa = str(ckpt / "qa.jsonl")
     m = grpo.main(run_args(ckpt, "rloo", "--advantage", "rloo", "--reward", "exact", "--prompts", qa,

@@ -272,6 +272,17 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
     assert cfg["stage"] == "ppo" and "time_s" in cfg["metrics"] and "win_rate" in cfg["metrics"]
 
 
+def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(ppo, "final_eval", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        ppo.main(run_args(ckpt, "kept", "--iters", "1"))
+    cfg = json.load(open(ckpt / "kept" / "config.json"))
+    assert cfg["step"] == 1 and "train_pg_loss" in cfg["metrics"] and (ckpt / "kept" / "value_head.safetensors").exists()
+    assert (ckpt / "kept" / "model.safetensors").exists()
+
+
 def test_dropout_checkpoint_ratio_is_one_on_the_first_minibatch(ckpt, tiny):
     _, enc = tiny
     torch.manual_seed(0)  # a checkpoint trained with dropout 0.1: rollout (eval) and update (train) must agree
