@@ -114,18 +114,6 @@ def sampling_note(rows, args, ctx):
 
 # ----------------------------------------------------------------------------- the rollout
 
-def sample_rows(gpt, rows, args, it, enc, ctx=None):
-    """The completion of every prompt row, on every process: chunk k of --sample-batch rows is sampled by
-    process k mod N with the generator seeded training.chunk_seed(--seed, k, it), and the chunks are gathered
-    in order, so the samples do not depend on N. An empty completion becomes [EOS]."""
-    device, mine = next(gpt.parameters()).device, {}
-    for k, lo, hi in my_chunks(len(rows), args.sample_batch, ctx):
-        gen = torch.Generator(device=device).manual_seed(chunk_seed(args.seed, k, it))
-        mine[k] = generate(gpt, rows[lo:hi], args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
-                           temperature=args.temperature, generator=gen)
-    return [c if c else [eos_id(enc)] for c in gather_chunks(mine, ctx)]
-
-
 def rollout_batch(prompts, completions, pad):
     """Prompts left-padded to P, completions right-padded to T: row = [pad.. x | y pad..], so completion
     token t sits in column P + t for every row and is predicted by column P - 1 + t.
@@ -143,12 +131,19 @@ def rollout_batch(prompts, completions, pad):
 
 @torch.no_grad()
 def sample_rollout(gpt, enc, rows, args, it, ctx=None):
-    """Sample a completion of every prompt row (sample_rows) and lay the rows out (rollout_batch) on gpt's
-    device; -> {"completions", "texts", "ended", "batch", "start", "n", "mask", "length"}, the whole rollout on
-    every process."""
-    completions = sample_rows(gpt, rows, args, it, enc, ctx)
+    """Sample the completion of every prompt row and lay the rows out (rollout_batch) on gpt's device: chunk k of
+    --sample-batch rows is sampled by process k mod N with the generator seeded training.chunk_seed(--seed, k, it),
+    and the chunks are gathered in order, so the samples do not depend on N; an empty completion becomes [EOS].
+    -> {"completions", "texts", "ended", "batch", "start", "n", "mask", "length"}, the whole rollout on every
+    process."""
+    device, mine = next(gpt.parameters()).device, {}
+    for k, lo, hi in my_chunks(len(rows), args.sample_batch, ctx):
+        gen = torch.Generator(device=device).manual_seed(chunk_seed(args.seed, k, it))
+        mine[k] = generate(gpt, rows[lo:hi], args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
+                           temperature=args.temperature, generator=gen)
+    completions = [c if c else [eos_id(enc)] for c in gather_chunks(mine, ctx)]
     batch, start, n = rollout_batch(rows, completions, pad_id(enc))
-    batch = {k: v.to(next(gpt.parameters()).device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
     return {"completions": completions, "texts": [enc.decode(strip_eos(c, enc)).strip() for c in completions],
             "ended": torch.tensor([c[-1] == eos_id(enc) for c in completions]), "batch": batch, "start": start,
             "n": n, "mask": batch["mask"], "length": batch["mask"].sum(-1)}
@@ -163,23 +158,18 @@ def sequence_scores(reward, enc, prompts, completions, texts, ctx=None):
     return gather_rows(reward_scores(reward, enc, prompts[lo:hi], completions[lo:hi]).float(), len(prompts), ctx).cpu()
 
 
-def per_token_logps(gpt, batch, start, n, temperature=1.0):
-    """log pi(a_t|s_t) of every completion token of a rollout_batch (columns start..start+n-1 predict them)."""
-    h = gpt.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
-    return token_logprobs(gpt.lm_head(h), batch["actions"], temperature)
-
-
 class PolicyLogps(nn.Module):
-    """A GPT as a module whose forward is per_token_logps of a rollout batch: the policy as DistributedDataParallel
-    wraps it (DDP sees the call and averages the gradients), or the reference. Its parameters are the GPT's,
-    under the GPT's names after .gpt."""
+    """A GPT as a module whose forward is log pi(a_t|s_t) of every completion token of a rollout_batch (columns
+    start..start+n-1 predict them): the policy as DistributedDataParallel wraps it (DDP sees the call and averages
+    the gradients), or the reference. Its parameters are the GPT's, under the GPT's names after .gpt."""
 
     def __init__(self, gpt):
         super().__init__()
         self.gpt = gpt
 
     def forward(self, batch, start, n, temperature=1.0):
-        return per_token_logps(self.gpt, batch, start, n, temperature)
+        h = self.gpt.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return token_logprobs(self.gpt.lm_head(h[:, start:start + n]), batch["actions"], temperature)
 
 
 @torch.no_grad()
@@ -235,17 +225,14 @@ def ratio_stats(per_token_logps, old_per_token_logps, advantages, weights, clipr
     return (clipped * weights).sum(), (0.5 * log_ratio ** 2 * weights).sum()
 
 
-def ratio_gap(per_token_logps, old_per_token_logps, ctx=None):
-    """max |ratio - 1| = exp(max_t |log pi - log pi_old|) - 1 over every process's tokens: on the first minibatch
-    of a rollout it is 0 when rollout and update see the same policy (dropout off, one temperature)."""
-    gap = (per_token_logps - old_per_token_logps).abs().max().detach()
-    return math.exp(all_reduce_max(gap, ctx).item()) - 1
 
 
 
 class UpdateStats:
     """The figures of an update: record() each optimizer step's (the all-reduced means of `names`, the gradient
-    norm) and, of the first, max |ratio - 1| (ratio_gap); result() -> the means over the steps, and that gap."""
+    norm) and, of the first, max |ratio - 1| = exp(max_t |log pi - log pi_old|) - 1 over every process's tokens,
+    which is 0 when rollout and update see the same policy (dropout off, one temperature); result() -> the means
+    over the steps, and that gap."""
 
     def __init__(self, names):
         self.names, self.values, self.ratio_first = names + ("grad_norm",), {}, None
@@ -254,7 +241,8 @@ class UpdateStats:
         for k, v in zip(self.names, (*means.tolist(), grad_norm.item())):
             self.values.setdefault(k, []).append(v)
         if self.ratio_first is None:
-            self.ratio_first = ratio_gap(per_token_logps, old_per_token_logps, ctx)
+            gap = (per_token_logps - old_per_token_logps).abs().max().detach()
+            self.ratio_first = math.exp(all_reduce_max(gap, ctx).item()) - 1
 
     def result(self):
         return {**{k: sum(v) / len(v) for k, v in self.values.items()}, "ratio_first": self.ratio_first}

@@ -186,7 +186,7 @@ def test_ratio_is_one_on_the_first_minibatch_with_dropout_in_the_checkpoint(tiny
     assert stats["ratio_first"] < 1e-6
     # the same forward in train mode (dropout on) would not reproduce log pi_old
     drop.train()
-    lp = rollout.per_token_logps(drop, ro["batch"], ro["start"], ro["n"])
+    lp = rollout.PolicyLogps(drop)(ro["batch"], ro["start"], ro["n"])
     assert (lp - ro["old_per_token_logps"]).abs().max().item() > 1e-2
 
 
