@@ -272,15 +272,20 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
     assert cfg["stage"] == "ppo" and "time_s" in cfg["metrics"] and "win_rate" in cfg["metrics"]
 
 
-def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
+def run_with_a_failing_final_eval(stage, argv, out, monkeypatch):
+    """stage.main(argv) with its final evaluation raising -> OUT's config.json: the model was saved before."""
     def broken(*_):
         raise RuntimeError("the evaluation failed")
-    monkeypatch.setattr(ppo, "final_eval", broken)
+    monkeypatch.setattr(stage, "final_eval", broken)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        ppo.main(run_args(ckpt, "kept", "--iters", "1"))
-    cfg = json.load(open(ckpt / "kept" / "config.json"))
+        stage.main(argv)
+    assert (out / "model.safetensors").exists()
+    return json.load(open(out / "config.json"))
+
+
+def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
+    cfg = run_with_a_failing_final_eval(ppo, run_args(ckpt, "kept", "--iters", "1"), ckpt / "kept", monkeypatch)
     assert cfg["step"] == 1 and "train_pg_loss" in cfg["metrics"] and (ckpt / "kept" / "value_head.safetensors").exists()
-    assert (ckpt / "kept" / "model.safetensors").exists()
 
 
 def test_dropout_checkpoint_ratio_is_one_on_the_first_minibatch(ckpt, tiny):
