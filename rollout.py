@@ -217,15 +217,12 @@ def minibatches(mask, size, epochs, rng, agg="token-mean", max_len=None, ctx=Non
 
 def ratio_stats(per_token_logps, old_per_token_logps, advantages, weights, cliprange=0.2):
     """What the logs say of the ratio rho_t = pi / pi_old, weighted sums over tokens (weights: token means):
-    the share of tokens whose surrogate term is clipped (clip(rho) A < rho A... the clipped term is the minimum)
+    clipfrac, the share of tokens where the clipped term clip(rho_t) A_t is the smaller one (so the loss uses it),
     and approx KL(pi_old || pi) = sum_t w_t 0.5 (log rho_t)^2."""
     log_ratio = torch.where(weights > 0, per_token_logps - old_per_token_logps, 0.0).detach()
     ratio = torch.exp(log_ratio)
     clipped = (-advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) > -advantages * ratio).float()
     return (clipped * weights).sum(), (0.5 * log_ratio ** 2 * weights).sum()
-
-
-
 
 
 class UpdateStats:
@@ -246,6 +243,7 @@ class UpdateStats:
 
     def result(self):
         return {**{k: sum(v) / len(v) for k, v in self.values.items()}, "ratio_first": self.ratio_first}
+
 
 # ----------------------------------------------------------------------------- the log
 
