@@ -9,7 +9,8 @@
                                         get the figures of the whole set, the same for any number of processes
   the tabular exact check               a policy over two-token answers {aa, ab, ba, bb} with known rewards,
                                         small enough that every expectation is an exact sum, so each method's
-                                        fixed point can be compared with its closed form
+                                        fixed point can be compared with its closed form: pi_ref exp(r/beta)/Z,
+                                        or GRPO's with k3 in the loss (docs/rl-derivations.md)
 
 Dropout. Log-probabilities that are compared with stored ones or with the reference's must come from
 the same function: `disable_dropout` turns dropout off in the policy (as TRL does), since a checkpoint
@@ -165,6 +166,40 @@ def toy_problem(generator):
 def kl_regularised_optimum(ref_logp, r, beta):
     """argmax_pi E_pi[r] - beta * KL(pi || pi_ref) = pi_ref * exp(r / beta) / Z (ref_logp: log pi_ref(y))."""
     return torch.softmax(ref_logp + r / beta, 0)
+
+
+def k3_bandit_fixed_point(pi_ref, adv, beta):
+    """The zero of pi_a (A_a - sum_b pi_b A_b) - beta (pi_a - pi_ref,a) over the simplex: pi_a = beta pi_ref,a /
+    (lam - A_a) with lam = A_bar + beta the root of sum_a beta pi_ref,a / (lam - A_a) = 1 on (max A, max A + beta]
+    (decreasing from +inf to <= 1 there: one root, found by bisection in float64)."""
+    lo, hi = adv.max().item(), adv.max().item() + beta
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (beta * pi_ref / (mid - adv)).sum() > 1 else (lo, mid)
+    return beta * pi_ref / (hi - adv)
+
+
+def k3_toy_fixed_point(ref_per_token_logps, r, beta, scale="none", eps=1e-4):
+    """The fixed point of GRPO with k3 in the loss on the two-token policy (docs/rl-derivations.md), state by state: the second token
+    after y1 is a bandit on the advantages s r(y1, .), the first a bandit on s E[r | y1] (s = 1, or 1/(sigma + eps)
+    with the group scaling, sigma the std of r under the fixed point itself: found by bisection on sigma)."""
+    ref1, ref2 = ref_per_token_logps[[0, 2], 0].exp(), ref_per_token_logps[:, 1].exp().view(2, 2)
+    R = r.view(2, 2)
+
+    def policy(s):
+        pi2 = torch.stack([k3_bandit_fixed_point(ref2[a], s * R[a], beta) for a in range(2)])
+        pi1 = k3_bandit_fixed_point(ref1, s * (pi2 * R).sum(-1), beta)
+        return (pi1[:, None] * pi2).flatten()
+
+    if scale == "none":
+        return policy(1.0)
+    lo, hi = 1e-9, (r.max() - r.min()).item()           # std(r under pi(1/(sigma+eps))) - sigma changes sign here
+    for _ in range(200):
+        sigma = (lo + hi) / 2
+        pi = policy(1.0 / (sigma + eps))
+        std = (pi * (r - (pi * r).sum()) ** 2).sum().sqrt().item()
+        lo, hi = (sigma, hi) if std > sigma else (lo, sigma)
+    return policy(1.0 / (hi + eps))
 
 
 def print_toy_table(pi_ref, r, pi_star, pi, method):

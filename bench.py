@@ -16,21 +16,12 @@ Timing: warm-up first, then `--repeats` timed runs; with --vs hf the two models 
 by run (and swap order every repeat) so a noisy shared machine slows both alike; figures are
 medians. Speed lives here, never in tests.
 
-The stages section (not in the default --only) runs the stage files themselves as subprocesses on a random
-model of the bench shape, saved with a byte-level BPE grown to the model's vocabulary (so every sampled id
-decodes), and on small files made from the default world: full SFT, LoRA, QLoRA, the reward model, DPO
-and PPO, --stage-steps steps each. Seconds per step come from each run's metrics.jsonl (logged every step,
-so loading and the final evaluation are left out); peak RSS is the process's own (wait4's ru_maxrss).
+The stages section (not in the default --only, bench_stages.py) runs the stage files themselves.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -38,22 +29,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import world
+from bench_common import (device_peak_flops, flops_per_token, interleaved, machine, median, mfu, print_memory, print_rl,
+                          print_sample, print_train, sync)
+from bench_stages import bench_stages, print_stages
 from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, run_cli
-from gpt import (GPT, GPTConfig, PRESETS, completion_logprobs, cross_entropy_loss, generate, save_checkpoint,
-                 token_logprobs)
-from grpo import grpo_advantages, grpo_loss, token_weights
+from gpt import GPT, GPTConfig, PRESETS, completion_logprobs, cross_entropy_loss, generate, token_logprobs
 from lora import inject_lora
 from quant4 import quantize_model
-from tokenizer import encoding_from_merges, train_tokenizer
 from training import make_optimizer, setup, wrap_model
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what --preset sets (gpt.PRESETS)
-# dense bf16 peak of one GPU (tensor cores, no sparsity), in FLOP/s; matched against the device name
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SECTIONS = ("train", "sample", "rl", "memory", "stages")
 DEFAULT_SECTIONS = SECTIONS[:4]  # stages runs every stage file: ask for it by name
-ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EOS = -1  # an id no model emits: every sample runs its full length
 
 
@@ -102,57 +89,6 @@ def parse_args(argv=None):
     if bad:
         raise UserError(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
     return args
-
-
-# ----------------------------------------------------------------------------- FLOPs and timing
-
-def flops_per_token(n_params, n_layer, n_head, head_dim, context):
-    """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu):
-    6N + 12 * L * H * Q * T, with N the non-embedding parameters (forward 2N + backward 4N for the
-    matmuls with weights) and 12*L*H*Q*T for attention's two T-long matmuls per layer (QK^T and AV,
-    2 FLOPs per multiply-add, times 3 for forward + backward)."""
-    return 6 * n_params + 12 * n_layer * n_head * head_dim * context
-
-
-def mfu(tokens_per_s, flops_per_tok, peak):
-    """Model FLOPs utilisation = achieved FLOP/s / peak FLOP/s (None when the peak is unknown)."""
-    return tokens_per_s * flops_per_tok / peak if peak else None
-
-
-def device_peak_flops(device, override=0.0):
-    if override:
-        return override
-    if str(device).startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return None
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def interleaved(runs, repeats, warmup, device):
-    """{name: fn} -> {name: [seconds per run]}: warm-up runs, then the runs alternate, order swapped
-    each repeat, so a slow moment of a shared machine falls on every contender alike."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            sync(device)
-            t = time.perf_counter()
-            runs[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return times
-
-
-def median(xs):
-    return statistics.median(xs)
 
 
 # ----------------------------------------------------------------------------- models
@@ -334,6 +270,15 @@ def ppo_loss_for_cost(logp, old_logp, adv, values, returns, mask, clip=0.2):
     return ((pg + vf) * mask).sum() / mask.sum()
 
 
+def grpo_loss_for_cost(logp, old_logp, ref_logp, adv, mask, max_len, beta=0.1, clip=0.2):
+    """GRPO's loss (timed here only; grpo.py owns the real one): the clipped surrogate with A_i = (r_i - group mean)
+    / group std on every token, and beta * k3 per token, summed over tokens / (B * max_len) (Dr. GRPO's norm)."""
+    ratio = torch.exp(logp - old_logp)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    log_rho = ref_logp - logp
+    return ((pg + beta * (torch.expm1(log_rho) - log_rho)) * mask).sum() / (mask.size(0) * max_len)
+
+
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -432,13 +377,14 @@ def bench_rl(args, ctx):
             old_lp, ref_lp = completion_logprobs(policy, batch), completion_logprobs(ref, batch)
             h = reward_trunk.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
             score = reward_head(h[rows_all, batch["last_index"]]).squeeze(-1).float()
-            adv = grpo_advantages(score.view(-1, G)).flatten()[:, None] * mask     # no critic: the group is the baseline
+            r = score.view(-1, G)                                   # no critic: the group is the baseline
+            adv = ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-4)).flatten()[:, None] * mask
         for _ in range(args.ppo_epochs):
             for rows in rows_all.chunk(args.ppo_minibatches):
                 mb = slice_batch(batch, rows)
                 with ctx.autocast():
                     lp = completion_logprobs(policy, mb)
-                    loss = grpo_loss(lp, old_lp[rows], ref_lp[rows], adv[rows], token_weights(mask[rows], max_len=C), 0.1)[0]
+                    loss = grpo_loss_for_cost(lp, old_lp[rows], ref_lp[rows], adv[rows], mask[rows], C)
                 update(loss)
 
     times = interleaved({"sft": sft_step, "dpo": dpo_step, "ppo": ppo_iteration, "grpo": grpo_iteration},
@@ -529,197 +475,6 @@ def bench_memory(args, ctx):
         out[mode] = row
         del model, optimizer, trainable
     return out
-
-
-# ----------------------------------------------------------------------------- report
-
-# ----------------------------------------------------------------------------- the stages themselves
-
-def grown_tokenizer(text, n_vocab):
-    """A byte-level BPE learned on text (at most 4096 tokens), then grown to exactly n_vocab tokens by extra
-    merges of two learned tokens into a new byte string, so that every id a random model of that vocabulary
-    samples decodes. The extra merges rank after the learned ones: the text is still split as learned."""
-    enc = train_tokenizer(text, min(n_vocab, 4096))
-    merges, vocab = list(enc._merges), [bytes([b]) for b in range(256)]
-    for a, b in merges:
-        vocab.append(vocab[a] + vocab[b])
-    seen, learned = set(vocab), range(256, len(vocab))
-    for a in learned:
-        for b in learned:
-            if 256 + len(merges) + 2 >= n_vocab:
-                break
-            if vocab[a] + vocab[b] not in seen:
-                seen.add(vocab[a] + vocab[b])
-                merges.append((a, b))
-    grown = encoding_from_merges(merges, name=f"bpe{256 + len(merges) + 2}")
-    grown._merges = merges
-    return grown
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def stage_fixture(model, d, seed):
-    """d/init: the model with a grown BPE; d/sft*.jsonl (Alpaca rows), d/pairs/{train,val}.jsonl (prompt,
-    chosen, rejected), d/prompts.jsonl: the default world's review tasks, a few dozen rows each."""
-    w = world.make_world(seed)
-    enc = grown_tokenizer("\n\n".join(world.pretrain_docs(w)[:400]), model.config.vocab_size)
-    save_checkpoint(os.path.join(d, "init"), model, enc, {"stage": "bench", "args": {}, "metrics": {}})
-    review = world.task_sets(w)["review"]
-    train, val = review["train"][:64], review["val"][:8]
-    write_jsonl(os.path.join(d, "sft.jsonl"), train)
-    write_jsonl(os.path.join(d, "sft_val.jsonl"), val[:2])
-    os.makedirs(os.path.join(d, "pairs"), exist_ok=True)
-    for name, rows in (("train", train), ("val", val)):
-        write_jsonl(os.path.join(d, "pairs", f"{name}.jsonl"), [
-            {"prompt": data.format_prompt(e["instruction"], e["input"]), "chosen": data.format_completion(e["output"]),
-             "rejected": data.format_completion(rows[(i + 1) % len(rows)]["output"])} for i, e in enumerate(rows)])
-    write_jsonl(os.path.join(d, "prompts.jsonl"), [{"prompt": data.format_prompt(e["instruction"], e["input"])}
-                                                   for e in train[:16]])
-
-
-def stage_commands(d, steps, device):
-    """(name, stage file, arguments): a few steps each, small batches, a log line every step, evaluations cut short."""
-    n, common = str(steps), ["--device", device, "--log-interval", "1", "--warmup", "1"]
-    sft = ["--init", f"{d}/init", "--data", f"{d}/sft.jsonl", "--val-data", f"{d}/sft_val.jsonl", "--batch-size", "4",
-           "--max-iters", n, "--eval-n", "1", "--recall-limit", "0"] + common
-    pairs = ["--init", f"{d}/init", "--data", f"{d}/pairs/train.jsonl", "--batch-size", "4", "--max-iters", n] + common
-    return [("SFT full", "sft.py", sft + ["--out", f"{d}/sft"]),
-            ("SFT LoRA r=8", "sft.py", sft + ["--lora", "8", "--out", f"{d}/lora"]),
-            ("SFT QLoRA r=8 (NF4)", "sft.py", sft + ["--qlora", "8", "--out", f"{d}/qlora"]),
-            ("reward model (all)", "reward.py", pairs + ["--out", f"{d}/reward"]),
-            ("DPO", "dpo.py", pairs + ["--eval-prompts", "none", "--out", f"{d}/dpo"]),
-            ("PPO (iteration)", "ppo.py", ["--init", f"{d}/init", "--reward", f"{d}/reward", "--prompts",
-             f"{d}/prompts.jsonl", "--iters", n, "--rollout-batch", "4", "--minibatch", "4", "--ppo-epochs", "1",
-             "--max-new-tokens", "32", "--eval-prompts", "none", "--out", f"{d}/ppo"] + common)]
-
-
-def run_stage(script, argv, out):
-    """-> (exit code, seconds per step from out/metrics.jsonl, peak RSS bytes of the stage process, wall seconds)."""
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        print(f"  {script} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-    path = os.path.join(out, "metrics.jsonl")
-    logs = [r for r in (json.loads(l) for l in open(path)) if "lr" in r] if os.path.exists(path) else []
-    per_step = (logs[-1]["elapsed"] - logs[0]["elapsed"]) / (logs[-1]["step"] - logs[0]["step"]) if len(logs) > 1 else None
-    return proc.returncode, per_step, usage.ru_maxrss * 1024, time.time() - t0  # ru_maxrss: KiB on Linux
-
-
-def bench_stages(args, ctx, model):
-    d = os.path.abspath(args.stage_out)
-    os.makedirs(d, exist_ok=True)
-    stage_fixture(model, d, args.seed)
-    rows = []
-    for name, script, argv in stage_commands(d, args.stage_steps, ctx.device.split(":")[0]):
-        rc, per_step, rss, wall = run_stage(script, argv, argv[argv.index("--out") + 1])
-        rows.append({"stage": name, "command": f"python {script} " + " ".join(argv).replace(d, "$D"), "exit": rc,
-                     "s_per_step": per_step, "peak_rss_bytes": rss, "wall_s": round(wall, 1)})
-        print(f"  {name}: {fmt(per_step)} s/step, peak RSS {fmt(mib(rss))} MiB, {wall:.0f}s in all", flush=True)
-    qlora = os.path.join(d, "qlora", "config.json")
-    if os.path.exists(qlora):
-        m = json.load(open(qlora))["metrics"]
-        rows.append({"stage": "QLoRA frozen base", "frozen_base_bytes_4bit": m["frozen_base_bytes_4bit"],
-                     "frozen_base_bytes_bf16": m["frozen_base_bytes_bf16"], "ratio": m["frozen_base_memory_ratio"]})
-    return rows
-
-
-def fmt(v, unit=""):
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    if isinstance(v, float):
-        return f"{v:,.3g}{unit}" if abs(v) < 100 else f"{v:,.0f}{unit}"
-    return f"{v:,}{unit}"
-
-
-def mib(n):
-    return None if n is None else n / 2 ** 20
-
-
-def table(title, header, rows):
-    cells = [header] + [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = [f"\n{title}", "  ".join(h.rjust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells[1:]]
-    print("\n".join(lines), flush=True)
-
-
-def machine(ctx):
-    m = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": ctx.device,
-         "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-         "platform": platform.platform()}
-    if ctx.cuda:
-        m["gpu"] = torch.cuda.get_device_name(ctx.device)
-    return m
-
-
-def print_sample(rows, hf):
-    hdr = ["batch", "new", "cached tok/s", "recompute tok/s", "speedup", "identical"]
-    if hf is not None:
-        hdr += ["HF cached tok/s", "HF recompute tok/s", "HF speedup", "ours/HF cached", "= HF tokens"]
-    table("greedy sampling (gpt.generate, KV cache vs full recompute)", hdr,
-          [[r["batch"], r["new_tokens"], r["ours_cache_tokens_per_s"], r["ours_recompute_tokens_per_s"],
-            r["cache_speedup"], r["identical"]] + ([r["hf_cache_tokens_per_s"], r["hf_recompute_tokens_per_s"],
-            r["hf_cache_speedup"], r["ours_over_hf_cache"], f"{100 * r['hf_token_agreement']:.0f}%"] if hf else [])
-           for r in rows])
-    if not all(r["identical"] for r in rows):  # exact in float32 on CPU; TF32/bf16 GPU kernels may round apart
-        print("WARNING: KV-cached and recomputed greedy samples differ (see cache_token_agreement)")
-
-
-def print_train(tr, args):
-    table(f"training throughput (batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps per run, "
-          f"median of {args.repeats}; FLOPs/token = 6N + 12LHQT = {tr['flops_per_token']:,})",
-          ["model", "tokens/s", "ms/step", "GFLOP/s", "MFU"],
-          [[name, tr[name]["tokens_per_s"], tr[name]["step_ms"], tr[name]["tokens_per_s"] * tr["flops_per_token"] / 1e9,
-            "n/a (no peak known; --peak-flops)" if tr[name]["mfu"] is None else f"{100 * tr[name]['mfu']:.1f}%"]
-           for name in ("ours", "hf") if name in tr])
-    if "ours_over_hf" in tr:
-        print(f"ours / HF training tokens/s: {tr['ours_over_hf']:.3f} (ratio of medians), "
-              f"{tr['ours_over_hf_paired']:.3f} (median of back-to-back pairs)")
-
-
-def print_rl(rl):
-    table(f"alignment step costs ({rl['rows']} prompts x {rl['prompt_len']} tokens, completions of "
-          f"{rl['completion_len']}; PPO: generate + ref/value/reward forwards + {rl['ppo_updates']} minibatch updates)",
-          ["step", "seconds", "x SFT step"],
-          [["SFT step", rl["sft_step_s"], 1.0], ["DPO step", rl["dpo_step_s"], rl["dpo_over_sft"]],
-           ["PPO iteration", rl["ppo_iteration_s"], rl["ppo_over_sft"]],
-           ["  of which generation", rl["ppo_generation_s"], rl["ppo_generation_s"] / rl["sft_step_s"]],
-           [f"GRPO iteration (G={rl['grpo_group']})", rl["grpo_iteration_s"], rl["grpo_over_sft"]]])
-    print(f"GRPO / PPO iteration time: {rl['grpo_over_ppo']:.2f} (no value head; same completions and updates)")
-    print(f"PPO time spent generating: {100 * rl['ppo_generation_share']:.0f}%")
-
-
-def print_memory(mem, args, ctx):
-    hdr = ["mode", "trainable", "params MiB", "grads MiB", "AdamW MiB", "activations MiB", "tokens/s"]
-    if ctx.cuda:
-        hdr += ["CUDA peak MiB"]
-    table(f"memory per training step (batch {args.batch_size} x {args.block_size}; activations = tensors "
-          f"saved for backward; LoRA r={args.lora_r}, QLoRA = NF4 base + LoRA)", hdr,
-          [[m, r["trainable_params"], mib(r["params_bytes"]), mib(r["grad_bytes"]), mib(r["optimizer_bytes"]),
-            mib(r["activation_bytes_saved"]), r["tokens_per_s"]] + ([mib(r["cuda_peak_bytes"])] if ctx.cuda else [])
-           for m, r in mem.items()])
-    if not ctx.cuda:
-        print("(CPU: no peak-memory counter; activations are the bytes autograd saved, measured by hooks)")
-
-
-def print_stages(st, args):
-    table(f"the stage files, {args.stage_steps} steps each (s/step from metrics.jsonl; PPO: s per iteration)",
-          ["stage", "s/step", "peak RSS MiB", "exit"],
-          [[r["stage"], r["s_per_step"], mib(r["peak_rss_bytes"]), r["exit"]] for r in st if "exit" in r])
-    for r in st:
-        if "ratio" in r:
-            print(f"QLoRA frozen base: {fmt(mib(r['frozen_base_bytes_4bit']))} MiB 4-bit vs "
-                  f"{fmt(mib(r['frozen_base_bytes_bf16']))} MiB bf16 = {r['ratio']:.2f}x smaller")
 
 
 def main(argv=None):

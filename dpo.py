@@ -153,7 +153,7 @@ def reference_logps(ref, pairs, pad, batch_size, ctx):
 
 # ----------------------------------------------------------------------------- the loss
 
-def dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, beta, label_smoothing=0.0,
+def dpo_loss(*, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing=0.0,
              loss_type="sigmoid"):
     """DPO: L = -mean log sigmoid(beta * log(pi(y_w|x) / pi_ref(y_w|x)) - beta * log(pi(y_l|x) / pi_ref(y_l|x))).
 
@@ -163,10 +163,11 @@ def dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, bet
       ipo:     L = mean[(1 - eps) * (h - 1 / (2 * beta))^2 + eps * (h + 1 / (2 * beta))^2]
     dL/dlog pi(y_w|x) = -beta * sigmoid(-beta * h) for eps = 0: the push is strong while the policy
     still prefers y_l more than the reference does, and fades as it learns.
-    Returns (L, rewards_chosen, rewards_rejected), the implicit rewards beta * log(pi(y|x) / pi_ref(y|x))."""
-    rewards_chosen = beta * (logp_chosen - ref_logp_chosen)
-    rewards_rejected = beta * (logp_rejected - ref_logp_rejected)
-    h = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)
+    Returns (L, rewards_chosen, rewards_rejected), the implicit rewards beta * log(pi(y|x) / pi_ref(y|x)).
+    Keyword arguments only: four sequence log-probs of one shape, which a positional call could swap unseen."""
+    rewards_chosen = beta * (chosen_logps - ref_chosen_logps)
+    rewards_rejected = beta * (rejected_logps - ref_rejected_logps)
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
     eps = label_smoothing
     if loss_type == "sigmoid":
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
@@ -177,7 +178,7 @@ def dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, bet
     return losses.mean(), rewards_chosen.detach(), rewards_rejected.detach()
 
 
-def rpo_loss(dpo_loss_value, logp_chosen, chosen_tokens, alpha):
+def rpo_loss(dpo_loss_value, chosen_logps, chosen_tokens, alpha):
     """RPO (Pang et al. 2024): DPO plus the negative log-likelihood of the chosen answers,
         L_RPO = L_DPO + alpha * NLL,   NLL = -sum_i log pi(y_w_i|x_i) / sum_i |y_w_i|
     normalised as TRL's rpo_alpha: the chosen answers' summed log-probs over the batch's total number of
@@ -186,22 +187,22 @@ def rpo_loss(dpo_loss_value, logp_chosen, chosen_tokens, alpha):
     (train_step). The NLL keeps pushing log pi(y_w|x) up, where DPO alone only pushes the
     margin and lets both log-probs fall (likelihood displacement). alpha = 0 is DPO.
     Returns (L_RPO, NLL)."""
-    nll = -logp_chosen.sum() / chosen_tokens.clamp(min=1)
+    nll = -chosen_logps.sum() / chosen_tokens.clamp(min=1)
     return dpo_loss_value + alpha * nll, nll.detach()
 
 
-def preference_stats(rewards_chosen, rewards_rejected, logp_chosen, logp_rejected, ref_logp_chosen=None,
-                     ref_logp_rejected=None):
+def preference_stats(rewards_chosen, rewards_rejected, chosen_logps, rejected_logps, ref_chosen_logps=None,
+                     ref_rejected_logps=None):
     """What DPO runs log: mean implicit rewards, how often chosen out-rewards rejected, the margin, log-probs,
     and (given the reference's) their drift from the reference, mean log pi(y|x) - log pi_ref(y|x) over the
     batch for chosen and rejected answers (both fall under likelihood displacement)."""
     out = {"rewards/chosen": rewards_chosen.mean().item(), "rewards/rejected": rewards_rejected.mean().item(),
            "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
            "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
-           "logps/chosen": logp_chosen.detach().mean().item(), "logps/rejected": logp_rejected.detach().mean().item()}
-    if ref_logp_chosen is not None:
-        out["drift/chosen"] = (logp_chosen.detach() - ref_logp_chosen).mean().item()
-        out["drift/rejected"] = (logp_rejected.detach() - ref_logp_rejected).mean().item()
+           "logps/chosen": chosen_logps.detach().mean().item(), "logps/rejected": rejected_logps.detach().mean().item()}
+    if ref_chosen_logps is not None:
+        out["drift/chosen"] = (chosen_logps.detach() - ref_chosen_logps).mean().item()
+        out["drift/rejected"] = (rejected_logps.detach() - ref_rejected_logps).mean().item()
     return out
 
 
@@ -238,7 +239,8 @@ def toy_loss_and_grad(opt, theta1, theta2, ref_logps, chosen, rejected, beta, ep
     """The closure L-BFGS calls: the DPO loss of the tabular policy over the given pairs, and its gradient."""
     opt.zero_grad()
     logps = toy_token_logps(theta1, theta2).sum(-1)
-    loss = dpo_loss(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected], beta, eps)[0]
+    loss = dpo_loss(chosen_logps=logps[chosen], rejected_logps=logps[rejected], ref_chosen_logps=ref_logps[chosen],
+                    ref_rejected_logps=ref_logps[rejected], beta=beta, label_smoothing=eps)[0]
     loss.backward()
     return loss
 
@@ -266,22 +268,24 @@ def logp_table(model, ref, pairs, ref_rows, pad, ctx):
     run the reference now."""
     batch = {k: v.to(ctx.device) for k, v in pair_batch(pairs, pad).items()}
     with ctx.autocast():
-        logp_chosen, logp_rejected = pair_logps(model, batch)
+        chosen_logps, rejected_logps = pair_logps(model, batch)
         if ref_rows is not None:
-            ref_logp_chosen, ref_logp_rejected = ref_rows.unbind(-1)
+            ref_chosen_logps, ref_rejected_logps = ref_rows.unbind(-1)
         else:
             with torch.no_grad():
-                ref_logp_chosen, ref_logp_rejected = pair_logps(ref, batch)
-    return torch.stack([logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected], -1).float()
+                ref_chosen_logps, ref_rejected_logps = pair_logps(ref, batch)
+    return torch.stack([chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps], -1).float()
 
 
 def batch_loss(table, chosen_tokens, args):
     """The loss of a batch from its logp_table: L_DPO (mean over the table's pairs) + alpha * NLL, with the NLL's
     sum over the table's chosen answers divided by chosen_tokens; -> (L, NLL, rewards_chosen, rewards_rejected)."""
-    logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected = table.unbind(-1)
-    loss, rewards_chosen, rewards_rejected = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected,
-                                                      args.beta, args.label_smoothing, args.loss_type)
-    loss, nll = rpo_loss(loss, logp_chosen, chosen_tokens, args.rpo_alpha)
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = table.unbind(-1)
+    loss, rewards_chosen, rewards_rejected = dpo_loss(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=args.beta, label_smoothing=args.label_smoothing,
+        loss_type=args.loss_type)
+    loss, nll = rpo_loss(loss, chosen_logps, chosen_tokens, args.rpo_alpha)
     return loss, nll, rewards_chosen, rewards_rejected
 
 

@@ -16,7 +16,7 @@ import world
 from common import UserError
 from gpt import completion_logprobs, cross_entropy_loss, generate
 from tokenizer import eos_id, pad_id
-from training import gather_chunks, my_chunks
+from training import chunk_seed, gather_chunks, my_chunks
 
 
 def batched(items, n):
@@ -213,12 +213,6 @@ def win_rate(scores, baseline_scores):
 # process k mod N, and the results are gathered in prompt order, so every process gets the whole set and the
 # figures do not depend on N (nor on which process sampled a chunk).
 
-def chunk_seed(seed, k):
-    """The sampling generator's seed for chunk k of the prompts, a pure function of (seed, k): chunk 0 keeps
-    `seed`, so a set of prompts that fits one chunk samples as a single generator seeded with `seed` does."""
-    return seed + 1_000_003 * k
-
-
 @torch.no_grad()
 def sequence_kl(policy, ref, prompt_ids, completions, enc, device, batch=32, ctx=None):
     """KL(pi || pi_ref) of whole completions, estimated on samples y ~ pi:
@@ -235,7 +229,7 @@ def sequence_kl(policy, ref, prompt_ids, completions, enc, device, batch=32, ctx
 
 def sample_chunks(model, enc, prompt_ids, max_new_tokens, seed, temperature=1.0, batch=64, ctx=None):
     """{k: completions} of the chunks of `batch` prompts this process samples (my_chunks), chunk k with its own
-    generator seeded chunk_seed(seed, k): a chunk's samples depend on (seed, k) and its prompts only."""
+    generator seeded training.chunk_seed(seed, k): a chunk's samples depend on (seed, k) and its prompts only."""
     device = next(model.parameters()).device
     mine = {}
     for k, lo, hi in my_chunks(len(prompt_ids), batch, ctx):

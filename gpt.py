@@ -33,6 +33,7 @@ import hf
 from common import (UserError, atomic_save_safetensors, atomic_write_json, check_tensors_fit, read_safetensors, run_cli,
                     unique_state_dict)
 from tokenizer import copy_gpt2_vocab, load_tokenizer, save_tokenizer, tokenizer_fingerprint
+from training import unwrap
 
 
 @dataclass
@@ -306,7 +307,7 @@ def save_checkpoint(out_dir, model, enc, meta):
     """out_dir/model.safetensors + config.json ({"model": config, **meta}) + tokenizer.json.
     Each file is written atomically; config.json goes last."""
     os.makedirs(out_dir, exist_ok=True)
-    model = getattr(model, "_orig_mod", getattr(model, "module", model))  # never save compile/DDP prefixes
+    model = unwrap(model)  # never save compile/DDP prefixes
     atomic_save_safetensors(unique_state_dict(model), os.path.join(out_dir, "model.safetensors"))
     save_tokenizer(enc, os.path.join(out_dir, "tokenizer.json"))
     copy_gpt2_vocab(enc, out_dir)  # a gpt2 tokenizer read from vocab.json + merges.txt keeps them beside it

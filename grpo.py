@@ -14,53 +14,42 @@ completions, and the other completions of the same prompt are the baseline of ea
     torchrun --nproc_per_node=4 grpo.py --sample-batch 8   # 4 processes sampling, the results of one
 
 One iteration: take --rollout-batch prompts, sample --group-size completions of each with the KV cache
-(left-padded prompts, one --temperature for sampling and for every log-prob; --sample-batch rows at a time,
-chunk k with its own generator seeded from (--seed, iteration, k): ppo.sample_completions); score each whole
-completion r_i (reward model, gold judge, or exact answer; minus --no-eos-penalty if it never ends); compute
-log pi_old and log pi_ref of every completion token; turn the G scores of each prompt into one advantage per
-completion (grpo_advantages or rloo_advantages), given to each of its tokens and to no padding; then --epochs
-passes over shuffled minibatches of the clipped surrogate of ppo.py (ppo.ppo_policy_loss). The KL to the
-frozen reference enters either the loss (--kl-in loss, GRPO: beta * k3 per token, with the current policy) or
-the reward before the advantages (--kl-in reward, RLOO/PPO style: r_i - beta * sum_t k1_t, with pi_old).
+(rollout.py, as for PPO: left-padded prompts, one --temperature for sampling and for every log-prob;
+--sample-batch rows at a time, chunk k with its own generator seeded from (--seed, k, iteration)); score each
+whole completion r_i (reward model, gold judge, or exact answer; minus --no-eos-penalty if it never ends);
+compute log pi_old and log pi_ref of every completion token; turn the G scores of each prompt into one
+advantage per completion (grpo_advantages or rloo_advantages), given to each of its tokens and to no padding;
+then --epochs passes over shuffled minibatches of the clipped surrogate (clipped_surrogate, PPO's). The KL to
+the frozen reference enters either the loss (--kl-in loss, GRPO: beta * k3 per token, with the current policy)
+or the reward before the advantages (--kl-in reward, RLOO/PPO style: r_i - beta * sum_t k1_t, with pi_old).
 
 The policy stays in eval mode throughout (dropout off) so that its log-probs in the update match the
 stored log pi_old: ratio = 1 on the first minibatch, and clipping measures only the policy's own change.
 Saved to OUT: the policy as a plain GPT checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final
 metrics), metrics.jsonl, resume/.
 
-Under torchrun, as in ppo.py: the sampling chunks are shared by the processes and gathered, so every process
-holds the whole rollout and sees each group of G whole; scores and log-probs are computed on shares of the
-rows; each minibatch (a multiple of N) is split across the processes with the token weights of the whole
-minibatch, so DistributedDataParallel's average is the one-process gradient. The samples depend on
+Under torchrun, as for PPO (rollout.py): the sampling chunks are shared by the processes and gathered, so every
+process holds the whole rollout and sees each group of G whole; scores and log-probs are computed on shares of
+the rows; each minibatch (a multiple of N) is split across the processes with the token weights of the whole
+minibatch times N, so DistributedDataParallel's average is the one-process gradient. The samples depend on
 --sample-batch, not on N; lower it (default: the default 8 x 4 rollout in one chunk) so that every process
-samples. Only the first process writes OUT and prints. Every process runs the final held-out evaluation
-(align.heldout_eval, each its share of the prompts); the greedy accuracies of --reward exact run on the first.
+samples. Only the first process writes OUT and prints; the model is saved before the final evaluation. Every
+process runs the final held-out evaluation (align.heldout_eval, each its share of the prompts); the greedy
+accuracies of --reward exact run on the first.
 
-Token averaging (--loss-agg), for a minibatch of B completions with n_b tokens each:
-  seq-mean-token-mean  mean over each completion's tokens, then over completions (the GRPO paper). A
-                       token of a short completion weighs more: short right answers are pushed up harder
-                       and long wrong ones pushed down less, so wrong answers drift longer (Liu et al. 2025).
-  token-mean           every token of the minibatch alike (DAPO, Yu et al. 2025); the weight still depends
-                       on the other completions' lengths.
-  token-sum-norm       sum over tokens divided by the constant B * --max-new-tokens (Dr. GRPO). Default:
-                       the gradient is the policy gradient sum_t A grad log pi(y_t|s_t) of each completion
-                       with the same constant for every length and batch, so it has no length bias, and the
-                       k3 term is beta times a sequence-level KL estimate, the same beta as --kl-in reward.
+Token averaging (--loss-agg, rollout.token_weights): seq-mean-token-mean (the GRPO paper: short completions'
+tokens weigh more), token-mean (DAPO) or token-sum-norm (default, Dr. GRPO: a constant B * --max-new-tokens, no
+length bias); why: docs/rl-derivations.md#token-averaging-grpopy---loss-agg.
 
-The exact check (--toy), on the tabular two-token policy of ppo.py (answers aa ab ba bb, exact expectations):
-  KL in the reward (k1, RLOO): the expected gradient is that of E_pi[r] - beta KL(pi || pi_ref), whose
-      maximum is pi*(y) = pi_ref(y) exp(r(y) / beta) / Z.
-  KL in the loss (k3, GRPO): differentiating k3 = pi_ref/pi - 1 - log(pi_ref/pi) gives (1 - pi_ref/pi) grad log pi,
-      whose expectation under pi with softmax logits z is pi_a - pi_ref,a: the gradient of KL(pi_ref || pi),
-      the other direction. In each state the expected gradient is pi_a (A_a - A_bar) - beta (pi_a - pi_ref,a),
-      zero at pi_a = beta pi_ref,a / (beta - (A_a - A_bar)), A_bar = sum_a pi_a A_a (A = r - r_bar, or
-      (r - r_bar) / sigma with --scale-rewards group; for the first token A_a = E[A | y1 = a]). This maximises
-      E_pi[A] - beta KL(pi_ref || pi): concave in pi and infinite at the simplex's edge, so for every beta > 0
-      there is one interior fixed point (A_bar settles within beta of max A, so beta > A_a - A_bar holds).
-      It is not pi*: as beta shrinks the non-best answers keep a share of order beta pi_ref,a / (A_max - A_a)
-      instead of pi*'s exp(-(r_max - r_a) / beta).
+The exact check (--toy), on align.py's tabular two-token policy (answers aa ab ba bb, exact expectations):
+  KL in the reward (k1, RLOO): the fixed point is pi*(y) = pi_ref(y) exp(r(y) / beta) / Z, the maximum of
+      E_pi[r] - beta KL(pi || pi_ref).
+  KL in the loss (k3, GRPO): the expected gradient of k3 is that of KL(pi_ref || pi), the other direction, so the
+      fixed point is not pi* but, state by state, pi_a = beta pi_ref,a / (beta - (A_a - A_bar)), A_bar = sum_a pi_a
+      A_a (align.k3_toy_fixed_point). The derivations: docs/rl-derivations.md.
 """
 
+import contextlib
 import re
 import time
 
@@ -69,18 +58,17 @@ import torch
 
 import data
 import world
-from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval,
+from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval, k3_toy_fixed_point,
                    kl_regularised_optimum, load_policy_and_reference, print_final, toy_problem, toy_token_logps)
-from common import ArgumentParser, UserError, nonneg_float, positive_float, positive_int, run_cli
-from evals import exact_match, strip_eos, task_accuracy
+from common import ArgumentParser, UserError, positive_int, run_cli
+from evals import exact_match, task_accuracy
 from gpt import check_same_tokenizer, save_checkpoint
-from ppo import (kl_per_token, ppo_policy_loss, prompt_indices, ratio_gap, rollout_batch, sample_completions,
-                 sampling_note, sequence_scores, token_logps, training_prompts)
 from reward import load_reward_model
-from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_mean, check_divisible,
-                      check_finite, gather_rows, load_train_state, lr_at, make_optimizer, optimizer_step, rank_slice,
-                      save_train_state, set_lr, setup, wrap_model)
+from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, checked_prompt_ids, forward_rows,
+                     kl_per_token, minibatches, prompt_indices, ratio_stats, sample_rollout, sampling_note,
+                     sequence_scores, setup_rl, token_weights, training_prompts)
+from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, save_train_state, set_lr, wrap_model)
 
 LOSS_AGGS = ("token-sum-norm", "seq-mean-token-mean", "token-mean")
 EXACT_TASKS = ("domain_facts", "facts", "addition")
@@ -105,22 +93,9 @@ def build_parser():
                         "before the advantages (default with rloo)")
     p.add_argument("--loss-agg", choices=LOSS_AGGS, default="token-sum-norm",
                    help="token averaging of the loss (see the docstring; default token-sum-norm)")
-    p.add_argument("--iters", type=positive_int, default=40, help="iterations (rollout + update)")
-    p.add_argument("--rollout-batch", type=positive_int, default=8, help="prompts sampled per iteration")
+    add_rollout_args(p, rollout_batch=8, rows="completions")
     p.add_argument("--group-size", type=positive_int, default=4, help="completions sampled per prompt (G)")
-    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step (all processes "
-                   "together; a multiple of their number)")
-    p.add_argument("--sample-batch", type=positive_int, default=32, help="completions sampled together: the rollout's "
-                   "chunks, which torchrun's processes share (lower it to give each process one); the samples "
-                   "depend on it, not on the process count")
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
-    add_optimizer_args(p, lr=5e-5, min_lr=5e-5, warmup=0)
-    p.add_argument("--kl-coef", type=nonneg_float, default=0.1, help="beta of the KL to the reference")
-    p.add_argument("--cliprange", type=positive_float, default=0.2, help="policy ratio clip epsilon")
-    p.add_argument("--no-eos-penalty", type=nonneg_float, default=1.0, help="subtracted from the score of a completion "
-                   "that never emits EOS (0 = none)")
     return add_run_args(p, "out/grpo", "final evaluation prompts: 'review' (the world's review "
                         "test prompts, judged by world.sentiment_score), a prompts file, or 'none'; with --reward "
                         "exact: the task's test split and the forgetting check, or a file of questions with answers")
@@ -131,6 +106,11 @@ def parse_args(argv=None):
     args.ref = args.ref or args.init
     args.scale_rewards = args.scale_rewards or ("group" if args.advantage == "grpo" else "none")
     args.kl_in = args.kl_in or ("loss" if args.advantage == "grpo" else "reward")
+    return args
+
+
+def check_args(args):
+    """The checks of options against each other, before any work; one line `error: ...` each."""
     if args.advantage == "rloo" and args.scale_rewards == "group":
         raise UserError("--scale-rewards group is GRPO's; RLOO's advantage r_i - mean of the others is not scaled")
     if args.group_size < 2:
@@ -138,7 +118,6 @@ def parse_args(argv=None):
     if (args.rollout_batch * args.group_size) % args.minibatch:
         raise UserError(f"--rollout-batch x --group-size = {args.rollout_batch * args.group_size} completions must be "
                         f"a multiple of --minibatch {args.minibatch}")
-    return args
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -175,11 +154,11 @@ def rloo_advantages(rewards, weights=None):
     return (G * rewards - rewards.sum(-1, keepdim=True)) / (G - 1)
 
 
-def kl_in_reward(scores, old_logp, ref_logp, mask, beta):
+def kl_in_reward(scores, old_per_token_logps, ref_per_token_logps, mask, beta):
     """--kl-in reward (RLOO, PPO): the KL enters the sequence reward before the advantages,
-    r'_i = r_i - beta * sum_t k1_t,  k1_t = log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)  (ppo.kl_per_token),
+    r'_i = r_i - beta * sum_t k1_t,  k1_t = log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)  (rollout.kl_per_token),
     i.e. r' = r - beta * log(pi_old(y|x) / pi_ref(y|x)), a constant of the update (no gradient through it)."""
-    return scores - beta * (kl_per_token(old_logp, ref_logp, "k1") * mask).sum(-1)
+    return scores - beta * (kl_per_token(old_per_token_logps, ref_per_token_logps, "k1") * mask).sum(-1)
 
 
 def token_advantages(adv, mask):
@@ -187,34 +166,24 @@ def token_advantages(adv, mask):
     return adv[:, None] * mask
 
 
-def token_weights(mask, agg="token-sum-norm", max_len=None):
-    """Weights w_bt of each token's loss l_bt, L = sum_bt w_bt l_bt, for a minibatch of B completions with
-    n_b real tokens each (m = mask, 0 on padding):
-    seq-mean-token-mean  w = m / (B n_b)          mean over each completion's tokens, then over completions (GRPO)
-    token-mean           w = m / sum_b n_b        every token alike (DAPO)
-    token-sum-norm       w = m / (B L)            token sum over a constant, L = --max-new-tokens (Dr. GRPO)"""
-    B = mask.size(0)
-    if agg == "seq-mean-token-mean":
-        return mask / (B * mask.sum(-1, keepdim=True).clamp(min=1))
-    if agg == "token-mean":
-        return mask / mask.sum().clamp(min=1)
-    return mask / (B * (max_len or mask.size(-1)))
+def clipped_surrogate(per_token_logps, old_per_token_logps, advantages, weights, cliprange=0.2):
+    """PPO's clipped surrogate as a loss, summed over tokens with weights w (rollout.token_weights):
+    L = -sum_bt w_bt min(rho_bt A_bt, clip(rho_bt, 1 - eps, 1 + eps) A_bt),  rho = pi / pi_old = exp(log pi - log pi_old).
+    Padding (w = 0) gets rho = 1. The same function as ppo.ppo_policy_loss (a test checks that they agree)."""
+    rho = torch.exp(torch.where(weights > 0, per_token_logps - old_per_token_logps, 0.0))
+    surrogate = torch.minimum(rho * advantages, rho.clamp(1.0 - cliprange, 1.0 + cliprange) * advantages)
+    return -(weights * surrogate).sum()
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, weights, beta=0.0, cliprange=0.2, total=None):
-    """The minimised loss, summed over tokens with weights w (token_weights):
+def grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, weights, beta=0.0, cliprange=0.2):
+    """The minimised loss, summed over tokens with weights w (rollout.token_weights):
     L = sum_bt w_bt [ -min(rho_bt A_bt, clip(rho_bt, 1 - eps, 1 + eps) A_bt) + beta * k3_bt ],
-    rho = pi / pi_old; the first term is ppo.ppo_policy_loss (its weighted mean times sum w), and
-    k3_bt = pi_ref/pi - 1 - log(pi_ref/pi) of the current policy (ppo.kl_per_token "k3", the GRPO paper's
-    estimator); beta = 0 when the KL is in the reward. Returns (L, policy term, k3 term, clipfrac, approx KL).
-    One process's share of a minibatch (torchrun): weights = its rows of the whole minibatch's w times N, and
-    total = sum w over the whole minibatch; then the mean of the N processes' L (DDP averages their gradients),
-    clipfracs and approx KLs are those of the whole minibatch."""
-    total = weights.sum() if total is None else total
-    pg, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp, adv, weights, cliprange, denom=total)
-    pg = pg * total
-    kl = (kl_per_token(logp, ref_logp, "k3") * weights).sum()
-    return pg + beta * kl, pg, kl, clipfrac, approx_kl
+    rho = pi / pi_old (clipped_surrogate), k3_bt = pi_ref/pi - 1 - log(pi_ref/pi) of the current policy
+    (rollout.kl_per_token "k3", the GRPO paper's estimator); beta = 0 when the KL is in the reward.
+    Returns (L, policy term, k3 term)."""
+    pg = clipped_surrogate(per_token_logps, old_per_token_logps, advantages, weights, cliprange)
+    kl = (kl_per_token(per_token_logps, ref_per_token_logps, "k3") * weights).sum()
+    return pg + beta * kl, pg, kl
 
 
 def exact_reward(text, answer):
@@ -229,66 +198,32 @@ def exact_reward(text, answer):
 
 # ----------------------------------------------------------------------------- the exact check
 
-def k3_bandit_fixed_point(pi_ref, adv, beta):
-    """The zero of pi_a (A_a - sum_b pi_b A_b) - beta (pi_a - pi_ref,a) over the simplex: pi_a = beta pi_ref,a /
-    (lam - A_a) with lam = A_bar + beta the root of sum_a beta pi_ref,a / (lam - A_a) = 1 on (max A, max A + beta]
-    (decreasing from +inf to <= 1 there: one root, found by bisection in float64)."""
-    lo, hi = adv.max().item(), adv.max().item() + beta
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if (beta * pi_ref / (mid - adv)).sum() > 1 else (lo, mid)
-    return beta * pi_ref / (hi - adv)
-
-
-def k3_toy_fixed_point(ref_logp, r, beta, scale="none", eps=1e-4):
-    """The fixed point of GRPO with k3 in the loss on the two-token policy, state by state: the second token
-    after y1 is a bandit on the advantages s r(y1, .), the first a bandit on s E[r | y1] (s = 1, or 1/(sigma + eps)
-    with the group scaling, sigma the std of r under the fixed point itself: found by bisection on sigma)."""
-    ref1, ref2 = ref_logp[[0, 2], 0].exp(), ref_logp[:, 1].exp().view(2, 2)
-    R = r.view(2, 2)
-
-    def policy(s):
-        pi2 = torch.stack([k3_bandit_fixed_point(ref2[a], s * R[a], beta) for a in range(2)])
-        pi1 = k3_bandit_fixed_point(ref1, s * (pi2 * R).sum(-1), beta)
-        return (pi1[:, None] * pi2).flatten()
-
-    if scale == "none":
-        return policy(1.0)
-    lo, hi = 1e-9, (r.max() - r.min()).item()           # std(r under pi(1/(sigma+eps))) - sigma changes sign here
-    for _ in range(200):
-        sigma = (lo + hi) / 2
-        pi = policy(1.0 / (sigma + eps))
-        std = (pi * (r - (pi * r).sum()) ** 2).sum().sqrt().item()
-        lo, hi = (sigma, hi) if std > sigma else (lo, sigma)
-    return policy(1.0 / (hi + eps))
-
-
 def toy_run(beta, advantage="grpo", scale="none", kl_in="loss", iters=400, epochs=4, lr=1.0, seed=0,
             loss_agg="token-sum-norm"):
     """The estimator of this file on the tabular policy with exact expectations: the 'group' is all four answers
     weighted by pi_old, so the advantages are the expectations above; grpo_loss with token_weights times pi_old(y);
     SGD on the logits. Returns (pi_ref, r, pi after training, per-token log pi_ref) over aa, ab, ba, bb, float64."""
     t1_ref, t2_ref, r = toy_problem(torch.Generator().manual_seed(seed))
-    ref_logp = toy_token_logps(t1_ref, t2_ref)
+    ref_per_token_logps = toy_token_logps(t1_ref, t2_ref)
     theta1, theta2 = t1_ref.clone().requires_grad_(), t2_ref.clone().requires_grad_()
     opt = torch.optim.SGD([theta1, theta2], lr=lr)
     ones = torch.ones(4, 2, dtype=torch.float64)
     for _ in range(iters):
         with torch.no_grad():  # the "rollout": all four answers, weighted by pi_old
-            old_logp = toy_token_logps(theta1, theta2)
-            p_old = old_logp.sum(-1).exp()
-            score = kl_in_reward(r, old_logp, ref_logp, ones, beta) if kl_in == "reward" else r
+            old_per_token_logps = toy_token_logps(theta1, theta2)
+            p_old = old_per_token_logps.sum(-1).exp()
+            score = kl_in_reward(r, old_per_token_logps, ref_per_token_logps, ones, beta) if kl_in == "reward" else r
             adv = (grpo_advantages(score[None], scale, weights=p_old[None]) if advantage == "grpo"
                    else rloo_advantages(score[None], weights=p_old[None]))[0]
             weights = token_weights(ones, loss_agg, 2) * 4 * p_old[:, None]
         for _ in range(epochs):
-            loss = grpo_loss(toy_token_logps(theta1, theta2), old_logp, ref_logp, token_advantages(adv, ones),
+            loss = grpo_loss(toy_token_logps(theta1, theta2), old_per_token_logps, ref_per_token_logps, token_advantages(adv, ones),
                              weights, beta if kl_in == "loss" else 0.0)[0]
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return ref_logp.sum(-1).exp(), r, toy_token_logps(theta1, theta2).sum(-1).exp(), ref_logp
+        return ref_per_token_logps.sum(-1).exp(), r, toy_token_logps(theta1, theta2).sum(-1).exp(), ref_per_token_logps
 
 
 def toy_report():
@@ -298,10 +233,10 @@ def toy_report():
     out, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest
     for beta in (1.0, 0.5, 0.2):
-        pi_ref, r, pi_rloo, ref_logp = toy_run(beta, "rloo", "none", "reward")
+        pi_ref, r, pi_rloo, ref_per_token_logps = toy_run(beta, "rloo", "none", "reward")
         pi_grpo, pi_grpo_s = toy_run(beta, "grpo", "none", "loss")[2], toy_run(beta, "grpo", "group", "loss")[2]
-        pi_star = kl_regularised_optimum(ref_logp.sum(-1), r, beta)
-        k3, k3_s = k3_toy_fixed_point(ref_logp, r, beta), k3_toy_fixed_point(ref_logp, r, beta, "group")
+        pi_star = kl_regularised_optimum(ref_per_token_logps.sum(-1), r, beta)
+        k3, k3_s = k3_toy_fixed_point(ref_per_token_logps, r, beta), k3_toy_fixed_point(ref_per_token_logps, r, beta, "group")
         errs = {"rloo_k1_vs_pi_star": (pi_rloo - pi_star).abs().max().item(),
                 "grpo_k3_vs_pi_k3": (pi_grpo - k3).abs().max().item(),
                 "grpo_k3_scaled_vs_pi_k3_s": (pi_grpo_s - k3_s).abs().max().item(),
@@ -313,12 +248,12 @@ def toy_report():
                                                      (pi_ref, pi_star, pi_rloo, k3, pi_grpo, k3_s, pi_grpo_s)))
         out.update({f"{k}_beta{beta}": v for k, v in errs.items()})
     for beta in (0.05, 0.01):  # small beta: both fixed points interior, pi_k3 keeps order-beta mass off the best
-        pi_star, k3 = kl_regularised_optimum(ref_logp.sum(-1), r, beta), k3_toy_fixed_point(ref_logp, r, beta)
+        pi_star, k3 = kl_regularised_optimum(ref_per_token_logps.sum(-1), r, beta), k3_toy_fixed_point(ref_per_token_logps, r, beta)
         print(f"\nbeta {beta} (derived, not trained): pi* = " + " ".join(f"{p:.2e}" for p in pi_star) +
               ", pi_k3 = " + " ".join(f"{p:.2e}" for p in k3))
         out[f"pi_k3_min_beta{beta}"] = k3.min().item()
     pi_clip = toy_run(1.0, "grpo", "group", "loss", lr=4.0)[2]
-    out["clipped_big_step_vs_pi_k3_s"] = (pi_clip - k3_toy_fixed_point(ref_logp, r, 1.0, "group")).abs().max().item()
+    out["clipped_big_step_vs_pi_k3_s"] = (pi_clip - k3_toy_fixed_point(ref_per_token_logps, r, 1.0, "group")).abs().max().item()
     print(f"\nbeta 1, A/sigma, lr 4: GRPO stops at {' '.join(f'{p:.4f}' for p in pi_clip)}, "
           f"{out['clipped_big_step_vs_pi_k3_s']:.2f} from pi_k3/s: big steps clip the policy term "
           "but never the k3 term, which then pulls back alone")
@@ -328,18 +263,6 @@ def toy_report():
 
 # ----------------------------------------------------------------------------- data, rollout, update
 
-class PolicyLogps(torch.nn.Module):
-    """The policy as DistributedDataParallel wraps it: forward = ppo.token_logps of a rollout batch, so that DDP
-    sees the call and averages the gradients. Its parameters are the GPT's, under the GPT's names after .gpt."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, batch, start, n, temperature=1.0):
-        return token_logps(self.gpt, batch, start, n, temperature)
-
-
 def exact_prompts(args, enc, block_size):
     """-> (prompt strings, token ids, answers) for --reward exact: the world's --task train split, or --prompts
     records with an answer (Alpaca 'output', 'messages' ending in the answer, or prompt/completion)."""
@@ -348,13 +271,7 @@ def exact_prompts(args, enc, block_size):
     else:
         tasks, source = world.task_sets(world.make_world(args.world_seed))[args.task]["train"], args.task
         pairs = list(dict.fromkeys((data.format_prompt(e["instruction"], e["input"]), e["output"]) for e in tasks))
-    ids = [enc.encode_ordinary(p) for p, _ in pairs]
-    for i, x in enumerate(ids):
-        if not x or len(x) >= block_size:
-            raise UserError(f"{source}: prompt {i + 1} has {len(x)} tokens; it needs 1 to {block_size - 1}")
-    if len(ids) < args.rollout_batch:
-        raise UserError(f"{source}: {len(ids)} prompts, fewer than one rollout of {args.rollout_batch}; "
-                        f"add prompts or lower --rollout-batch")
+    ids = checked_prompt_ids([enc.encode_ordinary(p) for p, _ in pairs], source, block_size, args.rollout_batch)
     return [p for p, _ in pairs], ids, [a for _, a in pairs]
 
 
@@ -367,64 +284,51 @@ def score_completions(reward, enc, prompts, completions, texts, answers, ctx=Non
 
 @torch.no_grad()
 def make_rollout(policy, ref, reward, enc, prompts, answers, args, it, ctx=None):
-    """G completions of each prompt (rows grouped: prompt k owns rows kG..kG+G-1), their scores, log pi_old,
-    log pi_ref and the per-token advantages: everything the update needs, as tensors, the whole rollout on every
-    process (scores and log-probs computed on shares of the rows, gathered), so every group is seen whole."""
+    """G completions of each prompt (rows grouped: prompt k owns rows kG..kG+G-1; rollout.sample_rollout), their
+    scores, log pi_old, log pi_ref and the per-token advantages: everything the update needs, as tensors, the whole
+    rollout on every process (scores and log-probs computed on shares of the rows, gathered), so every group is
+    seen whole."""
     G = args.group_size
     rows = [p for p in prompts for _ in range(G)]
-    row_answers = None if answers is None else [a for a in answers for _ in range(G)]
-    completions = sample_completions(policy, rows, args, it, enc, ctx)
-    texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
-    ended = torch.tensor([c[-1] == eos_id(enc) for c in completions])
-    raw = score_completions(reward, enc, rows, completions, texts, row_answers, ctx)
-    score = raw - args.no_eos_penalty * (~ended).float()
-    device = next(policy.parameters()).device
-    batch, start, n = rollout_batch(rows, completions, pad_id(enc))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    lo, hi = rank_slice(len(rows), ctx)
-    mine = {k: v[lo:hi] for k, v in batch.items()}
-    old_logp, ref_logp = (gather_rows(token_logps(m, mine, start, n, args.temperature), len(rows), ctx)
-                          for m in (policy, ref))
-    mask = batch["mask"]
-    r = score.to(device)
+    ro = sample_rollout(policy, enc, rows, args, it, ctx)
+    raw = score_completions(reward, enc, rows, ro["completions"], ro["texts"],
+                            None if answers is None else [a for a in answers for _ in range(G)], ctx)
+    score = raw - args.no_eos_penalty * (~ro["ended"]).float()
+    old_per_token_logps, ref_per_token_logps = (forward_rows(PolicyLogps(m), ro, args.temperature, ctx)[0]
+                                                for m in (policy, ref))
+    mask = ro["mask"]
+    r = score.to(mask.device)
     if args.kl_in == "reward":
-        r = kl_in_reward(r, old_logp, ref_logp, mask, args.kl_coef)
+        r = kl_in_reward(r, old_per_token_logps, ref_per_token_logps, mask, args.kl_coef)
     groups = r.view(-1, G)
     adv = grpo_advantages(groups, args.scale_rewards) if args.advantage == "grpo" else rloo_advantages(groups)
-    gold = raw if answers is not None else torch.tensor([world.sentiment_score(t) for t in texts])
-    return {"batch": batch, "start": start, "n": n, "old_logp": old_logp, "ref_logp": ref_logp, "mask": mask,
-            "advantages": token_advantages(adv.flatten(), mask), "score": score, "texts": texts, "gold": gold,
-            "kl": (kl_per_token(old_logp, ref_logp) * mask).sum(-1), "ended": ended.float(), "length": mask.sum(-1),
-            "zero_std": (groups.std(-1) == 0).float().mean()}
+    gold = raw if answers is not None else torch.tensor([world.sentiment_score(t) for t in ro["texts"]])
+    return {**ro, "old_per_token_logps": old_per_token_logps, "ref_per_token_logps": ref_per_token_logps,
+            "advantages": token_advantages(adv.flatten(), mask), "score": score, "gold": gold,
+            "kl": (kl_per_token(old_per_token_logps, ref_per_token_logps) * mask).sum(-1),
+            "ended": ro["ended"].float(), "zero_std": (groups.std(-1) == 0).float().mean()}
 
 
-def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
-    """--epochs passes over the rollout in shuffled minibatches of grpo_loss; mean stats. model: a PolicyLogps
-    (DDP-wrapped under torchrun); every process draws the same minibatches and runs its share of the rows of each."""
-    stats, B, world = {}, ro["mask"].size(0), ctx.world if ctx is not None else 1
-    lo, hi = rank_slice(args.minibatch, ctx)
+def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=contextlib.nullcontext):
+    """--epochs passes over the rollout in shuffled minibatches of grpo_loss (rollout.minibatches: this process's
+    rows and their --loss-agg weights); -> the mean of each figure. model: a rollout.PolicyLogps (DDP-wrapped under
+    torchrun); autocast: the precision context of its forward pass (backward and step run outside it)."""
+    stats = UpdateStats(("loss", "pg_loss", "k3", "clipfrac", "approx_kl"))
     beta = args.kl_coef if args.kl_in == "loss" else 0.0
-    for _ in range(args.epochs):
-        order = rng.permutation(B)
-        for i in range(0, B, args.minibatch):
-            whole = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
-            w = token_weights(ro["mask"][whole], args.loss_agg, args.max_new_tokens)   # of the whole minibatch
-            idx = whole[lo:hi]
-            mb = {k: v[idx] for k, v in ro["batch"].items()}
-            logp = model(mb, ro["start"], ro["n"], args.temperature)
-            loss, pg, k3, clipfrac, approx_kl = grpo_loss(logp, ro["old_logp"][idx], ro["ref_logp"][idx],
-                                                          ro["advantages"][idx], w[lo:hi] * world, beta,
-                                                          args.cliprange, total=w.sum())
-            loss.backward()
-            means = all_reduce_mean(torch.stack([loss, pg, k3, clipfrac, approx_kl]).detach(), ctx)
-            check_finite(means[0], it)  # NaN/inf anywhere stops every process before the step
-            grad_norm = optimizer_step(model, optimizer, args.grad_clip)
-            for k, v in zip(("loss", "pg_loss", "k3", "clipfrac", "approx_kl", "grad_norm"),
-                            (*means.tolist(), grad_norm.item())):
-                stats.setdefault(k, []).append(v)
-            if "ratio_first" not in stats:
-                stats["ratio_first"] = [ratio_gap(logp, ro["old_logp"][idx], ctx)]
-    return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
+    for rows, weights, mean_weights in minibatches(ro["mask"], args.minibatch, args.epochs, rng, args.loss_agg,
+                                                   args.max_new_tokens, ctx):
+        with autocast():
+            per_token_logps = model({k: v[rows] for k, v in ro["batch"].items()}, ro["start"], ro["n"],
+                                    args.temperature)
+        old_per_token_logps, advantages = ro["old_per_token_logps"][rows], ro["advantages"][rows]
+        loss, pg, k3 = grpo_loss(per_token_logps, old_per_token_logps, ro["ref_per_token_logps"][rows], advantages,
+                                 weights, beta, args.cliprange)
+        loss.backward()
+        clipfrac, approx_kl = ratio_stats(per_token_logps, old_per_token_logps, advantages, mean_weights, args.cliprange)
+        means = all_reduce_mean(torch.stack([loss, pg, k3, clipfrac, approx_kl]).detach(), ctx)
+        check_finite(means[0], it)  # NaN/inf anywhere stops every process before the step
+        stats.record(means, optimizer_step(model, optimizer, args.grad_clip), per_token_logps, old_per_token_logps, ctx)
+    return stats.result()
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -448,7 +352,7 @@ def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, a
     with ctx.autocast():
         ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx],
                           None if answers is None else [answers[i] for i in idx], args, it, ctx)
-        stats = grpo_update(model, optimizer, ro, args, np.random.default_rng([args.seed, it]), it, ctx)
+    stats = grpo_update(model, optimizer, ro, args, np.random.default_rng([args.seed, it]), it, ctx, ctx.autocast)
     stats.pop("ratio_first")  # |ratio - 1| on the first minibatch: 0 by construction (tested), not logged
     # gold: the exact answer's correctness, or the world's sentiment judge, which knows its review prompts only
     gold = {} if args.prompts and args.reward != "exact" else {"gold": ro["gold"].mean().item()}
@@ -495,15 +399,23 @@ def save(args, policy, optimizer, enc, step, metrics, samples=(), finished=False
                                             "finished": finished})
 
 
+def stop_early(args, policy, optimizer, enc, step, row, ctx):
+    """Ctrl-C, SIGTERM or --stop-at: a resumable state in OUT, and how to continue."""
+    if ctx.master:
+        save(args, policy, optimizer, enc, step, {})
+        print(f"stopped at iteration {step}; continue with: python grpo.py --resume --out {args.out} "
+              "(and the same options)")
+    return {"stopped_at": step, **row}
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     if args.toy:
         return toy_report()
-    t0 = time.time()
-    ctx = setup(args)
-    check_divisible(args.minibatch, "--minibatch", ctx)
+    t0, ctx = time.time(), setup_rl(args)
     policy, ref, rm, enc = load_models(args, ctx)
     if args.reward == "exact":
         prompts, prompt_ids, answers = exact_prompts(args, enc, policy.config.block_size)
@@ -518,34 +430,19 @@ def main(argv=None):
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
     start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
     model = wrap_model(PolicyLogps(policy), ctx, compile=False)   # DDP under torchrun: it averages the gradients
-    stop = StopFlag()
-    log = MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
-    t_last, sums, n_logged, window = time.time(), {}, 0, {}
+    stop, log = StopFlag(), MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
+    window = LogWindow(log, args, ctx.master)
     for it in range(start, args.iters):
-        lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr_at(it, args.lr, args.warmup, args.iters, args.min_lr))
         ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, args, ctx)
-        for k, v in row.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n_logged += 1
-        done = it + 1
-        if done % args.log_interval == 0 or done == args.iters:
-            dt, t_last = time.time() - t_last, time.time()
-            window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
-            log.log(done, **window, lr=lr, samples_per_s=round(len(ro["texts"]) * n_logged / max(dt, 1e-9), 1))
-            judge = "gold" if "gold" in row else "score"
-            if ctx.master:
-                print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
-            sums, n_logged = {}, 0
-        if stop.requested_anywhere(ctx) or done == args.stop_at:
-            if ctx.master:
-                save(args, policy, optimizer, enc, done, {})
-                print(f"stopped at iteration {done}; continue with: python grpo.py --resume --out {args.out} "
-                      f"(and the same options)")
-            return {"stopped_at": done, **row}
+        window.add(it + 1, row, optimizer.param_groups[0]["lr"], ro, "gold" if "gold" in row else "score")
+        if stop.requested_anywhere(ctx) or it + 1 == args.stop_at:
+            return stop_early(args, policy, optimizer, enc, it + 1, row, ctx)
 
-    metrics = {f"train_{k}": v for k, v in window.items()}
-    with ctx.autocast():
+    metrics = {f"train_{k}": v for k, v in window.means.items()}
+    if ctx.master:   # the trained model first: an error in the evaluation must not lose it
+        save(args, policy, optimizer, enc, args.iters, metrics, finished=True)
+    with ctx.autocast():   # a fresh context: heldout_eval enters one of its own inside
         evaluated, samples = final_eval(policy, ref, rm, enc, args, ctx)
     metrics.update(evaluated, time_s=round(time.time() - t0, 1))
     if ctx.master:

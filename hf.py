@@ -25,6 +25,7 @@ from common import (UserError, atomic_save_safetensors, atomic_write_json, check
                     unique_state_dict)
 from quant4 import DYNAMIC8, Linear4bit, QState, codebook
 from tokenizer import copy_gpt2_vocab, gpt2_tokenizer, load_tokenizer, save_tokenizer
+from training import unwrap
 
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -223,7 +224,7 @@ def export_hf(model, out_dir, enc=None, max_shard_bytes=None):
     config.json, which transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads; plus the tokenizer:
     vocab.json + merges.txt for gpt2, or pipeline_tokenizer.json (our BPE) that read_hf_dir reads back.
     With max_shard_bytes, weights larger than that are written as shards + model.safetensors.index.json."""
-    model = getattr(model, "_orig_mod", getattr(model, "module", model))
+    model = unwrap(model)
     if any(not isinstance(m, nn.Linear) for blk in model.transformer.h for m in (blk.attn.c_attn, blk.attn.c_proj,
                                                                                    blk.mlp.c_fc, blk.mlp.c_proj)):
         raise UserError("export_hf: the model has LoRA or 4-bit layers; merge them first (lora.merge_lora, "

@@ -38,6 +38,7 @@ import torch.nn as nn
 from common import (ArgumentParser, UserError, atomic_save_safetensors, atomic_write_json, positive_float,
                     positive_int, read_safetensors, run_cli)
 from gpt import GPT, GPTConfig, load_checkpoint
+from training import unwrap
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every attention and MLP linear of a GPT-2 block
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -224,8 +225,7 @@ def save_adapter(model, out_dir, base_model_path=""):
     """out_dir/adapter_config.json + adapter_model.safetensors in PEFT's layout: only A and B, keyed
     base_model.model.<module>.lora_A.weight (PEFT drops its adapter name "default" when saving).
     r, alpha, dropout and rsLoRA are read off the layers. Atomic writes, the config last."""
-    model = getattr(model, "module", model)  # DDP
-    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = unwrap(model)  # DDP, torch.compile
     layers = adapted_layers(model)
     if not layers:
         raise UserError("save_adapter: the model has no LoRA layers; call inject_lora (or load_adapter) first")

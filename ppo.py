@@ -10,9 +10,9 @@ clipped surrogate objective moves it towards higher reward; a value head on the 
     python ppo.py --toy                         # exact check: a tabular policy reaches pi_ref * exp(r / beta)
     torchrun --nproc_per_node=4 ppo.py --sample-batch 8   # 4 processes sampling, the results of one
 
-One iteration: sample a completion for each of --rollout-batch prompts with the KV cache (left-padded
-prompts, so every completion starts in the same column), --sample-batch prompts at a time, chunk k with its
-own generator seeded from (--seed, iteration, k); score it (reward model, or the gold judge);
+One iteration: sample a completion for each of --rollout-batch prompts with the KV cache (rollout.py: left-padded
+prompts, so every completion starts in the same column; --sample-batch prompts at a time, chunk k with its
+own generator seeded from (--seed, k, iteration)); score it (reward model, or the gold judge);
 compute log pi_old, log pi_ref and V_old for every completion token in one forward each; build the
 per-token rewards r_t = -beta * KL_t, plus the score at the last token (or spread as r_T * gamma^(T-t));
 advantages by GAE, whitened; then --ppo-epochs passes over shuffled minibatches with the clipped
@@ -22,19 +22,19 @@ Under torchrun (gloo on CPU, NCCL on CUDA) chunk k is sampled by process k mod N
 gathered in order, so every process holds the whole rollout; scores, log-probs and values are computed on each
 process's share of the rows and gathered; whitening and the KL controller see the whole rollout. Every process
 draws the same minibatches and runs the forward of its share of each (--minibatch must be a multiple of N),
-normalised by the token count of the whole minibatch, so DistributedDataParallel's average is the gradient of
-one process. The samples depend on --sample-batch, never on the number of processes: N processes give one
-process's results to float rounding. The default --sample-batch makes the default rollout one chunk, whose
-generator is seeded from (--seed, iteration) alone: lower it (e.g. to --rollout-batch / N) so that every
-process samples. Only the first process writes OUT and prints; every process runs its share of the final
-held-out evaluation (align.heldout_eval).
+with per-token weights 1 / (the whole minibatch's token count) times N (rollout.minibatches), so every loss
+is a plain weighted sum and DistributedDataParallel's average is the gradient of one process. The samples
+depend on --sample-batch, never on the number of processes: N processes give one process's results to float
+rounding. The default --sample-batch makes the default rollout one chunk: lower it (e.g. to --rollout-batch /
+N) so that every process samples. Only the first process writes OUT and prints; every process runs its share
+of the final held-out evaluation (align.heldout_eval). The model is saved before that evaluation.
 
 State s_t = prompt x + y_1..y_t, action a_t = the next token, reward from the frozen reward model for the
 whole completion. At the end the policy and the reference each answer held-out prompts (temperature 1)
 and the gold judge scores them: mean gold reward +- 95% interval, win rate, sequence KL, EOS rate.
 """
 
-import math
+import contextlib
 import os
 import time
 
@@ -42,19 +42,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import data
 import world
 from align import (TOY_Y1, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval, kl_regularised_optimum,
                    load_policy_and_reference, print_final, print_toy_table, toy_problem, toy_token_logps)
 from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, positive_float, positive_int,
                     prob, run_cli)
-from evals import strip_eos
-from gpt import check_same_tokenizer, generate, save_checkpoint, token_logprobs
-from reward import load_reward_model, reward_scores
-from tokenizer import eos_id, pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, all_reduce_max, all_reduce_mean, check_divisible,
-                      check_finite, gather_chunks, gather_rows, load_train_state, lr_at, make_optimizer, my_chunks,
-                      optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
+from gpt import check_same_tokenizer, save_checkpoint, token_logprobs
+from reward import load_reward_model
+from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, forward_rows, kl_per_token, minibatches,
+                     prompt_indices, ratio_stats, sample_rollout, sampling_note, sequence_scores, setup_rl,
+                     training_prompts)
+from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, load_train_state, lr_at, make_optimizer,
+                      optimizer_step, save_train_state, set_lr, wrap_model)
 
 
 def build_parser():
@@ -66,18 +65,8 @@ def build_parser():
                    help="value head: zeros, or a copy of the reward model's scalar head (default: reward, or "
                         "zero with --reward gold); starting from the reward head halves the KL for the same reward")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train prompts)")
-    p.add_argument("--iters", type=positive_int, default=40, help="PPO iterations (rollout + update)")
-    p.add_argument("--rollout-batch", type=positive_int, default=32, help="prompts sampled per iteration")
-    p.add_argument("--minibatch", type=positive_int, default=8, help="completions per optimizer step (all processes "
-                   "together; a multiple of their number)")
-    p.add_argument("--sample-batch", type=positive_int, default=32, help="prompts sampled together: the rollout's "
-                   "chunks, which torchrun's processes share (lower it to give each process one); the samples "
-                   "depend on it, not on the process count")
+    add_rollout_args(p, rollout_batch=32, rows="prompts")
     p.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, also used in every log-prob")
-    add_optimizer_args(p, lr=5e-5, min_lr=5e-5, warmup=0)
-    p.add_argument("--kl-coef", type=nonneg_float, default=0.1, help="beta of the KL penalty (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1",
                    help="per-token KL: k1 = log pi - log pi_ref; k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi")
     p.add_argument("--target-kl", type=nonneg_float, default=0.0, help="adaptive beta aiming at this sequence KL (0 = fixed beta)")
@@ -85,11 +74,8 @@ def build_parser():
     p.add_argument("--reward-shape", choices=("terminal", "discounted"), default="terminal",
                    help="score at the last token, or spread as r_t = r_T * gamma^(T - t) over all tokens")
     p.add_argument("--shape-gamma", type=prob, default=0.9, help="gamma of the discounted reward shape")
-    p.add_argument("--no-eos-penalty", type=nonneg_float, default=1.0, help="subtracted from the score of a completion "
-                   "that never emits EOS (0 = none)")
     p.add_argument("--gamma", type=prob, default=1.0, help="GAE discount")
     p.add_argument("--lam", type=prob, default=0.95, help="GAE lambda")
-    p.add_argument("--cliprange", type=positive_float, default=0.2, help="policy ratio clip epsilon")
     p.add_argument("--cliprange-value", type=positive_float, default=0.2, help="value clip around the old values")
     p.add_argument("--vf-coef", type=nonneg_float, default=0.1, help="weight of the value loss")
     return add_run_args(p, "out/ppo", "final evaluation prompts: 'review' (the world's review "
@@ -99,22 +85,24 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.ref = args.ref or args.init
-    if args.rollout_batch % args.minibatch:
-        raise UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
     if args.critic_init is None:
         args.critic_init = "zero" if args.reward == "gold" else "reward"
+    return args
+
+
+def check_args(args):
+    """The checks of options against each other, before any work; one line `error: ...` each."""
+    if args.rollout_batch % args.minibatch:
+        raise UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
     if args.critic_init == "reward" and args.reward == "gold":
         raise UserError("--critic-init reward needs a reward model, not --reward gold")
-    return args
 
 
 # ----------------------------------------------------------------------------- the equations
 
-def masked_mean(x, mask, denom=None):
-    """Mean of x over real tokens: sum_t x_t * m_t / sum_t m_t (m may also be float weights). denom replaces
-    sum_t m_t when x holds one process's share of the rows: the whole minibatch's sum_t m_t / N, so that the
-    mean of the N processes' values (DDP averages their gradients) is the mean over the whole minibatch."""
-    return (x * mask).sum() / (mask.sum() if denom is None else denom).clamp(min=1e-8)
+def masked_mean(x, mask):
+    """Mean of x over real tokens: sum_t x_t * m_t / sum_t m_t."""
+    return (x * mask).sum() / mask.sum().clamp(min=1e-8)
 
 
 def whiten(x, mask, shift_mean=True):
@@ -125,16 +113,6 @@ def whiten(x, mask, shift_mean=True):
     var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
-
-
-def kl_per_token(logp, ref_logp, estimator="k1"):
-    """Per-token estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta:
-    k1 = log pi(a_t|s_t) - log pi_ref(a_t|s_t)  (unbiased, can be negative);
-    k3 = (rho - 1) - log rho with rho = pi_ref(a_t|s_t) / pi(a_t|s_t)  (unbiased, always >= 0)."""
-    if estimator == "k1":
-        return logp - ref_logp
-    log_rho = ref_logp - logp
-    return torch.expm1(log_rho) - log_rho
 
 
 def shape_reward(score, mask, shape="terminal", gamma=1.0):
@@ -150,12 +128,13 @@ def shape_reward(score, mask, shape="terminal", gamma=1.0):
     return out * mask
 
 
-def kl_penalty_rewards(score, logp, ref_logp, mask, beta, estimator="k1", shape="terminal", gamma=1.0):
+def kl_penalty_rewards(score, per_token_logps, ref_per_token_logps, mask, beta, estimator="k1", shape="terminal",
+                       gamma=1.0):
     """R_total = RM(x, y) - beta * KL(pi_theta(.|x) || pi_ref(.|x)), per token:
-    r_t = shaped score_t - beta * KL_t, with KL_t = kl_per_token(log pi, log pi_ref), so that
+    r_t = shaped score_t - beta * KL_t, with KL_t = rollout.kl_per_token(log pi, log pi_ref), so that
     sum_t r_t = RM(x, y) - beta * (log pi(y|x) - log pi_ref(y|x)) for the terminal shape and k1.
     Returns (r, KL_t); both 0 on padding."""
-    kl = kl_per_token(logp, ref_logp, estimator) * mask
+    kl = kl_per_token(per_token_logps, ref_per_token_logps, estimator) * mask
     return shape_reward(score, mask, shape, gamma) - beta * kl, kl
 
 
@@ -177,29 +156,25 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, (adv + values) * mask
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, cliprange=0.2, denom=None):
-    """Clipped surrogate objective, as a loss to minimise, averaged over real tokens:
-    ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) = exp(log pi - log pi_old),
-    L = -mean_t min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t).
-    Returns (L, share of tokens clipped, approx KL(pi_old || pi) = mean 0.5 * (log ratio)^2); every mean is
-    masked_mean's, with its denom for one process's share of a minibatch."""
-    log_ratio = torch.where(mask > 0, logp - old_logp, 0.0)          # padding: ratio 1, weight 0
+def ppo_policy_loss(per_token_logps, old_per_token_logps, advantages, weights, cliprange=0.2):
+    """Clipped surrogate objective, as a loss to minimise, summed over tokens with weights w (token means,
+    rollout.minibatches): ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) = exp(log pi - log pi_old),
+    L = -sum_t w_t min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)."""
+    log_ratio = torch.where(weights > 0, per_token_logps - old_per_token_logps, 0.0)   # padding: ratio 1, weight 0
     ratio = torch.exp(log_ratio)
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(loss1, loss2), mask, denom)
-    clipfrac = masked_mean((loss2 > loss1).float(), mask, denom)
-    return loss, clipfrac.detach(), masked_mean(0.5 * log_ratio ** 2, mask, denom).detach()
+    return (torch.max(loss1, loss2) * weights).sum()
 
 
-def ppo_value_loss(values, old_values, returns, mask, cliprange_value=0.2, denom=None):
+def ppo_value_loss(values, old_values, returns, weights, cliprange_value=0.2):
     """Clipped value loss: V_clip = V_old + clip(V - V_old, -eps_v, eps_v),
-    L_V = 0.5 * mean_t max((V - R_t)^2, (V_clip - R_t)^2). Returns (L_V, share clipped: the clipped term is the
-    larger and |V - V_old| > eps_v, since inside the range V_clip is V only up to rounding); means as masked_mean."""
+    L_V = 0.5 * sum_t w_t max((V - R_t)^2, (V_clip - R_t)^2). Returns (L_V, share clipped: the clipped term is the
+    larger and |V - V_old| > eps_v, since inside the range V_clip is V only up to rounding), weighted alike."""
     v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     l1, l2 = (values - returns) ** 2, (v_clip - returns) ** 2
     clipped = ((values - old_values).abs() > cliprange_value) & (l2 > l1)
-    return 0.5 * masked_mean(torch.max(l1, l2), mask, denom), masked_mean(clipped.float(), mask, denom).detach()
+    return 0.5 * (torch.max(l1, l2) * weights).sum(), (clipped.float() * weights).sum().detach()
 
 
 def adaptive_kl_coef(beta, kl, target, n_samples, horizon):
@@ -225,132 +200,53 @@ class ActorCritic(nn.Module):
         """Per completion token t (columns start..start+n-1 predict it): (log pi(a_t|s_t), V(s_t))."""
         h = self.gpt.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         h = h[:, start:start + n]
-        logp = token_logprobs(self.gpt.lm_head(h), batch["actions"], temperature)
-        return logp, self.v_head(h).squeeze(-1).float() * batch["mask"]
+        per_token_logps = token_logprobs(self.gpt.lm_head(h), batch["actions"], temperature)
+        return per_token_logps, self.v_head(h).squeeze(-1).float() * batch["mask"]
 
 
-def rollout_batch(prompts, completions, pad):
-    """Prompts left-padded to P, completions right-padded to T: row = [pad.. x | y pad..], so completion
-    token t sits in column P + t for every row and is predicted by column P - 1 + t.
-    actions = the completion tokens (-1 on padding), mask = 1 on real completion tokens."""
-    B, P, T = len(prompts), max(map(len, prompts)), max(1, max(map(len, completions)))
-    ids = torch.full((B, P + T), pad, dtype=torch.long)
-    real = torch.zeros(B, P + T, dtype=torch.bool)
-    for b, (x, y) in enumerate(zip(prompts, completions)):
-        ids[b, P - len(x):P + len(y)] = torch.tensor(list(x) + list(y))
-        real[b, P - len(x):P + len(y)] = True
-    mask = real[:, P:].float()
-    return {"input_ids": ids, "attention_mask": real, "position_ids": (real.long().cumsum(1) - 1).clamp(min=0),
-            "actions": torch.where(real[:, P:], ids[:, P:], -1), "mask": mask}, P - 1, T
-
-
-def token_logps(model, batch, start, n, temperature=1.0):
-    """log pi(a_t|s_t) of every completion token of a rollout_batch (columns start..start+n-1 predict them)."""
-    h = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, start:start + n]
-    return token_logprobs(model.lm_head(h), batch["actions"], temperature)
-
-
-def chunk_seed(seed, it, k):
-    """The generator seed of chunk k of iteration it's rollout: a pure function of (seed, it, k), so a chunk's
-    samples do not depend on which process draws it; chunk 0 has the seed of a rollout sampled in one piece."""
-    return (seed * 1_000_003 + it + k * 1_000_000_007) % 2 ** 63
-
-
-def sampling_note(rows, args, ctx):
-    """Under torchrun, the start line's word on how many processes sample the rollout's chunks."""
-    chunks = -(-rows // args.sample_batch)
-    if not ctx.ddp:
-        return ""
-    note = f"; {ctx.world} processes, {min(chunks, ctx.world)} of them sampling ({chunks} chunks of --sample-batch)"
-    return note + (": lower --sample-batch to share the sampling" if chunks < ctx.world else "")
-
-
-def sample_completions(gpt, prompts, args, it, enc, ctx=None):
-    """The completion of every prompt row, on every process: chunk k of --sample-batch rows is sampled by
-    process k mod N with generator chunk_seed(--seed, it, k), and the chunks are gathered in order, so the
-    samples do not depend on N. An empty completion becomes [EOS]."""
-    device, mine = next(gpt.parameters()).device, {}
-    for k, lo, hi in my_chunks(len(prompts), args.sample_batch, ctx):
-        gen = torch.Generator(device=device).manual_seed(chunk_seed(args.seed, it, k))
-        mine[k] = generate(gpt, prompts[lo:hi], args.max_new_tokens, eos_id=eos_id(enc), pad_id=pad_id(enc),
-                           temperature=args.temperature, generator=gen)
-    return [c if c else [eos_id(enc)] for c in gather_chunks(mine, ctx)]
-
-
-def sequence_scores(reward, enc, prompts, completions, texts, ctx=None):
-    """Reward of each whole completion: the reward model's score at its last real token (each process scores
-    its share of the rows; all scores gathered), or the gold judge."""
-    if reward is None:
-        return torch.tensor([world.sentiment_score(t) for t in texts], dtype=torch.float32)
-    lo, hi = rank_slice(len(prompts), ctx)
-    return gather_rows(reward_scores(reward, enc, prompts[lo:hi], completions[lo:hi]).float(), len(prompts), ctx).cpu()
-
+# ----------------------------------------------------------------------------- rollout and update
 
 @torch.no_grad()
 def make_rollout(policy, ref, reward, enc, prompts, args, it, beta, ctx=None):
-    """Sample, score and evaluate the iteration's batch of completions; everything PPO needs, as tensors,
-    the whole rollout on every process (log pi_old, V_old and log pi_ref computed on shares, gathered)."""
+    """Sample, score and evaluate the iteration's batch of completions (rollout.sample_rollout); everything PPO
+    needs, as tensors, the whole rollout on every process (log pi_old, V_old and log pi_ref computed on shares,
+    gathered: rollout.forward_rows)."""
     policy.eval()
-    completions = sample_completions(policy.gpt, prompts, args, it, enc, ctx)
-    texts = [enc.decode(strip_eos(c, enc)).strip() for c in completions]
-    ended = torch.tensor([c[-1] == eos_id(enc) for c in completions])
-    score = sequence_scores(reward, enc, prompts, completions, texts, ctx)
-    score = score - args.no_eos_penalty * (~ended).float()
-    device = next(policy.parameters()).device
-    batch, start, n = rollout_batch(prompts, completions, pad_id(enc))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    lo, hi = rank_slice(len(prompts), ctx)
-    mine = {k: v[lo:hi] for k, v in batch.items()}
-    old_logp, old_values = policy(mine, start, n, args.temperature)
-    ref_logp = token_logps(ref, mine, start, n, args.temperature)
-    old_logp, old_values, ref_logp = (gather_rows(x, len(prompts), ctx) for x in (old_logp, old_values, ref_logp))
-    mask = batch["mask"]
-    rewards, kl = kl_penalty_rewards(score.to(device), old_logp, ref_logp, mask, beta, args.kl_estimator,
-                                     args.reward_shape, args.shape_gamma)
+    ro = sample_rollout(policy.gpt, enc, prompts, args, it, ctx)
+    score = sequence_scores(reward, enc, prompts, ro["completions"], ro["texts"], ctx)
+    score = score - args.no_eos_penalty * (~ro["ended"]).float()
+    old_per_token_logps, old_values = forward_rows(policy, ro, args.temperature, ctx)
+    (ref_per_token_logps,) = forward_rows(PolicyLogps(ref), ro, args.temperature, ctx)
+    mask = ro["mask"]
+    rewards, kl = kl_penalty_rewards(score.to(mask.device), old_per_token_logps, ref_per_token_logps, mask, beta,
+                                     args.kl_estimator, args.reward_shape, args.shape_gamma)
     adv, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
     policy.train()
-    return {"batch": batch, "start": start, "n": n, "old_logp": old_logp, "old_values": old_values,
-            "ref_logp": ref_logp, "advantages": whiten(adv, mask), "returns": returns, "mask": mask,
-            "score": score, "kl": kl.sum(-1), "ended": ended.float(), "texts": texts,
-            "gold": torch.tensor([world.sentiment_score(t) for t in texts]), "length": mask.sum(-1)}
+    return {**ro, "old_per_token_logps": old_per_token_logps, "old_values": old_values,
+            "ref_per_token_logps": ref_per_token_logps, "advantages": whiten(adv, mask), "returns": returns,
+            "score": score, "kl": kl.sum(-1), "ended": ro["ended"].float(),
+            "gold": torch.tensor([world.sentiment_score(t) for t in ro["texts"]])}
 
 
-def ratio_gap(logp, old_logp, ctx=None):
-    """max |ratio - 1| = exp(max_t |log pi - log pi_old|) - 1 over every process's tokens: on the first minibatch
-    of a rollout it is 0 when rollout and update see the same policy (dropout off, one temperature)."""
-    return math.exp(all_reduce_max((logp - old_logp).abs().max().detach(), ctx).item()) - 1
-
-
-def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None):
-    """--ppo-epochs passes over the rollout in shuffled minibatches of the clipped losses; mean stats.
-    model: the policy, or its DDP wrapper under torchrun; every process draws the same minibatches and runs
-    its share of the rows of each."""
-    stats, B, world = {}, ro["mask"].size(0), ctx.world if ctx is not None else 1
-    lo, hi = rank_slice(args.minibatch, ctx)
-    names = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")
-    for _ in range(args.ppo_epochs):
-        order = rng.permutation(B)
-        for i in range(0, B, args.minibatch):
-            whole = torch.as_tensor(order[i:i + args.minibatch], device=ro["mask"].device)
-            denom = ro["mask"][whole].sum() / world   # see masked_mean: DDP's average = the whole minibatch's mean
-            idx = whole[lo:hi]
-            mb = {k: v[idx] for k, v in ro["batch"].items()}
-            logp, values = model(mb, ro["start"], ro["n"], args.temperature)
-            mask = ro["mask"][idx]
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, ro["old_logp"][idx], ro["advantages"][idx], mask,
-                                                           args.cliprange, denom)
-            vf_loss, vf_clipfrac = ppo_value_loss(values, ro["old_values"][idx], ro["returns"][idx], mask,
-                                                  args.cliprange_value, denom)
-            loss = pg_loss + args.vf_coef * vf_loss
-            loss.backward()
-            means = all_reduce_mean(torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac]).detach(), ctx)
-            check_finite(means[0] + args.vf_coef * means[1], it)  # NaN/inf anywhere stops every process before the step
-            grad_norm = optimizer_step(model, optimizer, args.grad_clip)
-            for k, v in zip(names + ("grad_norm",), (*means.tolist(), grad_norm.item())):
-                stats.setdefault(k, []).append(v)
-            if "ratio_first" not in stats:
-                stats["ratio_first"] = [ratio_gap(logp, ro["old_logp"][idx], ctx)]
-    return {k: (v[0] if k == "ratio_first" else sum(v) / len(v)) for k, v in stats.items()}
+def ppo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=contextlib.nullcontext):
+    """--ppo-epochs passes over the rollout in shuffled minibatches (rollout.minibatches: this process's rows and
+    their token weights) of the clipped losses; -> the mean of each figure. model: the policy, or its DDP wrapper
+    under torchrun; autocast: the precision context of its forward pass (backward and step run outside it)."""
+    stats = UpdateStats(("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac"))
+    for rows, weights, mean_weights in minibatches(ro["mask"], args.minibatch, args.ppo_epochs, rng, ctx=ctx):
+        with autocast():
+            per_token_logps, values = model({k: v[rows] for k, v in ro["batch"].items()}, ro["start"], ro["n"],
+                                            args.temperature)
+        old_per_token_logps, advantages = ro["old_per_token_logps"][rows], ro["advantages"][rows]
+        pg_loss = ppo_policy_loss(per_token_logps, old_per_token_logps, advantages, weights, args.cliprange)
+        vf_loss, vf_clipfrac = ppo_value_loss(values, ro["old_values"][rows], ro["returns"][rows], weights,
+                                              args.cliprange_value)
+        (pg_loss + args.vf_coef * vf_loss).backward()
+        clipfrac, approx_kl = ratio_stats(per_token_logps, old_per_token_logps, advantages, mean_weights, args.cliprange)
+        means = all_reduce_mean(torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac]).detach(), ctx)
+        check_finite(means[0] + args.vf_coef * means[1], it)  # NaN/inf anywhere stops every process before the step
+        stats.record(means, optimizer_step(model, optimizer, args.grad_clip), per_token_logps, old_per_token_logps, ctx)
+    return stats.result()
 
 
 # ----------------------------------------------------------------------------- the exact check
@@ -359,29 +255,30 @@ def toy_exact_check(beta=0.5, iters=300, epochs=4, lr=2.0, seed=0):
     """PPO with the per-token KL penalty on align.py's tabular problem, small enough to enumerate: every
     expectation over answers is the exact sum weighted by pi_old(y) (no sampling noise). The KL-regularised
     objective E_pi[r] - beta * KL(pi || pi_ref) has its maximum at pi* = pi_ref * exp(r / beta) / Z; PPO's fixed
-    point (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*.
-    Returns (pi_ref, r, pi*, pi_ppo) as float64 tensors over aa, ab, ba, bb."""
+    point (GAE with gamma = lambda = 1, clipped losses, a tabular critic) must be that pi*
+    (docs/rl-derivations.md). Returns (pi_ref, r, pi*, pi_ppo) as float64 tensors over aa, ab, ba, bb."""
     t1_ref, t2_ref, r = toy_problem(torch.Generator().manual_seed(seed))
-    ref_logp = toy_token_logps(t1_ref, t2_ref)
-    pi_star = kl_regularised_optimum(ref_logp.sum(-1), r, beta)
+    ref_per_token_logps = toy_token_logps(t1_ref, t2_ref)
+    pi_star = kl_regularised_optimum(ref_per_token_logps.sum(-1), r, beta)
     theta1, theta2 = t1_ref.clone().requires_grad_(), t2_ref.clone().requires_grad_()
     v0, v1 = torch.zeros(1, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.SGD([theta1, theta2, v0, v1], lr=lr)
     ones = torch.ones(4, 2, dtype=torch.float64)
     for _ in range(iters):
-        with torch.no_grad():  # the "rollout": all four answers, weighted by pi_old
-            old_logp, old_values = toy_token_logps(theta1, theta2), toy_values(v0, v1)
-            weight = old_logp.sum(-1).exp()[:, None] * ones
-            rewards, _ = kl_penalty_rewards(r, old_logp, ref_logp, ones, beta)
+        with torch.no_grad():  # the "rollout": all four answers, weighted by pi_old (a token mean: sum w = 1)
+            old_per_token_logps, old_values = toy_token_logps(theta1, theta2), toy_values(v0, v1)
+            weights = old_per_token_logps.sum(-1).exp()[:, None] * ones
+            weights = weights / weights.sum()
+            rewards, _ = kl_penalty_rewards(r, old_per_token_logps, ref_per_token_logps, ones, beta)
             adv, returns = gae(rewards, old_values, ones, gamma=1.0, lam=1.0)
         for _ in range(epochs):
-            pg, _, _ = ppo_policy_loss(toy_token_logps(theta1, theta2), old_logp, adv, weight, 0.2)
-            vf, _ = ppo_value_loss(toy_values(v0, v1), old_values, returns, weight, 0.2)
+            pg = ppo_policy_loss(toy_token_logps(theta1, theta2), old_per_token_logps, adv, weights, 0.2)
+            vf, _ = ppo_value_loss(toy_values(v0, v1), old_values, returns, weights, 0.2)
             opt.zero_grad()
             (pg + vf).backward()
             opt.step()
     with torch.no_grad():
-        return ref_logp.sum(-1).exp(), r, pi_star, toy_token_logps(theta1, theta2).sum(-1).exp()
+        return ref_per_token_logps.sum(-1).exp(), r, pi_star, toy_token_logps(theta1, theta2).sum(-1).exp()
 
 
 def toy_values(v0, v1):
@@ -417,31 +314,6 @@ def value_head_from_reward(v_head, rm):
         v_head.bias.copy_(rm.head.bias + (w * s).sum(-1))
 
 
-def training_prompts(args, enc, block_size):
-    """-> prompt strings and token ids: --prompts FILE, or the world's review train prompts (deduplicated)."""
-    if args.prompts:
-        prompts, source = data.load_prompts(args.prompts), args.prompts
-    else:
-        tasks = world.task_sets(world.make_world(args.world_seed))["review"]["train"]
-        prompts, source = list(dict.fromkeys(data.format_prompt(e["instruction"], e["input"]) for e in tasks)), "review"
-    ids = [enc.encode_ordinary(p) for p in prompts]
-    for i, x in enumerate(ids):
-        if not x or len(x) >= block_size:
-            raise UserError(f"{source}: prompt {i + 1} has {len(x)} tokens; it needs 1 to {block_size - 1} "
-                                 f"(the model's context) to leave room for an answer")
-    if len(ids) < args.rollout_batch:
-        raise UserError(f"{source}: {len(ids)} prompts, fewer than one rollout of {args.rollout_batch}; "
-                             f"add prompts or lower --rollout-batch")
-    return prompts, ids
-
-
-def prompt_indices(n, per_iter, seed, it):
-    """The prompts of iteration `it`: a slice of epoch it // (n // per_iter)'s permutation, a pure function of
-    (seed, it), so --resume samples the very same prompts."""
-    epoch, k = divmod(it, n // per_iter)
-    return np.random.default_rng([seed, epoch]).permutation(n)[k * per_iter:(k + 1) * per_iter]
-
-
 def save_value_head(out_dir, v_head):
     atomic_save_safetensors({"weight": v_head.weight, "bias": v_head.bias}, os.path.join(out_dir, "value_head.safetensors"))
 
@@ -467,7 +339,7 @@ def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, it, beta, args
     idx = prompt_indices(len(prompt_ids), args.rollout_batch, args.seed, it)
     with ctx.autocast():
         ro = make_rollout(policy, ref, rm, enc, [prompt_ids[i] for i in idx], args, it, beta, ctx)
-        stats = ppo_update(model, optimizer, ro, args, np.random.default_rng([args.seed, it]), it, ctx)
+    stats = ppo_update(model, optimizer, ro, args, np.random.default_rng([args.seed, it]), it, ctx, ctx.autocast)
     # stats["ratio_first"]: max |ratio - 1| on the first minibatch, 0 when rollout and update see the same policy
     # the gold judge knows the world's review prompts only: on --prompts of your own it means nothing
     gold = {} if args.prompts else {"gold": ro["gold"].mean().item()}
@@ -493,12 +365,12 @@ def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    t0 = time.time()
     args = parse_args(argv)
+    check_args(args)
     if args.toy:
         return toy_report()
-    t0 = time.time()
-    ctx = setup(args)
-    check_divisible(args.minibatch, "--minibatch", ctx)
+    ctx = setup_rl(args)
     policy, ref, rm, enc = load_models(args, ctx)
     prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
     if ctx.master:
@@ -513,37 +385,26 @@ def main(argv=None):
         beta = extra["kl_coef"]
     model = wrap_model(policy, ctx, compile=False)   # DDP under torchrun: it averages the gradients
     stop = StopFlag()
-    log = MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
-    t_last, sums, n_logged, window = time.time(), {}, 0, {}
+    window = LogWindow(MetricsLog(args.out, args.iters, ctx.master, resume=args.resume), args, ctx.master)
     for it in range(start, args.iters):
         lr = lr_at(it, args.lr, args.warmup, args.iters, args.min_lr)
         set_lr(optimizer, lr)
         ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, it, beta, args, ctx)
-        for k, v in row.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n_logged += 1
+        done = it + 1
+        window.add(done, row, lr, ro, "score" if args.prompts else "gold")
         if args.target_kl:   # the KL of the whole rollout, the same on every process
             beta = adaptive_kl_coef(beta, row["kl"], args.target_kl, args.rollout_batch, args.horizon)
-        done = it + 1
-        if done % args.log_interval == 0 or done == args.iters:
-            dt, t_last = time.time() - t_last, time.time()
-            window = {k: v / n_logged for k, v in sums.items()}   # the means of the last log interval
-            log.log(done, **window, lr=lr,
-                    samples_per_s=round(args.rollout_batch * n_logged / max(dt, 1e-9), 1))
-            judge = "score" if args.prompts else "gold"
-            if ctx.master:
-                print(f"  sample ({judge} {ro[judge][0].item():+.2f}): {ro['texts'][0][:120]}")
-            sums, n_logged = {}, 0
         if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, policy, optimizer, enc, done, beta, {})
                 print(f"stopped at iteration {done}; continue with: python ppo.py --resume --out {args.out}")
             return {"stopped_at": done, **row}
 
-    metrics = {**{f"train_{k}": v for k, v in window.items()}, "kl_coef_final": beta}
+    metrics = {**{f"train_{k}": v for k, v in window.means.items()}, "kl_coef_final": beta}
+    if ctx.master:   # the trained model first: an error in the evaluation must not lose it
+        save(args, policy, optimizer, enc, args.iters, beta, metrics)
     heldout, samples = final_eval(policy, ref, rm, enc, args, ctx)
-    metrics.update(heldout)
-    metrics["time_s"] = round(time.time() - t0, 1)
+    metrics.update(heldout, time_s=round(time.time() - t0, 1))
     if ctx.master:
         save(args, policy, optimizer, enc, args.iters, beta, metrics, samples)
         print_final(metrics, samples)

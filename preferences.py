@@ -41,7 +41,7 @@ from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, 
 from evals import bleu, exact_match, jaccard, rouge_l, strip_eos
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import add_threads_arg, batch_seed, gather_chunks, my_chunks, setup
+from training import add_threads_arg, chunk_seed, gather_chunks, my_chunks, setup
 
 JUDGES = {"sentiment": None, "exact": exact_match, "jaccard": jaccard, "bleu": bleu, "rougeL": rouge_l}
 
@@ -156,10 +156,10 @@ def make_pairs(prompt, completions, scores, policy="all"):
 
 def sample_rows(model, enc, rows, args, split, ctx):
     """Completion token ids of every row (prompt, reference): batch k of --batch-size rows sampled by process
-    k mod N with generator batch_seed(seed, split, k), then gathered back in row order."""
+    k mod N with generator chunk_seed(seed, k, split), then gathered back in row order."""
     mine = {}
     for k, lo, hi in my_chunks(len(rows), args.batch_size, ctx):
-        gen = torch.Generator(device=ctx.device).manual_seed(batch_seed(args.seed, split, k))
+        gen = torch.Generator(device=ctx.device).manual_seed(chunk_seed(args.seed, k, split))
         mine[k] = generate(model, [enc.encode_ordinary(p) for p, _ in rows[lo:hi]], args.max_new_tokens,
                            eos_id=eos_id(enc), pad_id=pad_id(enc), temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, generator=gen)

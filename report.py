@@ -45,7 +45,7 @@ from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
 CACHE_VERSION = 5  # bump when the figures of a row change, so cached rows are recomputed (4: --prompts beyond 64 are
-#                   sampled in chunks of 64, each with a generator of its own, evals.chunk_seed; 5: the region column)
+#                   sampled in chunks of 64, each with a generator of its own, training.chunk_seed; 5: the region column)
 FRONTIER_FAMILIES = ("dpo", "ppo", "grpo", "rloo")
 SEED_KEYS = ("gold_reward", "on_topic_gold", "on_topic", "win_rate", "kl", "sentiment", "story", "facts", "addition",
              "drift_chosen", "drift_rejected")

@@ -1,7 +1,7 @@
 """What every training stage's loop needs, written once: device and precision, the
-optimizer and its learning-rate schedule, DistributedDataParallel, resumable training state,
-one-line logs with metrics.jsonl, clean stops on Ctrl-C / SIGTERM / a non-finite loss, and
-the one-line error for bad input.
+optimizer and its learning-rate schedule, DistributedDataParallel and sharing work across processes,
+resumable training state, one-line logs with metrics.jsonl, and clean stops on Ctrl-C / SIGTERM / a
+non-finite loss (the one-line error for bad input is common.run_cli's).
 
 Nothing here is a trainer: each stage writes its own loop, top to bottom, and calls these
 small functions where it needs them.
@@ -99,9 +99,16 @@ def setup(args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     use_compile = cuda if args.compile is None else args.compile
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     return SimpleNamespace(device=device, cuda=cuda, ddp=ddp, rank=rank, world=world, master=rank == 0,
-                           compile=use_compile, autocast=lambda: amp)
+                           compile=use_compile, autocast=lambda: autocast(cuda))
+
+
+def autocast(cuda):
+    """A fresh precision context for one forward pass: bf16 autocast on CUDA, nothing elsewhere. Fresh per use
+    (ctx.autocast() makes a new one each call): one torch.autocast object entered twice, nested, remembers
+    the state of its second entry (on) as the one to restore, so autocast stays on after the outer block.
+    Backward and the optimizer step run outside it."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
 def micro_steps(grad_accum, ctx):
@@ -123,6 +130,8 @@ def wrap_model(model, ctx, compile=None):
 
 
 def unwrap(model):
+    """The model itself under wrap_model's layers: DistributedDataParallel (.module) around torch.compile
+    (._orig_mod), peeled in that order; a bare model as it is."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
 
@@ -170,10 +179,12 @@ def gather_rows(x, n, ctx=None):
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
 
 
-def batch_seed(seed, split, k):
-    """The generator seed of batch k of a split (0 train, 1 val): a pure function, so a batch's samples do
-    not depend on which process draws it, nor on the batches drawn before it."""
-    return (seed * 1_000_003 + split * 100_003 + k) % 2 ** 63
+def chunk_seed(seed, k, stream=0):
+    """The generator seed of chunk k of a stream of work (an RL iteration's rollout, a data split; 0 for a
+    one-off set such as a held-out evaluation): a pure function of (seed, k, stream), so a chunk's samples do not
+    depend on which process draws it, nor on the chunks drawn before it. Chunk 0 of stream 0 keeps `seed`, so a
+    set that fits one chunk samples as one generator seeded with `seed` does."""
+    return (seed + 1_000_003 * k + 1_000_000_007 * stream) % 2 ** 63
 
 
 def check_divisible(n, option, ctx):

@@ -55,7 +55,7 @@ def test_samples_do_not_depend_on_the_number_of_processes(tiny):
     assert evals.sample_completions(model, enc, ids, 8, seed=3) == generate(
         model, ids, 8, eos_id=eos_id(enc), pad_id=pad_id(enc), generator=torch.Generator().manual_seed(3))
     # later chunks have generators of their own: not a continuation of chunk 0's
-    assert evals.chunk_seed(3, 0) == 3 and len({evals.chunk_seed(3, k) for k in range(4)}) == 4
+    assert training.chunk_seed(3, 0) == 3 and len({training.chunk_seed(3, k) for k in range(4)}) == 4
 
 
 def test_sequence_kl_in_chunks_equals_the_mean_of_the_per_prompt_log_ratios(tiny):

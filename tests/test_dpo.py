@@ -54,10 +54,21 @@ def cli(tmp, out="dpo", **over):
 
 # ----------------------------------------------------------------------------- the loss
 
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, **kw):
+    """dpo.dpo_loss, whose four log-prob tensors are keyword arguments only."""
+    return dpo.dpo_loss(chosen_logps=chosen, rejected_logps=rejected, ref_chosen_logps=ref_chosen,
+                        ref_rejected_logps=ref_rejected, beta=beta, **kw)
+
+
+def test_dpo_loss_takes_its_log_probs_by_name_only():
+    t = torch.tensor([-1.0])
+    with pytest.raises(TypeError):
+        dpo.dpo_loss(t, t, t, t, 0.1)
+
 def test_hand_computed_loss():
     # h = (-12 + 11) - (-10 + 11) = -2;  L = -log sigmoid(0.1 * -2) = log(1 + e^0.2)
     t = lambda x: torch.tensor([x], dtype=torch.float64)
-    loss, rc, rr = dpo.dpo_loss(t(-12.0), t(-10.0), t(-11.0), t(-11.0), beta=0.1)
+    loss, rc, rr = dpo_loss(t(-12.0), t(-10.0), t(-11.0), t(-11.0), beta=0.1)
     assert loss.item() == pytest.approx(0.7981388694, abs=1e-10)
     assert rc.item() == pytest.approx(-0.1) and rr.item() == pytest.approx(0.1)
     stats = dpo.preference_stats(rc, rr, t(-12.0), t(-10.0))
@@ -80,7 +91,7 @@ def test_rpo_adds_alpha_times_the_per_token_nll_of_the_chosen_answers():
 def test_drift_from_the_reference_by_hand():
     t = lambda *x: torch.tensor(x, dtype=torch.float64)
     lc, lr, ref_c, ref_r = t(-12.0, -20.0), t(-30.0, -14.0), t(-11.0, -10.0), t(-12.0, -12.0)
-    _, rc, rr = dpo.dpo_loss(lc, lr, ref_c, ref_r, beta=0.1)
+    _, rc, rr = dpo_loss(lc, lr, ref_c, ref_r, beta=0.1)
     stats = dpo.preference_stats(rc, rr, lc, lr, ref_c, ref_r)
     assert stats["drift/chosen"] == pytest.approx((-1 - 10) / 2)      # mean of log pi - log pi_ref
     assert stats["drift/rejected"] == pytest.approx((-18 - 2) / 2)
@@ -92,7 +103,7 @@ def test_gradient_is_minus_plus_beta_sigmoid_minus_beta_h():
     beta = 0.3
     lc, lr = (torch.randn(5, dtype=torch.float64) * 3).requires_grad_(), (torch.randn(5, dtype=torch.float64) * 3).requires_grad_()
     rc, rr = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    dpo.dpo_loss(lc, lr, rc, rr, beta)[0].backward()
+    dpo_loss(lc, lr, rc, rr, beta)[0].backward()
     h = (lc - rc) - (lr - rr)
     expected = beta * torch.sigmoid(-beta * h.detach()) / 5  # the loss is a mean over 5 pairs
     assert torch.allclose(lc.grad, -expected, atol=1e-12)
@@ -104,17 +115,17 @@ def test_label_smoothing_zero_is_plain_dpo_and_positive_mixes_both_directions():
     lc, lr, rc, rr = torch.randn(4, 6, dtype=torch.float64)
     h = (lc - rc) - (lr - rr)
     plain = -F.logsigmoid(0.5 * h).mean()
-    assert dpo.dpo_loss(lc, lr, rc, rr, 0.5, label_smoothing=0.0)[0].item() == plain.item()
-    smoothed = dpo.dpo_loss(lc, lr, rc, rr, 0.5, label_smoothing=0.2)[0]
+    assert dpo_loss(lc, lr, rc, rr, 0.5, label_smoothing=0.0)[0].item() == plain.item()
+    smoothed = dpo_loss(lc, lr, rc, rr, 0.5, label_smoothing=0.2)[0]
     assert smoothed.item() == pytest.approx((-0.8 * F.logsigmoid(0.5 * h) - 0.2 * F.logsigmoid(-0.5 * h)).mean().item())
 
 
 def test_ipo_hand_value():
     # h = -2, beta = 0.1: (h - 1 / (2 beta))^2 = (-2 - 5)^2 = 49
     t = lambda x: torch.tensor([x], dtype=torch.float64)
-    assert dpo.dpo_loss(t(-12.0), t(-10.0), t(-11.0), t(-11.0), 0.1, loss_type="ipo")[0].item() == pytest.approx(49.0)
+    assert dpo_loss(t(-12.0), t(-10.0), t(-11.0), t(-11.0), 0.1, loss_type="ipo")[0].item() == pytest.approx(49.0)
     # at h = 1 / (2 beta) the IPO loss is zero
-    assert dpo.dpo_loss(t(5.0), t(0.0), t(0.0), t(0.0), 0.1, loss_type="ipo")[0].item() == pytest.approx(0.0)
+    assert dpo_loss(t(5.0), t(0.0), t(0.0), t(0.0), 0.1, loss_type="ipo")[0].item() == pytest.approx(0.0)
 
 
 # ----------------------------------------------------------------------------- log pi(y|x) on the GPT
@@ -129,7 +140,7 @@ def test_at_the_start_loss_is_ln2_and_rewards_are_zero(tiny_setup):
     batch = dpo.pair_batch(tokenized(enc), pad_id(enc))
     lc, lr = dpo.pair_logps(model, batch)
     rc, rr = dpo.pair_logps(ref, batch)
-    loss, rew_c, rew_r = dpo.dpo_loss(lc, lr, rc, rr, 0.1)
+    loss, rew_c, rew_r = dpo_loss(lc, lr, rc, rr, 0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert rew_c.abs().max().item() < 1e-6 and rew_r.abs().max().item() < 1e-6
     assert abs(dpo.preference_stats(rew_c, rew_r, lc, lr)["rewards/margins"]) < 1e-6
@@ -156,7 +167,7 @@ def test_prompt_and_padding_never_change_log_pi(tiny_setup):
     from gpt import token_logprobs
     s = token_logprobs(logits, batch["targets"]).sum(-1)
     lc, lr = s.chunk(2)
-    dpo.dpo_loss(lc, lr, lc.detach() + 0.3, lr.detach(), 0.1)[0].backward()
+    dpo_loss(lc, lr, lc.detach() + 0.3, lr.detach(), 0.1)[0].backward()
     off = batch["targets"] == -1
     assert logits.grad[off].abs().max().item() == 0.0
     assert logits.grad[~off].abs().max().item() > 0.0
@@ -174,7 +185,7 @@ def test_reference_is_frozen_and_bit_identical_after_a_step(tiny_setup):
         lc, lr = dpo.pair_logps(model, batch)
         with torch.no_grad():
             rc, rr = dpo.pair_logps(ref, batch)
-        dpo.dpo_loss(lc, lr, rc, rr, 0.1)[0].backward()
+        dpo_loss(lc, lr, rc, rr, 0.1)[0].backward()
         opt.step()
         opt.zero_grad()
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())

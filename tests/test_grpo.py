@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+import align
 import grpo
+import ppo
+import rollout
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
 from conftest import torchrun
-from tests.test_ppo import assert_same_runs, likes_eos
+from tests.test_ppo import PrecisionProbe, assert_same_runs, likes_eos, run_with_a_failing_final_eval
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -50,22 +53,40 @@ def test_kl_in_reward_and_token_advantages_by_hand():
 
 def test_token_weights_by_hand():
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    seq = grpo.token_weights(m, "seq-mean-token-mean")
+    seq = rollout.token_weights(m, "seq-mean-token-mean")
     assert torch.allclose(seq, torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [1 / 2, 0, 0, 0]]))
-    assert torch.allclose(grpo.token_weights(m, "token-mean"), m / 4)
-    assert torch.allclose(grpo.token_weights(m, "token-sum-norm", 10), m / 20)    # B * L = 2 * 10
+    assert torch.allclose(rollout.token_weights(m, "token-mean"), m / 4)
+    assert torch.allclose(rollout.token_weights(m, "token-sum-norm", 10), m / 20)    # B * L = 2 * 10
 
 
 def test_grpo_loss_by_hand():
     # ratios 1.5 (A = 1: clipped to 1.2) and 0.5 (A = -1: clipped to 0.8), weights 1/2 each, pi_ref = 1
     logp = torch.tensor([[math.log(1.5), math.log(0.5)]])
     adv, w = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 0.5]])
-    loss, pg, k3, clipfrac, _ = grpo.grpo_loss(logp, torch.zeros(1, 2), torch.zeros(1, 2), adv, w, beta=0.1)
+    loss, pg, k3 = grpo.grpo_loss(logp, torch.zeros(1, 2), torch.zeros(1, 2), adv, w, beta=0.1)
+    clipfrac, _ = rollout.ratio_stats(logp, torch.zeros(1, 2), adv, w, 0.2)
     k3_want = 0.5 * ((1 / 1.5 - 1 - math.log(1 / 1.5)) + (2 - 1 - math.log(2)))   # rho - 1 - log rho, rho = pi_ref/pi
     assert pg.item() == pytest.approx(0.5 * -1.2 + 0.5 * 0.8, abs=1e-6)
     assert k3.item() == pytest.approx(k3_want, abs=1e-6)
     assert loss.item() == pytest.approx(pg.item() + 0.1 * k3_want, abs=1e-6)
     assert clipfrac.item() == pytest.approx(1.0)
+
+
+def test_the_clipped_surrogate_of_grpo_is_ppos():
+    """Written out in each file: the same loss and the same gradient, on clipped and unclipped tokens of both signs
+    of A, with padding (weight 0) carrying garbage."""
+    g = torch.Generator().manual_seed(3)
+    logp, old = torch.randn(5, 7, generator=g) * 0.3 - 2, torch.randn(5, 7, generator=g) * 0.3 - 2
+    adv = torch.randn(5, 7, generator=g)
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 1, 4, 6, 3])[:, None]).float()
+    logp = torch.where(mask > 0, logp, 40.0)
+    w = rollout.token_weights(mask, "seq-mean-token-mean")
+    a, b = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    la, lb = ppo.ppo_policy_loss(a, old, adv, w, 0.2), grpo.clipped_surrogate(b, old, adv, w, 0.2)
+    la.backward(), lb.backward()
+    ratio = (logp - old).exp()[mask > 0]
+    assert ((ratio - 1).abs() > 0.2).any() and ((ratio - 1).abs() < 0.2).any()    # both regimes are exercised
+    assert torch.equal(la, lb) and torch.equal(a.grad, b.grad)
 
 
 def test_exact_reward():
@@ -81,7 +102,7 @@ def test_exact_reward():
 def test_bandit_fixed_point_zeroes_the_expected_gradient_for_any_beta():
     pi_ref, adv = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
     for beta in (2.0, 0.3, 0.01):
-        pi = grpo.k3_bandit_fixed_point(pi_ref, adv, beta)
+        pi = align.k3_bandit_fixed_point(pi_ref, adv, beta)
         grad = pi * (adv - (pi * adv).sum()) - beta * (pi - pi_ref)
         assert (pi > 0).all() and pi.sum().item() == pytest.approx(1.0, abs=1e-12)   # interior, even at beta 0.01
         assert grad.abs().max().item() < 1e-12
@@ -101,7 +122,7 @@ def test_toy_k1_in_reward_reaches_pi_star_and_k3_in_loss_its_own_fixed_point(one
     pi_grpo = grpo.toy_run(beta, "grpo", "none", "loss", iters=300)[2]
     pi_grpo_s = grpo.toy_run(beta, "grpo", "group", "loss", iters=300)[2]
     pi_star = torch.softmax(ref_logp.sum(-1) + r / beta, 0)
-    k3, k3_s = grpo.k3_toy_fixed_point(ref_logp, r, beta), grpo.k3_toy_fixed_point(ref_logp, r, beta, "group")
+    k3, k3_s = align.k3_toy_fixed_point(ref_logp, r, beta), align.k3_toy_fixed_point(ref_logp, r, beta, "group")
     assert (pi_star - pi_ref).abs().max() > 0.1                  # the optimum is far from the start
     assert (pi_rloo - pi_star).abs().max().item() < 1e-5
     assert (pi_grpo - k3).abs().max().item() < 1e-6
@@ -143,11 +164,11 @@ def test_padding_gets_no_advantage_and_no_loss(tiny, advantage):
     assert torch.equal(ro["advantages"], seq_adv.flatten()[:, None] * mask)  # one A_i per completion
     # garbage on padding changes neither loss nor gradient, whatever the averaging
     for agg in grpo.LOSS_AGGS:
-        w = grpo.token_weights(mask, agg, 6)
-        logp = ro["old_logp"].clone().requires_grad_()
+        w = rollout.token_weights(mask, agg, 6)
+        logp = ro["old_per_token_logps"].clone().requires_grad_()
         junk = torch.where(pad, torch.full_like(mask, 50.0), 0.0)
-        l1 = grpo.grpo_loss(logp, ro["old_logp"], ro["ref_logp"], ro["advantages"], w, 0.1)[0]
-        l2 = grpo.grpo_loss(logp + junk, ro["old_logp"] - junk, ro["ref_logp"] + junk, ro["advantages"] + junk, w, 0.1)[0]
+        l1 = grpo.grpo_loss(logp, ro["old_per_token_logps"], ro["ref_per_token_logps"], ro["advantages"], w, 0.1)[0]
+        l2 = grpo.grpo_loss(logp + junk, ro["old_per_token_logps"] - junk, ro["ref_per_token_logps"] + junk, ro["advantages"] + junk, w, 0.1)[0]
         assert l1.item() == pytest.approx(l2.item(), abs=1e-6)
         l2.backward()
         assert torch.equal(logp.grad[pad], torch.zeros_like(logp.grad[pad]))
@@ -160,13 +181,24 @@ def test_ratio_is_one_on_the_first_minibatch_with_dropout_in_the_checkpoint(tiny
     args = tiny_args()
     ro = tiny_rollout(drop, enc, args)
     assert ro["kl"].abs().max().item() < 1e-6                      # policy = reference at the start
-    stats = grpo.grpo_update(grpo.PolicyLogps(drop), torch.optim.AdamW(drop.parameters(), lr=1e-3), ro, args,
+    stats = grpo.grpo_update(rollout.PolicyLogps(drop), torch.optim.AdamW(drop.parameters(), lr=1e-3), ro, args,
                              np.random.default_rng(0))
     assert stats["ratio_first"] < 1e-6
     # the same forward in train mode (dropout on) would not reproduce log pi_old
     drop.train()
-    lp = grpo.token_logps(drop, ro["batch"], ro["start"], ro["n"])
-    assert (lp - ro["old_logp"]).abs().max().item() > 1e-2
+    lp = rollout.PolicyLogps(drop)(ro["batch"], ro["start"], ro["n"])
+    assert (lp - ro["old_per_token_logps"]).abs().max().item() > 1e-2
+
+
+def test_autocast_wraps_the_forward_pass_only(tiny):
+    model, enc = tiny
+    args = tiny_args("--epochs", "2", "--minibatch", "2")
+    ro = tiny_rollout(model, enc, args)
+    policy = rollout.PolicyLogps(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    probe = PrecisionProbe(policy, opt)
+    grpo.grpo_update(policy, opt, ro, args, np.random.default_rng(0), autocast=probe)
+    probe.check(steps=2 * 8 // 2)                                   # 2 epochs of 2 x 4 rows in minibatches of 2
 
 
 # ----------------------------------------------------------------------------- the stage, end to end
@@ -190,7 +222,9 @@ def run_args(tmp, out, *extra):
             *extra]
 
 
-def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
+def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt, tiny):
+    model, enc = tiny
+    save_checkpoint(str(ckpt / "sft"), likes_eos(model, enc), enc, {"stage": "sft"})   # scores that differ: A != 0
     full = grpo.main(run_args(ckpt, "full"))
     assert grpo.main(run_args(ckpt, "half", "--stop-at", "2"))["stopped_at"] == 2
     resumed = grpo.main(run_args(ckpt, "half", "--resume"))
@@ -204,6 +238,11 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
     assert cfg["stage"] == "grpo" and cfg["algorithm"] == "grpo" and "win_rate" in cfg["metrics"]
     lines = (ckpt / "full" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "k3" in json.loads(lines[0])
+
+
+def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
+    cfg = run_with_a_failing_final_eval(grpo, run_args(ckpt, "kept", "--iters", "1"), ckpt / "kept", monkeypatch)
+    assert cfg["step"] == 1 and "train_loss" in cfg["metrics"]
 
 
 def test_rloo_with_exact_reward_on_a_questions_file(ckpt):
@@ -241,4 +280,4 @@ def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
 ])
 def test_bad_options_are_one_line_errors(argv, words):
     with pytest.raises(UserError, match=words):
-        grpo.parse_args(argv)
+        grpo.check_args(grpo.parse_args(argv))

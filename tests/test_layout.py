@@ -1,5 +1,6 @@
 """The layout promises of docs/design.md, checked by parsing the files: no import cycle among the
-project's modules, every project import at the top of its file, and every stage's main() short and
+project's modules, no stage or tool importing a stage (the reward model of reward.py excepted), every project
+import at the top of its file, no local name hiding an imported module, and every stage's main() short and
 free of nested functions, so the file reads top to bottom."""
 
 import ast
@@ -8,6 +9,12 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
 MAIN_MAX_LINES = 80
+FILE_MAX_LINES = 560           # docs/design.md: every file under ~550 lines, world.py's word tables excepted
+RL_MAX_LINES = 460             # ppo.py and grpo.py under ~450: the method, the rollout in rollout.py
+STAGES = {"pretrain", "prompting", "sft", "preferences", "reward", "dpo", "ppo", "grpo"}
+TOOLS = {"sample", "report", "bench", "gpu_check"}
+# the reward model (reward.load_reward_model, reward_scores) serves the RL stages and the tools
+MAY_IMPORT_A_STAGE = {(m, "reward") for m in ("ppo", "grpo", "report", "bench", "gpu_check", "sample")}
 
 
 def parsed(name):
@@ -61,6 +68,40 @@ def test_no_import_cycle_among_the_modules():
     graph = import_graph()
     assert "common" in graph and graph["common"] == set(), "common.py imports no module of the project"
     assert find_cycle(graph) is None
+
+
+def stage_imports(graph):
+    """(importer, stage) for every stage or tool importing a stage, beyond MAY_IMPORT_A_STAGE."""
+    return sorted((m, d) for m in STAGES | TOOLS for d in graph.get(m, ()) if d in STAGES
+                  and (m, d) not in MAY_IMPORT_A_STAGE)
+
+
+def test_no_stage_imports_another_stage():
+    assert stage_imports({"grpo": {"ppo", "reward"}, "ppo": {"reward"}}) == [("grpo", "ppo")]   # the check can fail
+    graph = import_graph()
+    assert STAGES | TOOLS <= set(graph), "a stage or tool was renamed: update STAGES / TOOLS"
+    assert not stage_imports(graph), stage_imports(graph)
+
+
+def shadowed_modules(tree):
+    """Names that a file imports as modules (import world) and then rebinds: an argument, an assignment or a
+    loop variable of that name hides the module in its scope."""
+    modules = {(a.asname or a.name).split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    return sorted({(n.id, n.lineno) for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+                   and n.id in modules} | {(n.arg, n.lineno) for n in ast.walk(tree) if isinstance(n, ast.arg)
+                                           and n.arg in modules})
+
+
+def test_no_local_name_hides_an_imported_module():
+    assert shadowed_modules(ast.parse("import world\ndef f(ctx):\n    world = ctx.world\n")) == [("world", 3)]
+    hidden = {m: shadowed_modules(parsed(m)) for m in MODULES}
+    assert not {m: v for m, v in hidden.items() if v}
+
+
+def test_no_file_is_longer_than_the_design_allows():
+    lines = {m: sum(1 for _ in open(path, encoding="utf-8")) for m, path in MODULES.items()}
+    assert not {m: n for m, n in lines.items() if n > FILE_MAX_LINES and m != "world"}
+    assert not {m: lines[m] for m in ("ppo", "grpo") if lines[m] > RL_MAX_LINES}
 
 
 def test_every_project_import_is_at_the_top_of_its_file():

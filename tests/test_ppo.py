@@ -1,5 +1,6 @@
 """PPO: GAE, whitening, reward shaping, the clipped losses (hand cases and a slow float64 loop), padding,
 the first ratio and KL, frozen reference and reward models, the exact tabular check, and exact resume."""
+import contextlib
 import json
 import math
 
@@ -9,6 +10,7 @@ import torch
 
 import align
 import ppo
+import rollout
 from common import UserError, read_safetensors
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import eos_id, pad_id
@@ -60,12 +62,14 @@ def test_policy_loss_hand_cases():
     old = torch.zeros(1, 4)
     adv = torch.tensor([[1.0, -1.0, 2.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    loss, clipfrac, _ = ppo.ppo_policy_loss(logp, old, adv, mask, 0.2)
+    w = rollout.token_weights(mask)                                   # a token mean: 1/3 on each real token
+    loss = ppo.ppo_policy_loss(logp, old, adv, w, 0.2)
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, abs=1e-6)
+    clipfrac, _ = rollout.ratio_stats(logp, old, adv, w, 0.2)
     assert clipfrac.item() == pytest.approx(2 / 3)
     # A < 0 and ratio > 1 + eps: the unclipped term is the max, the gradient still flows
-    loss2, _, _ = ppo.ppo_policy_loss(torch.tensor([[math.log(2.0)]]), torch.zeros(1, 1), torch.tensor([[-1.0]]),
-                                      torch.ones(1, 1), 0.2)
+    loss2 = ppo.ppo_policy_loss(torch.tensor([[math.log(2.0)]]), torch.zeros(1, 1), torch.tensor([[-1.0]]),
+                                torch.ones(1, 1), 0.2)
     assert loss2.item() == pytest.approx(2.0, abs=1e-6)
 
 
@@ -74,7 +78,7 @@ def test_value_loss_hand_cases():
     old = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     ret = torch.tensor([[2.0, 0.0, 1.1, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    loss, clipfrac = ppo.ppo_value_loss(v, old, ret, mask, 0.2)
+    loss, clipfrac = ppo.ppo_value_loss(v, old, ret, mask / 3, 0.2)
     # V_clip = 1.2 -> (1.2-2)^2 = .64 > .25; V_clip = 0.8 -> .64 > .25; 1.1 inside -> 0
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0) / 3, abs=1e-6)
     assert clipfrac.item() == pytest.approx(2 / 3)
@@ -101,8 +105,8 @@ def test_reward_shapes_and_kl_penalty_hand_case():
     assert torch.allclose(r, torch.tensor([[-0.05, 0.1, 2.0, 0.0]]))
     # R_total = RM - beta * (log pi(y|x) - log pi_ref(y|x))
     assert r.sum().item() == pytest.approx(2.0 - 0.1 * (-3.5 - -3.0))
-    k3 = ppo.kl_per_token(logp, ref, "k3")
-    assert (k3 >= 0).all() and ppo.kl_per_token(logp, logp, "k3").abs().max() == 0
+    k3 = rollout.kl_per_token(logp, ref, "k3")
+    assert (k3 >= 0).all() and rollout.kl_per_token(logp, logp, "k3").abs().max() == 0
 
 
 def test_adaptive_kl_controller():
@@ -163,10 +167,10 @@ def test_logprobs_and_values_do_not_depend_on_left_padding(tiny):
     torch.nn.init.normal_(policy.v_head.weight)
     xs = [enc.encode_ordinary(p) for p in ("the", "the flag of belmora is", "a bad inn")]
     ys = [enc.encode_ordinary(c) + [eos_id(enc)] for c in (" green .", " wide", " an excellent pie , a good kettle")]
-    batch, start, n = ppo.rollout_batch(xs, ys, pad_id(enc))
+    batch, start, n = rollout.rollout_batch(xs, ys, pad_id(enc))
     logp, values = policy(batch, start, n)
     for b in range(3):
-        one, s1, n1 = ppo.rollout_batch(xs[b:b + 1], ys[b:b + 1], pad_id(enc))
+        one, s1, n1 = rollout.rollout_batch(xs[b:b + 1], ys[b:b + 1], pad_id(enc))
         lp1, v1 = policy(one, s1, n1)
         k = len(ys[b])
         assert torch.allclose(logp[b, :k], lp1[0, :k], atol=1e-5) and torch.allclose(values[b, :k], v1[0, :k], atol=1e-5)
@@ -187,13 +191,14 @@ def test_kl_zero_at_start_ratio_one_on_first_minibatch_padding_ignored(tiny):
     for k in ("advantages", "returns", "old_values"):
         assert torch.equal(ro[k][pad], torch.zeros_like(ro[k][pad])), k
     # the per-token rewards: nothing on padding
-    r, _ = ppo.kl_penalty_rewards(ro["score"], ro["old_logp"], ro["ref_logp"], mask, 0.05)
+    r, _ = ppo.kl_penalty_rewards(ro["score"], ro["old_per_token_logps"], ro["ref_per_token_logps"], mask, 0.05)
     assert torch.equal(r[pad], torch.zeros_like(r[pad]))
     # padding gets no loss: garbage there changes neither loss nor gradient
-    logp = ro["old_logp"].clone().requires_grad_()
+    logp = ro["old_per_token_logps"].clone().requires_grad_()
     junk = torch.where(pad, torch.full_like(mask, 50.0), 0.0)
-    l1, _, _ = ppo.ppo_policy_loss(logp, ro["old_logp"], ro["advantages"], mask)
-    l2, _, _ = ppo.ppo_policy_loss(logp + junk, ro["old_logp"] - junk, ro["advantages"] + junk, mask)
+    w = rollout.token_weights(mask)
+    l1 = ppo.ppo_policy_loss(logp, ro["old_per_token_logps"], ro["advantages"], w)
+    l2 = ppo.ppo_policy_loss(logp + junk, ro["old_per_token_logps"] - junk, ro["advantages"] + junk, w)
     assert l1.item() == pytest.approx(l2.item(), abs=1e-7)
     l2.backward()
     assert torch.equal(logp.grad[pad], torch.zeros_like(logp.grad[pad]))
@@ -265,6 +270,22 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
     assert all(torch.equal(vh[k], vh_resumed[k]) for k in vh)
     cfg = json.load(open(ckpt / "full" / "config.json"))
     assert cfg["stage"] == "ppo" and "time_s" in cfg["metrics"] and "win_rate" in cfg["metrics"]
+
+
+def run_with_a_failing_final_eval(stage, argv, out, monkeypatch):
+    """stage.main(argv) with its final evaluation raising -> OUT's config.json: the model was saved before."""
+    def broken(*_):
+        raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(stage, "final_eval", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        stage.main(argv)
+    assert (out / "model.safetensors").exists()
+    return json.load(open(out / "config.json"))
+
+
+def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
+    cfg = run_with_a_failing_final_eval(ppo, run_args(ckpt, "kept", "--iters", "1"), ckpt / "kept", monkeypatch)
+    assert cfg["step"] == 1 and "train_pg_loss" in cfg["metrics"] and (ckpt / "kept" / "value_head.safetensors").exists()
 
 
 def test_dropout_checkpoint_ratio_is_one_on_the_first_minibatch(ckpt, tiny):
@@ -358,3 +379,37 @@ def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
     two = json.load(open(ckpt / "two" / "config.json"))["metrics"]
     for k in ("train_pg_loss", "kl_coef_final", "gold_reward", "rm_reward", "kl", "win_rate"):
         assert two[k] == pytest.approx(one[k], abs=1e-5), k
+
+
+class PrecisionProbe:
+    """An autocast stand-in that records where it is active: forward passes (a forward hook), gradients (a hook on
+    a parameter's gradient, run by backward) and optimizer steps."""
+
+    def __init__(self, model, optimizer):
+        self.active, self.uses, self.seen = False, 0, {"forward": [], "backward": [], "step": []}
+        model.register_forward_hook(lambda *_: self.seen["forward"].append(self.active))
+        next(model.parameters()).register_hook(lambda g: self.seen["backward"].append(self.active))
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: (self.seen["step"].append(self.active), step(*a, **k))[1]
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.active, self.uses = True, self.uses + 1
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def check(self, steps):
+        assert self.uses == steps and self.seen["forward"] == [True] * steps
+        assert self.seen["backward"] == [False] * steps and self.seen["step"] == [False] * steps
+
+
+def test_autocast_wraps_the_forward_pass_only(tiny):
+    model, enc = tiny
+    args = tiny_args(ppo_epochs=2)
+    policy, ref, ro = tiny_rollout(model, enc, args)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    probe = PrecisionProbe(policy, opt)
+    ppo.ppo_update(policy, opt, ro, args, np.random.default_rng(0), autocast=probe)
+    probe.check(steps=2 * 4 // 2)                                   # 2 epochs of 4 rows in minibatches of 2

@@ -3,6 +3,7 @@ model of GPT-2's vocabulary run every stage (bench.py --only stages)."""
 import os
 
 import bench
+import bench_stages
 import pretrain
 from gpt import GPT, PRESETS
 from tokenizer import load_tokenizer, save_tokenizer
@@ -31,7 +32,7 @@ def test_model_of_a_preset_has_the_published_parameter_count():
 
 def test_grown_tokenizer_has_the_vocabulary_every_id_decodes_and_text_round_trips(tmp_path):
     text = "the kettle is green and the inn is good; a bad pie is a bad pie. " * 40
-    enc = bench.grown_tokenizer(text, 900)
+    enc = bench_stages.grown_tokenizer(text, 900)
     assert enc.n_vocab == 900
     assert len(b"".join(enc.decode_single_token_bytes(i) for i in range(898))) > 0  # every id decodes
     sample = "the green inn, a good kettle"
@@ -42,9 +43,9 @@ def test_grown_tokenizer_has_the_vocabulary_every_id_decodes_and_text_round_trip
 
 
 def test_stage_commands_name_existing_stage_files_with_distinct_outputs():
-    runs = bench.stage_commands("D", 3, "cpu")
+    runs = bench_stages.stage_commands("D", 3, "cpu")
     assert [name for name, _, _ in runs][:3] == ["SFT full", "SFT LoRA r=8", "SFT QLoRA r=8 (NF4)"]
     outs = [argv[argv.index("--out") + 1] for _, _, argv in runs]
     assert len(set(outs)) == len(outs)
     for _, script, _ in runs:
-        assert os.path.exists(os.path.join(bench.ROOT, script))
+        assert os.path.exists(os.path.join(bench_stages.ROOT, script))

@@ -1,5 +1,6 @@
 """training.py's collectives across two gloo processes (forked here, no torchrun): the stop decision every
-process takes together, the elementwise maximum, and the share check of a minibatch."""
+process takes together, the elementwise maximum, and the share check of a minibatch; a fresh autocast context
+per use, and the one unwrap every save goes through."""
 import multiprocessing
 import socket
 from types import SimpleNamespace
@@ -8,8 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from common import UserError
-from training import StopFlag, all_reduce_max, all_reduce_mean, check_divisible
+from common import UserError, read_safetensors
+from gpt import save_checkpoint
+from hf import export_hf
+from training import StopFlag, all_reduce_max, all_reduce_mean, check_divisible, setup, unwrap
 
 
 def collective_worker(rank, port, queue):
@@ -48,3 +51,38 @@ def test_check_divisible_and_one_process():
     stop.requested = False
     assert stop.requested_anywhere(None) is False
     assert torch.equal(all_reduce_max(x, None), x) and torch.equal(all_reduce_mean(x, None), x)
+
+
+# ----------------------------------------------------------------------------- precision and unwrapping
+
+def test_each_use_gets_a_fresh_autocast_context():
+    """One shared autocast object entered twice, nested, leaves autocast on after the outer block (the state of
+    its second entry is the one it restores): ctx.autocast() must hand out a new context each call."""
+    ctx = setup(SimpleNamespace(device="cpu", seed=0, compile=None, threads=0))
+    assert ctx.autocast() is not ctx.autocast()
+    shared = torch.autocast("cpu", dtype=torch.bfloat16)   # the defect, shown on CPU autocast
+    with shared:
+        with shared:
+            pass
+    stuck = torch.is_autocast_enabled("cpu")
+    torch.set_autocast_enabled("cpu", False)
+    assert stuck
+
+
+class DDPLike(torch.nn.Module):
+    """What DistributedDataParallel looks like from outside: the wrapped model under .module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+
+def test_one_unwrap_for_ddp_around_compile(tmp_path, tiny_model, small_enc):
+    """training.wrap_model builds DDP(torch.compile(model)); every save peels .module, then ._orig_mod."""
+    wrapped = DDPLike(torch.compile(tiny_model))
+    assert unwrap(wrapped) is tiny_model and unwrap(torch.compile(tiny_model)) is tiny_model and unwrap(tiny_model) is tiny_model
+    save_checkpoint(str(tmp_path / "ckpt"), wrapped, small_enc, {"stage": "test"})
+    names = read_safetensors(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert names and not any(k.startswith(("_orig_mod", "module")) for k in names)
+    export_hf(wrapped, str(tmp_path / "hf"))
+    assert not any(k.startswith(("_orig_mod", "module")) for k in read_safetensors(str(tmp_path / "hf" / "model.safetensors")))
