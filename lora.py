@@ -136,6 +136,12 @@ def adapted_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def check_rank(option, r, n_embd):
+    """Before any work: LoRA's rank r is at most the width it factors (dW = B A, A of r x n_embd)."""
+    if r > n_embd:
+        raise UserError(f"{option} {r} is larger than the model's width {n_embd}: a LoRA rank is at most the width")
+
+
 def inject_lora(model, r, alpha=None, dropout=0.05, targets=DEFAULT_TARGETS, rslora=False):
     """Wrap every block linear whose name matches `targets` in a LoRALinear and freeze every other
     parameter of the model (embeddings, LayerNorms, biases, W0). alpha=None means alpha = 2r, i.e.
@@ -349,6 +355,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, hint="python pretrain.py")[0] if args.init else GPT(GPTConfig())
+    check_rank("--r", args.r, model.config.n_embd)
     model.eval()
     inject_lora(model, args.r, args.alpha, targets=tuple(args.targets.split(",")), rslora=args.rslora)
     print(f"LoRA r={args.r}, alpha={args.alpha or 2 * args.r:g}, targets {args.targets}")
