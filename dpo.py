@@ -93,14 +93,8 @@ def parse_args(argv=None):
 RULES = [
     Rule(lambda a: a.label_smoothing >= 0.5, "--label-smoothing must be in [0, 0.5), not {a.label_smoothing}",
          ("--label-smoothing", "0.6")),
-    no_effect("--epochs", lambda a: a.max_iters, "with --max-iters {a.max_iters}, which sets the steps",
-              ("--max-iters", "5", "--epochs", "2")),
     no_effect("--val-fraction", lambda a: a.val_data, "with --val-data: nothing is split off",
               ("--val-data", "v.jsonl", "--val-fraction", "0.1")),
-    no_effect("--eval-limit", lambda a: a.eval_prompts == "none", "with --eval-prompts none",
-              ("--eval-prompts", "none", "--eval-limit", "5")),
-    no_effect("--max-new-tokens", lambda a: a.eval_prompts == "none", "with --eval-prompts none: nothing is "
-              "sampled", ("--eval-prompts", "none", "--max-new-tokens", "8")),
 ]
 
 

@@ -73,20 +73,23 @@ def parse_args(argv=None):
 
 
 # what check_args refuses before any work, each rule with a command line that breaks it
+EVAL_TOKENS = "--eval-tokens {a.eval_tokens} must be at least --block-size {a.block_size}: the validation loss is " \
+    "measured on whole blocks"
 SHAPE_OPTIONS = ("--vocab-size", "--block-size", "--n-layer", "--n-head", "--n-embd")
 RULES = [
-    *[no_effect(o, lambda a: a.init, "with --init: the model is the checkpoint's", ("--init", "ckpt", o, "2"))
-      for o in ("--preset", "--vocab-size", "--n-layer", "--n-head", "--n-embd", "--dropout")],
-    *[no_effect(o, lambda a: a.preset, "with --preset {a.preset}, which sets the model's shape", ("--preset", "gpt2", o, "2"))
-      for o in SHAPE_OPTIONS],
+    *[no_effect(o, lambda a: a.init, "with --init: the model is the checkpoint's", ("--init", "ckpt", o, value))
+      for o, value in (("--preset", "gpt2"), ("--vocab-size", "512"), ("--n-layer", "2"), ("--n-head", "2"),
+                       ("--n-embd", "64"), ("--dropout", "0.1"))],
+    *[no_effect(o, lambda a: a.preset, "with --preset {a.preset}, which sets the model's shape",
+                ("--preset", "gpt2", o, "64")) for o in SHAPE_OPTIONS],
     Rule(lambda a: a.n_embd % a.n_head, "--n-embd {a.n_embd} must be divisible by --n-head {a.n_head}: each head "
          "reads an equal share of the width", ("--n-head", "3", "--n-embd", "64")),
-    Rule(lambda a: a.eval_tokens < a.block_size, "--eval-tokens {a.eval_tokens} must be at least --block-size "
-         "{a.block_size}: the validation loss is measured on whole blocks", ("--eval-tokens", "10")),
+    Rule(lambda a: a.eval_tokens < a.block_size and not (a.init and "block_size" not in a.given),  # see check_args
+         EVAL_TOKENS, ("--eval-tokens", "10")),
     no_effect("--world-seed", lambda a: a.data, "with --data: it seeds the default world", ("--data", "x.txt",
               "--world-seed", "1")),
-    no_effect("--recall-limit", lambda a: a.data and a.recall_limit, "with --data: fact recall tests the default world's facts",
-              ("--data", "x.txt", "--recall-limit", "5")),
+    no_effect("--recall-limit", lambda a: a.data and a.recall_limit, "with --data: fact recall tests the default "
+              "world's facts", ("--data", "x.txt", "--recall-limit", "5")),
 ]
 
 
@@ -102,6 +105,8 @@ def check_args(args):
             raise UserError(f"--block-size {args.block_size} is longer than the context of --init {args.init} "
                             f"({context}); give --block-size {context} or less")
         args.block_size = args.block_size if "block_size" in args.given else context
+        if args.eval_tokens < args.block_size:  # the rule, now that the context is known
+            raise UserError(EVAL_TOKENS.format(a=args))
 
 
 def check_context(model, enc, cloze, args):

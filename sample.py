@@ -36,8 +36,8 @@ import sys
 import torch
 
 import data
-from common import (ArgumentParser, UserError, check_checkpoint_dir, check_device, nonneg_float, nonneg_int, positive_int,
-                    positive_prob, run_cli)
+from common import (ArgumentParser, UserError, check_checkpoint_dir, check_device, nonneg_float, nonneg_int,
+                    positive_int, positive_prob, run_cli)
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 

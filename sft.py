@@ -111,7 +111,8 @@ RULES = [
     Rule(lambda a: a.lora and a.qlora, "choose --lora R or --qlora R, not both", ("--lora", "4", "--qlora", "4")),
     no_effect("--block-size", lambda a: a.mode == "instruct", "in --mode instruct: an example takes the model's "
               "context (--block-size is domain mode's window)", ("--block-size", "8")),
-    no_effect("--lora-alpha", lambda a: not (a.lora or a.qlora), "without --lora R or --qlora R", ("--lora-alpha", "4")),
+    no_effect("--lora-alpha", lambda a: not (a.lora or a.qlora), "without --lora R or --qlora R",
+              ("--lora-alpha", "4")),
     no_effect("--lora-dropout", lambda a: not (a.lora or a.qlora), "without --lora R or --qlora R",
               ("--lora-dropout", "0.1")),
     no_effect("--quant", lambda a: not a.qlora, "without --qlora R", ("--quant", "fp4")),
@@ -125,8 +126,6 @@ RULES = [
               ("--val-data", "v.jsonl")),
     no_effect("--val-fraction", lambda a: not a.data or a.val_data, "without --data or with --val-data: nothing "
               "is split off", ("--val-fraction", "0.1")),
-    no_effect("--recall-limit", lambda a: a.data and a.recall_limit, "with --data: the forgetting check reads the default world",
-              ("--data", "x.jsonl", "--recall-limit", "5")),
 ]
 
 

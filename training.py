@@ -27,9 +27,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import hf
-from common import (UserError, atomic_save_safetensors, atomic_write, atomic_write_json, check_checkpoint_dir, check_device,
-                    claim_output_dir, nonneg_float, nonneg_int, note_stop_signal, positive_float, positive_int,
-                    read_safetensors)
+from common import (UserError, atomic_save_safetensors, atomic_write, atomic_write_json, check_checkpoint_dir,
+                    check_device, claim_output_dir, nonneg_float, nonneg_int, note_stop_signal, positive_float,
+                    positive_int, read_safetensors)
 from gpt import read_config
 
 
