@@ -267,3 +267,21 @@ def test_a_failing_dpo_evaluation_keeps_the_policy(tmp_path, ckpts, monkeypatch)
             "the final evaluation failed (RuntimeError: sampling failed")
     _, _, config = load_checkpoint(str(out))
     assert config["finished"] is False and config["stage"] == "dpo" and config["step"] == 2
+
+
+def test_a_failing_reward_evaluation_keeps_the_reward_model(tmp_path, ckpts, monkeypatch):
+    out = tmp_path / "run"
+    pairs = str(ckpts / "jsonl" / "pairs.jsonl")
+    real, calls = reward.evaluate, []
+
+    def broken_at_the_end(*a, **k):   # the first call scores the untrained model; the second is the final one
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("scoring failed")
+        return real(*a, **k)
+    monkeypatch.setattr(reward, "evaluate", broken_at_the_end)
+    refused(reward.main, ["--init", str(ckpts / "wide"), "--data", pairs, "--val-data", pairs, "--max-iters", "2",
+                          "--batch-size", "2", "--threads", "1", "--out", str(out)],
+            "the final evaluation failed (RuntimeError: scoring failed")
+    rm, _, config = reward.load_reward_model(str(out))
+    assert config["finished"] is False and config["step"] == 2 and "train_loss" in config["metrics"]
