@@ -1,7 +1,8 @@
 """What every module needs and no stage owns: the one-line error for bad input, atomic file
 writes, safetensors read/write, the command line (an argument parser whose errors are one line,
-option types that declare their valid range once, the output-directory lock) and the runner that
-turns a UserError into `error: ...`, exit 2.
+option types that declare their valid range once, the rules between options and the pre-flight checks
+of paths and devices, the output-directory lock) and the runner that turns a UserError into
+`error: ...`, exit 2, and keeps a run alive when its stdout or stderr is closed.
 
 It imports no other module of the project, so any module may import it.
 """
@@ -15,7 +16,9 @@ import signal
 import socket
 import sys
 import tempfile
+from typing import Callable, NamedTuple
 
+import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -187,6 +190,85 @@ class ArgumentParser(argparse.ArgumentParser):
         return ns
 
 
+# ----------------------------------------------------------------------------- pre-flight checks
+
+class Rule(NamedTuple):
+    """A rule between options, checked right after parsing: broken(args) is true when the command line breaks
+    it; message (formatted with a=args) names the options; example is a command line that breaks it, which
+    tests/test_cli.py tries for every rule of every stage."""
+    broken: Callable
+    message: str
+    example: tuple
+
+
+def check_rules(args, rules):
+    """The first rule the command line breaks, as one line: `--n-embd 64 must be divisible by --n-head 3`."""
+    for rule in rules:
+        if rule.broken(args):
+            raise UserError(rule.message.format(a=args))
+
+
+def no_effect(option, when, why, example):
+    """The Rule for an option typed where it changes nothing: `--n-layer has no effect with --preset ...`.
+    when(args) says when it has none."""
+    dest = option.lstrip("-").replace("-", "_")
+    return Rule(lambda a: dest in getattr(a, "given", ()) and when(a),
+                f"{option} has no effect {why}; drop it", tuple(example))
+
+
+def check_device(name):
+    """--device before any work: auto picks cuda, then mps, then cpu; a device this torch cannot use is one
+    line (a CPU-only torch asked for cuda, cuda:N past the last GPU, mps off a Mac) -> the device's name."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if name != "cpu" and (kind not in ("cuda", "mps") or (index and not (kind == "cuda" and index.isdigit()))):
+        raise UserError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch has no CUDA (a CPU-only build, or no GPU found); "
+                        "use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS (Apple GPUs) is not available on this machine; use --device cpu")
+    return name
+
+
+def check_input_files(option, paths, kind=".jsonl"):
+    """An input option names files: a directory is one line that lists the files in it to pass instead
+    (a missing file is left to the reader, whose line says how to make it)."""
+    for path in [paths] if isinstance(paths, str) else paths or []:
+        if os.path.isdir(path):
+            inside = sorted(f for f in os.listdir(path) if f.endswith(kind))
+            raise UserError(f"{option} {path} is a directory; pass the {kind} files in it" +
+                            (f" ({', '.join(os.path.join(path, f) for f in inside[:3])}"
+                             f"{', ...' if len(inside) > 3 else ''})" if inside else ""))
+
+
+def check_checkpoint_dir(path, option):
+    """A checkpoint option names a directory holding config.json: a file inside one, or a directory
+    above several (out/), is one line saying which directory to pass."""
+    named = f"{option} {path}" if option else path
+    if os.path.isfile(path):
+        raise UserError(f"{named} is a file; pass the checkpoint directory that holds it "
+                        f"({os.path.dirname(path) or '.'})")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        inside = sorted(os.path.join(path, d) for d in os.listdir(path)
+                        if os.path.exists(os.path.join(path, d, "config.json")))
+        if inside:
+            raise UserError(f"{named} is not a checkpoint but holds {len(inside)}: "
+                            f"{', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''}; pass one of them")
+
+
+def check_out_is_not_an_input(out, inputs):
+    """--out never names a directory the run reads (inputs: {option: path}): training would overwrite it."""
+    for option, path in inputs.items():
+        if path and os.path.realpath(path) == os.path.realpath(out):
+            raise UserError(f"--out {out} is the {option} directory: the run would overwrite what it reads; "
+                            "choose another --out")
+
+
 # ----------------------------------------------------------------------------- the output directory
 
 def _lock_owner(lock):
@@ -267,12 +349,55 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: atexit handlers (the lock) still run
 
 
+class StreamGuard:
+    """stdout or stderr that outlives its reader: once the pipe is closed (`python sft.py | head -2`) or the
+    file fails, what is written goes to /dev/null instead of raising BrokenPipeError, so the run trains and
+    saves to its end (metrics.jsonl keeps every logged step)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _gone(self):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())  # what is still buffered flushes into /dev/null at exit
+            os.close(devnull)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # OSError: a closed pipe (EPIPE) or a failing file; ValueError: closed
+            self._gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def guard_streams():
+    """Wrap sys.stdout and sys.stderr in StreamGuard (once): logging never kills a run."""
+    if not isinstance(sys.stdout, StreamGuard):
+        sys.stdout = StreamGuard(sys.stdout)
+    if not isinstance(sys.stderr, StreamGuard):
+        sys.stderr = StreamGuard(sys.stderr)
+
+
 def run_cli(main):
     """Run a stage's main(); bad input ends in one line on stderr and exit code 2, Ctrl-C in exit 130
     (143 for SIGTERM), and a run stopped early by a signal (its state saved) exits 128 + the signal
-    number too, so a script never takes it for finished."""
+    number too, so a script never takes it for finished. A closed stdout or stderr never stops it."""
     note_stop_signal(None)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    guard_streams()
     try:
         main()
         if dist.is_available() and dist.is_initialized():
@@ -289,5 +414,14 @@ def run_cli(main):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush()  # through the guard: a reader gone before the last lines costs nothing
+        sys.stderr.flush()
     if STOP_SIGNAL is not None:
         sys.exit(128 + STOP_SIGNAL)
+
+
+def unwrap(model):
+    """The model itself under wrap_model's layers: DistributedDataParallel (.module) around torch.compile
+    (._orig_mod), peeled in that order; a bare model as it is."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -40,13 +40,13 @@ import data
 import world
 from align import (add_policy_args, add_run_args, eval_prompts, heldout_eval, kl_regularised_optimum,
                    load_policy_and_reference, print_final, print_toy_table, toy_problem, toy_token_logps)
-from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float, nonneg_int, positive_float,
-                    positive_int, run_cli)
+from common import (ArgumentParser, Rule, UserError, check_input_files, check_out_is_not_an_input, check_rules,
+                    fraction, fraction0, no_effect, nonneg_float, nonneg_int, positive_float, positive_int, run_cli)
 from gpt import completion_logprobs, save_checkpoint
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, gather_rows,
-                      load_train_state, lr_at, make_optimizer, micro_steps, optimizer_step, rank_slice, save_train_state,
-                      set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_optimizer_args, check_finite, check_policy, check_prompts_fit,
+                      final_evaluation, gather_rows, load_train_state, lr_at, make_optimizer, mark_finished, micro_steps,
+                      optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
 
 
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -86,9 +86,30 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.ref = args.ref or args.init
-    if not 0 <= args.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
     return args
+
+
+# what check_args refuses before any work, each rule with a command line that breaks it
+RULES = [
+    Rule(lambda a: a.label_smoothing >= 0.5, "--label-smoothing must be in [0, 0.5), not {a.label_smoothing}",
+         ("--label-smoothing", "0.6")),
+    no_effect("--val-fraction", lambda a: a.val_data, "with --val-data: nothing is split off",
+              ("--val-data", "v.jsonl", "--val-fraction", "0.1")),
+]
+
+
+def check_args(args):
+    """Before any work: RULES, the input files, and --init and --ref (under --resume the run's own options, checked
+    when it started): language models, not reward models, neither of them --out."""
+    check_rules(args, RULES)
+    if args.resume:
+        return
+    check_input_files("--data", [] if args.data == "world" else args.data)
+    check_input_files("--val-data", args.val_data)
+    check_input_files("--eval-prompts", [] if args.eval_prompts in ("review", "none") else args.eval_prompts)
+    check_policy(args.init, "--init", hint="python sft.py")
+    check_policy(args.ref, "--ref", hint="python sft.py")
+    check_out_is_not_an_input(args.out, {"--init": args.init, "--ref": args.ref})
 
 
 # ----------------------------------------------------------------------------- data
@@ -370,11 +391,12 @@ def prepare_pairs(args, enc, policy, ref, ctx):
     return pairs, max_iters
 
 
-def save(args, policy, optimizer, enc, step, metrics, samples=(), finished=False):
-    """The resumable state and the model; config.json says whether the run finished (run.sh skips only those)."""
-    save_train_state(args.out, policy, optimizer, step, args=args)
+def save(args, policy, optimizer, enc, step, metrics):
+    """The resumable state (with the metrics so far) and the model; config.json says "finished": false until
+    mark_finished, after the final evaluation (run.sh skips only finished runs)."""
+    save_train_state(args.out, policy, optimizer, step, extra={"metrics": metrics}, args=args)
     save_checkpoint(args.out, policy, enc, {"stage": "dpo", "args": vars(args), "step": step, "metrics": metrics,
-                                            "samples": list(samples), "finished": finished})
+                                            "samples": [], "finished": False})
 
 
 # ----------------------------------------------------------------------------- main
@@ -383,17 +405,20 @@ def main(argv=None):
     args = parse_args(argv)
     if args.toy:
         return toy_report()
+    check_args(args)
     t0 = time.time()
     ctx = setup(args)
     accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
     policy, ref, enc = load_policy_and_reference(args.init, args.ref, ctx.device)   # pi_theta, frozen pi_ref
+    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    check_prompts_fit("--eval-prompts", prompts, enc, policy.config.block_size)
     pad = pad_id(enc)
     pairs, max_iters = prepare_pairs(args, enc, policy, ref, ctx)
     per_step = args.batch_size * args.grad_accum
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
-    start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
+    start, saved = load_train_state(args.out, policy, optimizer) if args.resume else (0, {})
     train_model = wrap_model(policy, ctx)
     policy.train()
     stop = StopFlag()
@@ -425,15 +450,20 @@ def main(argv=None):
                 print(f"stopped at step {done}; continue with: python dpo.py --resume --out {args.out}")
             return
 
-    # final evaluation on every process: held-out pairs, then the gold judge on held-out prompts, policy vs reference
-    metrics = {"train_loss": loss.item() if loss is not None else float("nan"),
-               **evaluate_pairs(policy, ref, pairs, pad, args, ctx)}
-    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
-    heldout, samples = heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, ctx=ctx)
+    # the trained model first, then the final evaluation on every process: held-out pairs, then the gold judge on
+    # held-out prompts, policy vs reference; an error there never costs the model (a --resume at the last step,
+    # after such an error, runs the evaluation alone)
+    metrics = {"train_loss": loss.item()} if loss is not None else dict(saved.get("metrics", {}))
+    if ctx.master:
+        save(args, policy, optimizer, enc, max_iters, metrics)
+    with final_evaluation(args.out, "python dpo.py"):
+        metrics.update(evaluate_pairs(policy, ref, pairs, pad, args, ctx))
+        heldout, samples = heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast,
+                                        ctx=ctx)
     metrics.update(heldout)
     metrics["time_s"] = round(time.time() - t0, 1)
     if ctx.master:
-        save(args, policy, optimizer, enc, max_iters, metrics, samples, finished=True)
+        mark_finished(args.out, metrics, samples=list(samples))
         print_final(metrics, samples)
     return metrics
 

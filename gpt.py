@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 import hf
 from common import (UserError, atomic_save_safetensors, atomic_write_json, check_tensors_fit, read_safetensors, run_cli,
-                    unique_state_dict)
+                    unique_state_dict, unwrap)
 from tokenizer import copy_gpt2_vocab, load_tokenizer, save_tokenizer, tokenizer_fingerprint
-from training import unwrap
 
 
 @dataclass
@@ -351,6 +350,8 @@ def check_same_tokenizer(enc_a, enc_b, what_a, what_b):
 
 # ----------------------------------------------------------------------------- import/export
 
+PIPELINE_STAGE = "pipeline_stage"  # our stage in an exported config.json (transformers ignores the extra key)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=(
         "Convert between Hugging Face GPT-2 directories and this project's checkpoints.\n"
@@ -363,11 +364,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     t0 = time.time()
     model, enc, config = load_checkpoint(args.src, hint="python pretrain.py")
+    raw = read_config(args.src)
+    # the pipeline's stage (sft, dpo, ...) survives the round trip: sample.py renders prompts as the stage says
+    stage = raw.get(PIPELINE_STAGE) if hf.is_hf_config(raw) else config.get("stage")
     if args.command == "export":
         hf.export_hf(model, args.out, enc)
+        if stage:
+            hf_config = read_config(args.out)
+            atomic_write_json({**hf_config, PIPELINE_STAGE: stage}, os.path.join(args.out, "config.json"))
     else:
-        save_checkpoint(args.out, model, enc, {"stage": "import", "args": vars(args),
-                                               "metrics": {"time_s": time.time() - t0}})
+        save_checkpoint(args.out, model, enc, {"stage": stage or "import", "imported_from": args.src,
+                                               "args": vars(args), "metrics": {"time_s": time.time() - t0}})
     n = model.num_params(non_embedding=False)
     print(f"{args.command}: {args.src} -> {args.out} ({n / 1e6:.1f}M parameters, tokenizer {enc.name}, "
           f"{time.time() - t0:.1f}s)")

@@ -22,10 +22,9 @@ import torch
 import torch.nn as nn
 
 from common import (UserError, atomic_save_safetensors, atomic_write_json, check_tensors_fit, read_safetensors,
-                    unique_state_dict)
+                    unique_state_dict, unwrap)
 from quant4 import DYNAMIC8, Linear4bit, QState, codebook
 from tokenizer import copy_gpt2_vocab, gpt2_tokenizer, load_tokenizer, save_tokenizer
-from training import unwrap
 
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

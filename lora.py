@@ -36,9 +36,8 @@ import torch
 import torch.nn as nn
 
 from common import (ArgumentParser, UserError, atomic_save_safetensors, atomic_write_json, positive_float,
-                    positive_int, read_safetensors, run_cli)
+                    positive_int, read_safetensors, run_cli, unwrap)
 from gpt import GPT, GPTConfig, load_checkpoint
-from training import unwrap
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every attention and MLP linear of a GPT-2 block
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -135,6 +134,12 @@ def block_linears(model):
 def adapted_layers(model):
     """[(name, LoRALinear)] in model order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def check_rank(option, r, n_embd):
+    """Before any work: LoRA's rank r is at most the width it factors (dW = B A, A of r x n_embd)."""
+    if r > n_embd:
+        raise UserError(f"{option} {r} is larger than the model's width {n_embd}: a LoRA rank is at most the width")
 
 
 def inject_lora(model, r, alpha=None, dropout=0.05, targets=DEFAULT_TARGETS, rslora=False):
@@ -349,6 +354,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, hint="python pretrain.py")[0] if args.init else GPT(GPTConfig())
+    check_rank("--r", args.r, model.config.n_embd)
     model.eval()
     inject_lora(model, args.r, args.alpha, targets=tuple(args.targets.split(",")), rslora=args.rslora)
     print(f"LoRA r={args.r}, alpha={args.alpha or 2 * args.r:g}, targets {args.targets}")

@@ -36,12 +36,13 @@ import torch
 
 import data
 import world
-from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, fraction0, nonneg_int, positive_float,
-                    positive_int, positive_prob, run_cli)
+from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, check_input_files,
+                    check_out_is_not_an_input, fraction0, nonneg_int, positive_float, positive_int, positive_prob,
+                    run_cli)
 from evals import bleu, exact_match, jaccard, rouge_l, strip_eos
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
-from training import add_threads_arg, chunk_seed, gather_chunks, my_chunks, setup
+from training import add_threads_arg, check_policy, chunk_seed, gather_chunks, my_chunks, setup
 
 JUDGES = {"sentiment": None, "exact": exact_match, "jaccard": jaccard, "bleu": bleu, "rougeL": rouge_l}
 
@@ -83,6 +84,11 @@ def parse_args(argv=None):
         raise UserError(f"--n must be at least 2 to make pairs, not {args.n}")
     if args.task == "auto":
         args.task = "review" if args.judge == "sentiment" else "facts"
+    check_input_files("--prompts", args.prompts)
+    check_input_files("--labels", args.labels)
+    if not args.labels:  # the policy that samples: a language model, not a reward model, and not --out
+        check_policy(args.init, hint="python sft.py")
+        check_out_is_not_an_input(args.out, {"--init": args.init})
     return args
 
 

@@ -10,6 +10,10 @@ caches the tokens as flat arrays on disk, trains a GPT with the cross-entropy lo
 saves OUT/model.safetensors, config.json (with the final metrics) and tokenizer.json.
 At the end it reports validation loss (nats per token, bits per byte) and fact recall:
 how many facts of the world it read it completes correctly ("The flag of X is" -> colour).
+
+Before any work check_args refuses options that contradict each other (RULES) or the checkpoint of
+--init; once the tokenizer is known, the final evaluation's prompts are checked against the context.
+The trained model is saved before the final evaluation, so an error there never costs it.
 """
 
 import contextlib
@@ -20,13 +24,14 @@ import torch
 
 import data
 import world
-from common import ArgumentParser, fraction, fraction0, nonneg_int, positive_int, run_cli
+from common import (ArgumentParser, Rule, UserError, check_input_files, check_out_is_not_an_input, check_rules,
+                    fraction, fraction0, no_effect, nonneg_int, positive_int, run_cli)
 from evals import fact_recall, text_loss
 from gpt import GPT, GPTConfig, PRESETS, cross_entropy_loss, generate, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint, train_tokenizer
 from training import (MetricsLog, StopFlag, add_common_args, add_optimizer_args, all_reduce_mean, check_finite,
-                      load_train_state, lr_at, make_optimizer, micro_steps, optimizer_step, save_train_state, set_lr,
-                      setup, wrap_model)
+                      check_policy, final_evaluation, load_train_state, mark_finished, lr_at, make_optimizer, micro_steps,
+                      optimizer_step, save_train_state, set_lr, setup, wrap_model)
 
 
 def build_parser():
@@ -65,6 +70,54 @@ def parse_args(argv=None):
         args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size = (
             shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, shape.vocab_size)
     return args
+
+
+# what check_args refuses before any work, each rule with a command line that breaks it
+EVAL_TOKENS = "--eval-tokens {a.eval_tokens} must be at least --block-size {a.block_size}: the validation loss is " \
+    "measured on whole blocks"
+SHAPE_OPTIONS = ("--vocab-size", "--block-size", "--n-layer", "--n-head", "--n-embd")
+RULES = [
+    *[no_effect(o, lambda a: a.init, "with --init: the model is the checkpoint's", ("--init", "ckpt", o, value))
+      for o, value in (("--preset", "gpt2"), ("--vocab-size", "512"), ("--n-layer", "2"), ("--n-head", "2"),
+                       ("--n-embd", "64"), ("--dropout", "0.1"))],
+    *[no_effect(o, lambda a: a.preset, "with --preset {a.preset}, which sets the model's shape",
+                ("--preset", "gpt2", o, "64")) for o in SHAPE_OPTIONS],
+    Rule(lambda a: a.n_embd % a.n_head, "--n-embd {a.n_embd} must be divisible by --n-head {a.n_head}: each head "
+         "reads an equal share of the width", ("--n-head", "3", "--n-embd", "64")),
+    Rule(lambda a: a.eval_tokens < a.block_size and not (a.init and "block_size" not in a.given),  # see check_args
+         EVAL_TOKENS, ("--eval-tokens", "10")),
+    no_effect("--world-seed", lambda a: a.data, "with --data: it seeds the default world", ("--data", "x.txt",
+              "--world-seed", "1")),
+    no_effect("--recall-limit", lambda a: a.data and a.recall_limit, "with --data: fact recall tests the default "
+              "world's facts", ("--data", "x.txt", "--recall-limit", "5")),
+]
+
+
+def check_args(args):
+    """Before any work: RULES, the input files, and --init: a language model, not --out, whose context bounds
+    --block-size (which follows it when not given)."""
+    check_rules(args, RULES)
+    check_input_files("--data", args.data, ".txt")
+    if args.init:
+        context = check_policy(args.init, hint="python pretrain.py")["block_size"]
+        check_out_is_not_an_input(args.out, {"--init": args.init})
+        if "block_size" in args.given and args.block_size > context:
+            raise UserError(f"--block-size {args.block_size} is longer than the context of --init {args.init} "
+                            f"({context}); give --block-size {context} or less")
+        args.block_size = args.block_size if "block_size" in args.given else context
+        if args.eval_tokens < args.block_size:  # the rule, now that the context is known
+            raise UserError(EVAL_TOKENS.format(a=args))
+
+
+def check_context(model, enc, cloze, args):
+    """Once the tokenizer is known, before the corpus is tokenized: the final evaluation's prompts (fact recall's
+    cloze prompts and the sample's "The", each after EOS) leave room for new tokens in the context."""
+    prompts = [c["prompt"] for c in cloze[:args.recall_limit]] + ["The"]
+    need = 2 + max(len(enc.encode_ordinary(p)) for p in prompts)
+    if model.config.block_size < need:
+        raise UserError(f"--block-size {model.config.block_size}: the final evaluation's prompts (fact recall, the "
+                        f"sample) need a context of {need} tokens; give --block-size {need} or more"
+                        + (", or --recall-limit 0" if len(prompts) > 1 else ""))
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,10 +170,11 @@ def train_step(train_model, train_tokens, args, ctx, step, accum):
 
 
 def save(args, model, optimizer, enc, step, metrics):
-    """The resumable state and the model; config.json says whether the run finished (run.sh skips only those)."""
-    save_train_state(args.out, model, optimizer, step, args=args)
+    """The resumable state (with the metrics so far) and the model; config.json says "finished": false until
+    mark_finished, after the final evaluation (run.sh skips only finished runs)."""
+    save_train_state(args.out, model, optimizer, step, extra={"metrics": metrics}, args=args)
     save_checkpoint(args.out, model, enc, {"stage": "pretrain", "args": vars(args), "step": step, "metrics": metrics,
-                                           "finished": step == args.max_iters})
+                                           "finished": False})
 
 
 def print_sample(model, enc, seed, device):
@@ -135,11 +189,13 @@ def print_sample(model, enc, seed, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     ctx = setup(args)
     accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
     train_docs, val_docs, cloze = load_corpus(args)
     model, enc = model_and_tokenizer(args, train_docs)
+    check_context(model, enc, cloze, args)
     fp = tokenizer_fingerprint(enc)
     train_tokens = data.tokenize_corpus(train_docs, enc, os.path.join(args.out, "train.bin"), fingerprint=fp)
     val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
@@ -149,7 +205,7 @@ def main(argv=None):
 
     model.to(ctx.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)
-    start = load_train_state(args.out, model, optimizer)[0] if args.resume else 0
+    start, saved = load_train_state(args.out, model, optimizer) if args.resume else (0, {})
     train_model = wrap_model(model, ctx)
     stop = StopFlag()
     log = MetricsLog(args.out, args.max_iters, ctx.master, resume=args.resume)
@@ -177,14 +233,20 @@ def main(argv=None):
             print(f"stopped at step {done}; continue with: python pretrain.py --resume --out {args.out}")
             return
 
-    # final evaluation, samples, save
-    val_loss, bpb = evaluate(train_model, enc, val_tokens, args, ctx)
-    metrics = {"val_loss": val_loss, "val_bpb": bpb, "train_loss": loss.item(), "tokens": args.max_iters * tokens_per_step}
+    # the trained model first, then the final evaluation and samples: an error there never costs the model
+    # (a --resume at the last step, after such an error, runs the evaluation alone)
+    metrics = {"train_loss": loss.item(), "tokens": args.max_iters * tokens_per_step} if start < args.max_iters \
+        else saved.get("metrics", {})
     if ctx.master:
-        if args.recall_limit and cloze[:args.recall_limit]:
-            metrics["fact_recall"] = fact_recall(model, enc, cloze[:args.recall_limit])
-        print_sample(model, enc, args.seed, ctx.device)
         save(args, model, optimizer, enc, args.max_iters, metrics)
+    with final_evaluation(args.out, "python pretrain.py"):
+        metrics["val_loss"], metrics["val_bpb"] = evaluate(train_model, enc, val_tokens, args, ctx)
+        if ctx.master and args.recall_limit and cloze[:args.recall_limit]:
+            metrics["fact_recall"] = fact_recall(model, enc, cloze[:args.recall_limit])
+        if ctx.master:
+            print_sample(model, enc, args.seed, ctx.device)
+    if ctx.master:
+        mark_finished(args.out, metrics)
         print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
 

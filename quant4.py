@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import ArgumentParser, run_cli
+
 
 # ----------------------------------------------------------------------------------------------
 # Codebooks: 16 float32 values in [-1, 1]; a 4-bit code q means the value CODEBOOKS[name][q].
@@ -412,7 +414,13 @@ def model_nbytes(tensors, fmt, block_size=64):
     return sum(quantized_nbytes(n, block_size, dq) if kind == "linear" else 2 * n for n, kind in tensors)
 
 
-def main():
+def build_parser():
+    return ArgumentParser(description=__doc__ + "\n    python quant4.py    # reconstruction errors, bits per parameter "
+                          "and model memory of the three 4-bit codes")
+
+
+def main(argv=None):
+    build_parser().parse_args(argv)
     torch.manual_seed(0)
     n_rows, n_outliers, outlier_size = 1024, 16, 20.0
     w = torch.randn(n_rows, n_rows)    # N(0, 1): NF4 at block 64 gives MSE ~0.0085 at this scale
@@ -456,4 +464,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

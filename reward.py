@@ -45,13 +45,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, nonneg_int, positive_float,
+from common import (ArgumentParser, Rule, UserError, atomic_save_safetensors, check_input_files,
+                    check_out_is_not_an_input, check_rules, no_effect, nonneg_float, nonneg_int, positive_float,
                     positive_int, prob, read_safetensors, run_cli)
 from gpt import check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config, save_checkpoint
-from lora import inject_lora, merge_lora
+from lora import check_rank, inject_lora, merge_lora
 from tokenizer import pad_id
-from training import (MetricsLog, StopFlag, add_common_args, check_finite, gather_rows, load_train_state, lr_at,
-                      make_optimizer, optimizer_step, rank_slice, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, check_finite, final_evaluation, gather_rows,
+                      init_model, load_train_state, lr_at, make_optimizer, mark_finished, optimizer_step, rank_slice,
+                      save_train_state, set_lr, setup, wrap_model)
 
 HEAD_FILE = "reward_head.safetensors"
 DEFAULT_PAIRS = "out/preferences/train.jsonl"
@@ -113,6 +115,28 @@ def parse_args(argv=None):
             sibling = os.path.join(base, name)
             setattr(args, attr, sibling if os.path.exists(sibling) else None)
     return args
+
+
+# what check_args refuses before any work, each rule with a command line that breaks it
+RULES = [
+    no_effect("--lora-alpha", lambda a: a.mode != "lora", "without --train lora R", ("--lora-alpha", "4")),
+    no_effect("--epochs", lambda a: a.max_iters, "with --max-iters {a.max_iters}, which sets the steps",
+              ("--max-iters", "5", "--epochs", "2")),
+]
+
+
+def check_args(args):
+    """Before any work: RULES, the input files, and --init (under --resume the run's own options, checked when it
+    started): a checkpoint whose trunk the reward model takes, not --out, wide enough for the LoRA rank."""
+    check_rules(args, RULES)
+    if args.resume:
+        return
+    for option, path in (("--data", args.data), ("--val-data", args.val_data), ("--val-groups", args.val_groups)):
+        check_input_files(option, path)
+    model, _ = init_model(args.init, hint="python sft.py")
+    check_out_is_not_an_input(args.out, {"--init": args.init})
+    if args.lora_r:
+        check_rank("--train lora", args.lora_r, model["n_embd"])
 
 
 # ----------------------------------------------------------------------------- data
@@ -383,20 +407,22 @@ def train_mode(rm, features):
         rm.trunk.eval()
 
 
-def save(args, rm, optimizer, enc, step, metrics, total):
-    """Resumable state, the head, and the trunk as a GPT checkpoint (under --train lora a merged copy, so
-    the files hold GPT keys only)."""
-    save_train_state(args.out, rm, optimizer, step, args=args)
+def save(args, rm, optimizer, enc, step, metrics):
+    """Resumable state (with the metrics so far), the head, and the trunk as a GPT checkpoint (under --train lora
+    a merged copy, so the files hold GPT keys only); "finished": false until mark_finished, after the final
+    evaluation."""
+    save_train_state(args.out, rm, optimizer, step, extra={"metrics": metrics}, args=args)
     atomic_save_safetensors(head_state(rm), os.path.join(args.out, HEAD_FILE))
     trunk_out = merge_lora(copy.deepcopy(rm.trunk)) if args.mode == "lora" else rm.trunk
     save_checkpoint(args.out, trunk_out, enc, {"stage": "reward", "args": vars(args), "step": step,
-                                               "init": args.init, "metrics": metrics, "finished": step == total})
+                                               "init": args.init, "metrics": metrics, "finished": False})
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     t0 = time.time()
     ctx = setup(args)
     os.makedirs(args.out, exist_ok=True)
@@ -417,7 +443,7 @@ def main(argv=None):
             print(f"trunk frozen: features of the {n_distinct} distinct rows computed once")
 
     optimizer = make_optimizer(rm, args.lr, args.weight_decay, ctx=ctx)
-    start = load_train_state(args.out, rm, optimizer)[0] if args.resume else 0
+    start, saved = load_train_state(args.out, rm, optimizer) if args.resume else (0, {})
     train_rm = wrap_model(rm, ctx) if features is None else rm
     init_metrics = evaluate(rm, enc, d.val, [], args.eval_batch, ctx) if start == 0 else {}
     if init_metrics and ctx.master:
@@ -448,17 +474,23 @@ def main(argv=None):
             train_mode(rm, features)
         if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
-                save(args, rm, optimizer, enc, done, {}, total)
+                save(args, rm, optimizer, enc, done, {})
                 print(f"stopped at step {done}; continue with: python reward.py --resume --out {args.out} "
                       f"(and the same options)")
             return {"train_loss": stats[0], "step": done}
 
-    # final evaluation and save
-    metrics = {"train_loss": stats[0], **evaluate(rm, enc, d.val, d.groups, args.eval_batch, ctx),
-               "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"), "train_pairs": len(d.P),
-               "trainable_params": n_train, "train_mode": " ".join(args.train), "time_s": round(time.time() - t0, 2)}
+    # the trained model first, then the final evaluation: an error there never costs the model (a --resume at
+    # the last step, after such an error, runs the evaluation alone)
+    metrics = {"train_loss": stats[0], "init_pairwise_accuracy": init_metrics.get("pairwise_accuracy"),
+               "train_pairs": len(d.P), "trainable_params": n_train, "train_mode": " ".join(args.train)} \
+        if start < total else dict(saved.get("metrics", {}))
     if ctx.master:
-        save(args, rm, optimizer, enc, total, metrics, total)
+        save(args, rm, optimizer, enc, total, metrics)
+    with final_evaluation(args.out, "python reward.py"):
+        metrics.update(evaluate(rm, enc, d.val, d.groups, args.eval_batch, ctx))
+    metrics["time_s"] = round(time.time() - t0, 2)
+    if ctx.master:
+        mark_finished(args.out, metrics)
         print("final: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
 

@@ -36,7 +36,8 @@ import sys
 import torch
 
 import data
-from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, positive_prob, run_cli
+from common import (ArgumentParser, UserError, check_checkpoint_dir, check_device, nonneg_float, nonneg_int,
+                    positive_int, positive_prob, run_cli)
 from gpt import generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 
@@ -214,19 +215,13 @@ def parse_args(argv=None):
 
 
 def check_args(args, interactive):
-    """The ranges of the numeric options are checked by their types in build_parser."""
+    """Before the model is read: options that contradict each other, an empty prompt, a checkpoint path that
+    names a file or a directory of checkpoints (the ranges of the numeric options are checked by their types)."""
     if interactive and args.num_samples > 1:
         raise UserError("--num-samples applies to a prompt on the command line or piped lines, not to the chat")
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name.startswith("cuda") and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"--device {name}: not available on this machine (try --device cpu)")
-    if name != "cpu" and not name.startswith(("cuda", "mps")):
-        raise UserError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
-    return name
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("the prompt is empty; give the text to answer, or leave it out to chat")
+    check_checkpoint_dir(args.checkpoint, "")
 
 
 def main(argv=None, stdin=None, out=None):
@@ -234,7 +229,7 @@ def main(argv=None, stdin=None, out=None):
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = args.prompt is None and (args.chat or stdin.isatty())
     check_args(args, interactive)
-    device = pick_device(args.device)
+    device = check_device(args.device)
     model, enc, config = load_checkpoint(args.checkpoint, device, hint="python pretrain.py")
     model.eval()
     template, why = use_template(config, args.template)

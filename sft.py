@@ -19,6 +19,10 @@ adapters on a frozen base (lora.py); --qlora R does the same on a 4-bit NF4 base
     python sft.py --mode domain --data notes/*.txt     # your domain text
     torchrun --nproc_per_node=2 sft.py                 # DistributedDataParallel
 
+Before any work check_args refuses options that contradict each other (RULES), a reward model or
+--out itself as --init, and a window or LoRA rank the --init model cannot hold. The trained model is
+saved before the final evaluation, so an error there never costs it.
+
 At the end: held-out task accuracy by greedy decoding (exact match) with format adherence (the
 answer ends with EOS and has the task's form), and the guide's catastrophic-forgetting check: the
 validation loss and fact recall of the pre-training text, before and after. All figures go to
@@ -35,15 +39,16 @@ import torch
 
 import data
 import world
-from common import (ArgumentParser, UserError, fraction, fraction0, nonneg_float, nonneg_int, positive_float,
-                    positive_int, run_cli)
+from common import (ArgumentParser, Rule, UserError, check_input_files, check_out_is_not_an_input, check_rules,
+                    fraction, fraction0, no_effect, nonneg_float, nonneg_int, positive_float, positive_int, run_cli)
 from evals import fact_recall, task_accuracy, text_loss
 from gpt import cross_entropy_loss, load_checkpoint, save_checkpoint
-from lora import format_parameter_table, inject_lora, merge_lora, parameter_counts, save_adapter
+from lora import check_rank, format_parameter_table, inject_lora, merge_lora, parameter_counts, save_adapter
 from quant4 import Linear4bit, dequantize_model, quantize_model
 from tokenizer import pad_id, tokenizer_fingerprint
-from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, load_train_state, lr_at,
-                      make_optimizer, micro_steps, optimizer_step, save_train_state, set_lr, setup, wrap_model)
+from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, check_finite, check_policy,
+                      final_evaluation, load_train_state, lr_at, make_optimizer, mark_finished, micro_steps,
+                      optimizer_step, save_train_state, set_lr, setup, wrap_model)
 
 TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
 EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
@@ -91,18 +96,56 @@ def parse_args(argv=None):
     domain = args.mode == "domain"
     if args.replay is None:
         args.replay = 0.5 if domain else 0.0
-    if not domain and args.data and args.replay and not args.replay_data:
-        raise UserError("--replay with your own --data needs --replay-data: the text the model should keep")
     if domain and args.data and not args.replay_data and args.replay:
         print("note: --replay needs --replay-data (pre-training text) with your own domain text; none is mixed in")
         args.replay = 0.0
-    if args.lora and args.qlora:
-        raise UserError("choose --lora R or --qlora R, not both")
     args.batch_size = args.batch_size or (16 if domain else 32)
     args.max_iters = args.max_iters or (200 if domain else 300)
     if args.lr is None:  # new knowledge (domain text) needs a higher rate than learning a format
         args.lr = 2e-3 if (args.lora or args.qlora) else 1e-3 if domain else 3e-4
     return args
+
+
+# what check_args refuses before any work, each rule with a command line that breaks it
+RULES = [
+    Rule(lambda a: a.lora and a.qlora, "choose --lora R or --qlora R, not both", ("--lora", "4", "--qlora", "4")),
+    no_effect("--block-size", lambda a: a.mode == "instruct", "in --mode instruct: an example takes the model's "
+              "context (--block-size is domain mode's window)", ("--block-size", "8")),
+    no_effect("--lora-alpha", lambda a: not (a.lora or a.qlora), "without --lora R or --qlora R",
+              ("--lora-alpha", "4")),
+    no_effect("--lora-dropout", lambda a: not (a.lora or a.qlora), "without --lora R or --qlora R",
+              ("--lora-dropout", "0.1")),
+    no_effect("--quant", lambda a: not a.qlora, "without --qlora R", ("--quant", "fp4")),
+    Rule(lambda a: a.mode == "instruct" and a.data and a.replay and not a.replay_data, "--replay with your own "
+         "--data needs --replay-data: the text the model should keep", ("--data", "x.jsonl", "--replay", "0.3")),
+    no_effect("--replay-data", lambda a: not a.replay, "without --replay (0 in instruct mode unless given)",
+              ("--replay-data", "x.txt")),
+    no_effect("--tasks", lambda a: a.data or a.mode == "domain", "with --data or --mode domain: it picks the "
+              "world's instruction tasks", ("--mode", "domain", "--tasks", "facts")),
+    no_effect("--val-data", lambda a: not a.data, "without --data: the world's held-out sets are used",
+              ("--val-data", "v.jsonl")),
+    no_effect("--val-fraction", lambda a: not a.data or a.val_data, "without --data or with --val-data: nothing "
+              "is split off", ("--val-fraction", "0.1")),
+]
+
+
+def check_args(args):
+    """Before any work: RULES, the input files, and --init (under --resume the run's own options, checked when it
+    started): a language model, not --out, whose context holds domain mode's window and whose width the LoRA rank."""
+    check_rules(args, RULES)
+    if args.resume:
+        return
+    kind = ".jsonl" if args.mode == "instruct" else ".txt"
+    for option, paths, files in (("--data", args.data, kind), ("--val-data", args.val_data, kind),
+                                 ("--replay-data", args.replay_data, ".txt")):
+        check_input_files(option, paths, files)
+    model = check_policy(args.init, hint="python pretrain.py")
+    check_out_is_not_an_input(args.out, {"--init": args.init})
+    if args.block_size > model["block_size"]:
+        raise UserError(f"--block-size {args.block_size} is longer than the context of --init {args.init} "
+                        f"({model['block_size']}); give --block-size {model['block_size']} or less, or leave it out")
+    if args.lora or args.qlora:
+        check_rank("--lora" if args.lora else "--qlora", args.lora or args.qlora, model["n_embd"])
 
 
 # ----------------------------------------------------------------------------- data
@@ -285,14 +328,15 @@ def train_step(train_model, d, args, ctx, pad, block_size, step, accum):
     return loss, n_tokens
 
 
-def save(args, model, optimizer, enc, step, metrics, rank):
-    """The resumable state; with final metrics also the model: adapters in PEFT's layout, then the merged
-    model as an ordinary checkpoint (an interrupted run keeps only its resumable state)."""
-    save_train_state(args.out, model, optimizer, step, args=args)
-    if not metrics:
+def save(args, model, optimizer, enc, step, metrics, rank, trained=False):
+    """The resumable state (with the metrics so far); once trained also the model: adapters in PEFT's layout,
+    then the merged model as an ordinary checkpoint, "finished": false until mark_finished after the final
+    evaluation (an interrupted run keeps only its resumable state)."""
+    save_train_state(args.out, model, optimizer, step, extra={"metrics": metrics}, args=args)
+    if not trained:
         return
     meta = {"stage": "domain" if args.mode == "domain" else "sft", "mode": args.mode, "init": args.init,
-            "args": vars(args), "step": step, "metrics": metrics}
+            "args": vars(args), "step": step, "metrics": metrics, "finished": False}
     if rank:
         save_adapter(model, args.out, base_model_path=args.init)
         if args.qlora:
@@ -301,10 +345,13 @@ def save(args, model, optimizer, enc, step, metrics, rank):
     save_checkpoint(args.out, model, enc, meta)
 
 
-def final_metrics(model, enc, args, d, before):
-    """Held-out tasks, domain perplexity and forgetting after training, beside the figures from before."""
-    metrics = evaluate(model, enc, args, d.held_out, d.domain_val, d.forget)
-    metrics.update({f"before_{k}": v for k, v in before.items()})
+def trained_metrics(model, loss, trainable, total, args, saved):
+    """What the run measured of itself, saved with the model before the final evaluation: the last loss, the
+    parameter counts, QLoRA's memory of the 4-bit base (read before the model is merged); a --resume at the last
+    step (after a failed evaluation) takes them from the saved state."""
+    if loss is None:
+        return dict(saved.get("metrics", {}))
+    metrics = {"train_loss": loss.item(), "trainable_params": trainable, "total_params": total}
     if args.qlora:
         q_bytes, bf16_bytes = frozen_base_bytes(model)
         metrics.update(frozen_base_bytes_4bit=q_bytes, frozen_base_bytes_bf16=bf16_bytes,
@@ -312,10 +359,18 @@ def final_metrics(model, enc, args, d, before):
     return metrics
 
 
+def final_metrics(model, enc, args, d, before):
+    """Held-out tasks, domain perplexity and forgetting after training, beside the figures from before."""
+    metrics = evaluate(model, enc, args, d.held_out, d.domain_val, d.forget)
+    metrics.update({f"before_{k}": v for k, v in before.items()})
+    return metrics
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     ctx = setup(args)
     accum = micro_steps(args.grad_accum, ctx)
     os.makedirs(args.out, exist_ok=True)
@@ -337,12 +392,12 @@ def main(argv=None):
         if rank:
             print(format_parameter_table(model))
     optimizer = make_optimizer(model, args.lr, args.weight_decay, ctx=ctx)
-    start = load_train_state(args.out, model, optimizer)[0] if args.resume else 0
+    start, saved = load_train_state(args.out, model, optimizer) if args.resume else (0, {})
     train_model = wrap_model(model, ctx)
     stop = StopFlag()
     log = MetricsLog(args.out, args.max_iters, ctx.master, resume=args.resume)
     pad, min_lr = pad_id(enc), args.lr / 10
-    t_last, n_tokens, loss = time.time(), 0, torch.zeros(())
+    t_last, n_tokens, loss = time.time(), 0, None
     for step in range(start, args.max_iters):
         lr = lr_at(step, args.lr, args.warmup, args.max_iters, min_lr)
         set_lr(optimizer, lr)
@@ -362,12 +417,15 @@ def main(argv=None):
             print(f"stopped at step {done}; continue with: python sft.py --resume --out {args.out} (same options)")
             return
 
-    # final evaluation: held-out tasks, domain perplexity, forgetting; then save
-    metrics = {"train_loss": loss.item(), "trainable_params": trainable, "total_params": total}
+    # the trained model first (merged, under LoRA), then the final evaluation: held-out tasks, domain perplexity,
+    # forgetting; an error there never costs the model
+    metrics = trained_metrics(model, loss, trainable, total, args, saved)
     if ctx.master:
-        metrics.update(final_metrics(model, enc, args, d, before))
+        save(args, model, optimizer, enc, args.max_iters, metrics, rank, trained=True)
+        with final_evaluation(args.out, "python sft.py"):
+            metrics.update(final_metrics(model, enc, args, d, before))
         metrics["time_s"] = time.time() - t0
-        save(args, model, optimizer, enc, args.max_iters, metrics, rank)
+        mark_finished(args.out, metrics)
         print_summary(metrics, before)
     return metrics
 

@@ -16,6 +16,8 @@ in rank order, which is the order they were learned. User text is always encoded
 
 The tokenizer is saved as JSON (the merges as pairs of ids), never pickled.
 `gpt2_tokenizer()` gives OpenAI's GPT-2 encoding for imported GPT-2 weights.
+
+    python tokenizer.py    # trains a 4096-token BPE on the default world and shows how it splits two lines
 """
 import collections
 import hashlib
@@ -31,7 +33,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
 import world
-from common import UserError, atomic_write_json
+from common import ArgumentParser, UserError, atomic_write_json, run_cli
 
 # GPT-4's split pattern (cl100k): case-insensitive contractions, letters with one leading
 # non-letter, numbers of 1-3 digits, punctuation runs, newlines, other whitespace.
@@ -208,7 +210,12 @@ def describe(enc, text):
     return "|".join(enc.decode_single_token_bytes(t).decode("utf-8", "replace") for t in enc.encode_ordinary(text))
 
 
-def main():
+def build_parser():
+    return ArgumentParser(description=__doc__)
+
+
+def main(argv=None):
+    build_parser().parse_args(argv)
     w = world.make_world()
     text = "\n\n".join(world.pretrain_docs(w))
     t0 = time.time()
@@ -220,4 +227,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,7 +1,8 @@
 """What every training stage's loop needs, written once: device and precision, the
 optimizer and its learning-rate schedule, DistributedDataParallel and sharing work across processes,
-resumable training state, one-line logs with metrics.jsonl, and clean stops on Ctrl-C / SIGTERM / a
-non-finite loss (the one-line error for bad input is common.run_cli's).
+resumable training state, one-line logs with metrics.jsonl, clean stops on Ctrl-C / SIGTERM / a
+non-finite loss, the pre-flight checks of a stage's checkpoints and context, and the final evaluation
+that runs only after the trained model is saved (the one-line error for bad input is common.run_cli's).
 
 Nothing here is a trainer: each stage writes its own loop, top to bottom, and calls these
 small functions where it needs them.
@@ -16,6 +17,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,8 +26,11 @@ import torch.distributed as dist
 
 from safetensors import safe_open
 
-from common import (UserError, atomic_save_safetensors, atomic_write, claim_output_dir, nonneg_float, nonneg_int,
-                    note_stop_signal, positive_float, positive_int, read_safetensors)
+import hf
+from common import (UserError, atomic_save_safetensors, atomic_write, atomic_write_json, check_checkpoint_dir,
+                    check_device, claim_output_dir, nonneg_float, nonneg_int, note_stop_signal, positive_float,
+                    positive_int, read_safetensors, unwrap)
+from gpt import read_config
 
 
 # ----------------------------------------------------------------------------- CLI and device
@@ -34,7 +39,7 @@ from common import (UserError, atomic_save_safetensors, atomic_write, claim_outp
 # belong to this command alone. Of the options typed again, these may differ: where and how fast it
 # runs, how often it logs, how long it trains, how much the final evaluation measures. Any other one
 # typed differently (data, model, optimizer, seeds) is refused.
-RESUME_NOT_SAVED = {"out", "resume", "stop_at"}
+RESUME_NOT_SAVED = {"out", "resume", "force", "stop_at"}
 RESUME_MAY_CHANGE = {"device", "compile", "threads", "log_interval", "eval_interval", "max_iters", "iters",
                      "recall_limit", "eval_n", "eval_limit", "eval_tokens", "eval_prompts", "eval_batch"}
 
@@ -48,6 +53,8 @@ def add_common_args(p, out):
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT where it stopped, with the "
                    "data, model and optimizer options it was started with")
+    g.add_argument("--force", action="store_true", help="start afresh in an OUT that holds a stopped run, "
+                   "discarding its resumable state (without it such an OUT is refused)")
     g.add_argument("--log-interval", type=positive_int, default=10, help="steps between log lines")
     add_threads_arg(g)
     return p
@@ -75,10 +82,7 @@ def setup(args):
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        device = args.device
+    device = check_device(args.device)
     rank, world = 0, 1
     if ddp:
         backend = "nccl" if device == "cuda" else "gloo"
@@ -89,6 +93,8 @@ def setup(args):
             torch.cuda.set_device(device)
     if rank == 0 and getattr(args, "out", None):
         claim_output_dir(args.out)
+        if hasattr(args, "force"):
+            check_stopped_run(args.out, args.resume, args.force)
     if getattr(args, "resume", False):
         resume_options(args, rank == 0)
     cuda = device.startswith("cuda")
@@ -111,6 +117,19 @@ def autocast(cuda):
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
+def check_stopped_run(out, resume, force):
+    """A fresh run (no --resume) on an OUT that holds a stopped run's resumable state is refused, so a
+    forgotten --resume never throws that run away; --force starts afresh and says the state is discarded."""
+    if resume or not os.path.exists(state_path(out)) or run_finished(out):
+        return
+    step = read_state_meta(out)["step"]
+    if not force:
+        raise UserError(f"{out} holds a run stopped at step {step}: continue it with --resume, or start "
+                        "afresh with --force (its saved state is then discarded)")
+    os.remove(state_path(out))
+    print(f"--force: the resumable state of the run stopped at step {step} in {out} is discarded")
+
+
 def micro_steps(grad_accum, ctx):
     """Micro-batches each process runs per optimizer step: --grad-accum counts them summed over all
     processes, so the effective batch is the same for any number of processes."""
@@ -127,13 +146,6 @@ def wrap_model(model, ctx, compile=None):
     if ctx.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.cuda else None)
     return model
-
-
-def unwrap(model):
-    """The model itself under wrap_model's layers: DistributedDataParallel (.module) around torch.compile
-    (._orig_mod), peeled in that order; a bare model as it is."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def all_reduce_mean(x, ctx):
@@ -153,6 +165,64 @@ def all_reduce_max(x, ctx):
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
+
+
+# ----------------------------------------------------------------------------- pre-flight checks of a checkpoint
+
+def init_model(path, option="--init", hint=""):
+    """-> (GPTConfig fields, stage) of a checkpoint, ours or a Hugging Face GPT-2 directory, from its
+    config.json alone (no weight is read): what a stage's check_args compares its options with."""
+    check_checkpoint_dir(path, option)
+    config = read_config(path, hint)
+    if hf.is_hf_config(config):
+        return hf.config_from_hf(config, os.path.join(path, "config.json")), "hf_import"
+    if not isinstance(config.get("model"), dict):
+        raise UserError(f"{path}/config.json has no 'model' entry: not a checkpoint of this project")
+    return config["model"], config.get("stage")
+
+
+def check_policy(path, option="--init", hint=""):
+    """A checkpoint a language model trains or samples from, never a reward model (its trunk scores text, it
+    was not trained to write it) -> its GPTConfig fields."""
+    model, stage = init_model(path, option, hint)
+    if stage == "reward":
+        raise UserError(f"{option} {path} is a reward model (reward.py: it scores text, it does not write it); "
+                        "pass a language model: the SFT or pre-trained checkpoint it was trained from")
+    return model
+
+
+def check_prompts_fit(option, prompts, enc, block_size):
+    """Prompts (strings) the run answers leave room for an answer in the model's context; one line naming the
+    option, checked before any step."""
+    longest = max((len(enc.encode_ordinary(p)) for p in prompts), default=0)
+    if longest >= block_size:
+        raise UserError(f"{option}: a prompt of {longest} tokens leaves no room for an answer in the model's "
+                        f"context of {block_size}; shorten the prompts")
+
+
+def mark_finished(out, metrics, **entries):
+    """The last write of a run: OUT/config.json with the final metrics (and entries) and "finished": true; the
+    model and the resumable state were saved before the final evaluation and stay as they are."""
+    config = read_config(out)
+    config.update(entries, metrics=metrics, finished=True)
+    atomic_write_json(config, os.path.join(out, "config.json"))
+
+
+@contextlib.contextmanager
+def final_evaluation(out, command):
+    """Around the final evaluation, which runs after the trained model, its config and metrics are saved: an
+    error there (a bug, a prompt too long) ends in one line saying the model is kept and how to evaluate it
+    again (--resume: the run is saved at its last step, not yet marked finished); a traceback goes to
+    OUT/eval_error.txt."""
+    again = f"the trained model is saved in {out}; `{command} --resume --out {out}` runs the evaluation again"
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"the final evaluation failed: {e}; {again}") from None
+    except Exception as e:
+        atomic_write(os.path.join(out, "eval_error.txt"), traceback.format_exc())
+        raise UserError(f"the final evaluation failed ({type(e).__name__}: {e}; traceback in "
+                        f"{os.path.join(out, 'eval_error.txt')}); {again}") from None
 
 
 # ----------------------------------------------------------------------------- sharing work across processes

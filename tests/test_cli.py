@@ -1,5 +1,6 @@
 """The command line of every stage: each numeric option declares its valid range and refuses a value
-outside it in one line (walked over every parser, so an option added later is covered), --help shows
+outside it in one line (walked over every parser, so an option added later is covered), every rule
+between options (a stage's RULES) refuses the command line it names in one line, --help shows
 the defaults, the output directory is checked and locked before any work, Ctrl-C ends in one line and
 exit 130, a stopped run never looks finished, --resume continues the run it names with that run's
 options, and files are written with the mode of a plain open()."""
@@ -68,6 +69,39 @@ def test_no_numeric_option_is_left_without_a_range():
     loose = [f"{name} {a.option_strings[-1]}" for name, parser in parsers() for a in parser._actions
              if a.type in (int, float) and a.option_strings[-1] not in ANY_VALUE]
     assert not loose, f"give these a range type from common.py (or list them in ANY_VALUE with a reason): {loose}"
+
+
+def cross_option_rules():
+    for name in CLIS:
+        for k, rule in enumerate(getattr(importlib.import_module(name), "RULES", ())):
+            yield pytest.param(name, k, id=f"{name} {' '.join(rule.example)}")
+
+
+CROSS_OPTION_RULES = list(cross_option_rules())
+
+
+@pytest.mark.parametrize("stage, k", CROSS_OPTION_RULES)
+def test_every_cross_option_rule_refuses_its_example_in_one_line(stage, k):
+    """The example of each rule breaks that rule first, and check_args (before any file is read) says so in
+    one line naming an option of the example."""
+    module = importlib.import_module(stage)
+    rule = module.RULES[k]
+    args = module.parse_args([*positionals(module.build_parser()), *rule.example])
+    with pytest.raises(UserError) as e:
+        module.check_args(args)
+    msg = str(e.value)
+    assert msg == rule.message.format(a=args) and "\n" not in msg and "{" not in msg, msg
+    assert any(o in msg for o in rule.example if o.startswith("--")), msg
+
+
+def test_the_defaults_break_no_rule_and_the_rules_are_counted():
+    stages = {name: importlib.import_module(name) for name in CLIS if hasattr(importlib.import_module(name), "RULES")}
+    for name, module in stages.items():
+        args = module.parse_args(positionals(module.build_parser()))
+        assert not [r.message for r in module.RULES if r.broken(args)], name
+    counts = {name: len(module.RULES) for name, module in stages.items()}
+    print(f"{sum(counts.values())} cross-option rules tried in {len(counts)} stages: {counts}")
+    assert {"pretrain", "sft", "reward", "dpo"} <= set(counts) and sum(counts.values()) == len(CROSS_OPTION_RULES)
 
 
 def test_a_value_inside_the_range_is_taken_and_converted():

@@ -16,6 +16,7 @@ from gpt import GPT, GPTConfig, save_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
         "--batch-size", "4", "--recall-limit", "0", "--eval-tokens", "256"]
+INIT_TINY = ["--batch-size", "4", "--recall-limit", "0", "--eval-tokens", "256"]  # the shape is --init's
 
 
 def cli(*args):
@@ -73,13 +74,13 @@ def test_missing_text_file(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_directory_that_does_not_exist(tmp_path):
-    code, err = cli("pretrain.py", "--init", str(tmp_path / "missing"), *TINY, "--max-iters", "1")
+    code, err = cli("pretrain.py", "--init", str(tmp_path / "missing"), *INIT_TINY, "--max-iters", "1")
     assert_one_line_error(code, err, "missing")
 
 
 def test_checkpoint_lacking_a_tensor(tmp_path, ckpt):
     bad = copy_ckpt(ckpt, tmp_path / "bad", lambda t: t.pop("transformer.ln_f.weight"))
-    code, err = cli("pretrain.py", "--init", str(bad), *TINY, "--max-iters", "1", "--out", str(tmp_path / "o"))
+    code, err = cli("pretrain.py", "--init", str(bad), *INIT_TINY, "--max-iters", "1", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "transformer.ln_f.weight", "missing")
 
 
@@ -87,7 +88,7 @@ def test_checkpoint_with_a_misshaped_tensor(tmp_path, ckpt):
     def edit(t):
         t["transformer.wpe.weight"] = torch.zeros(16, 32)
     bad = copy_ckpt(ckpt, tmp_path / "bad", edit)
-    code, err = cli("pretrain.py", "--init", str(bad), *TINY, "--max-iters", "1", "--out", str(tmp_path / "o"))
+    code, err = cli("pretrain.py", "--init", str(bad), *INIT_TINY, "--max-iters", "1", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "transformer.wpe.weight", "mis-shaped")
 
 
@@ -96,7 +97,7 @@ def test_checkpoint_whose_tokenizer_is_larger_than_its_vocabulary(tmp_path, ckpt
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model"]["vocab_size"] = 100
     (bad / "config.json").write_text(json.dumps(cfg))
-    code, err = cli("pretrain.py", "--init", str(bad), *TINY, "--max-iters", "1", "--out", str(tmp_path / "o"))
+    code, err = cli("pretrain.py", "--init", str(bad), *INIT_TINY, "--max-iters", "1", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, str(bad))
 
 

@@ -171,4 +171,4 @@ def test_instruct_replay_trains_and_needs_text_with_your_data(tiny_ckpt, tmp_pat
     path = tmp_path / "mine.jsonl"
     path.write_text('{"instruction": "Say hi.", "output": "hi"}\n' * 8)
     with pytest.raises(UserError, match="--replay-data"):
-        sft.parse_args(["--data", str(path), "--replay", "0.3"])
+        sft.check_args(sft.parse_args(["--data", str(path), "--replay", "0.3"]))

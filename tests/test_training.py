@@ -12,7 +12,8 @@ import torch.distributed as dist
 from common import UserError, read_safetensors
 from gpt import save_checkpoint
 from hf import export_hf
-from training import StopFlag, all_reduce_max, all_reduce_mean, check_divisible, setup, unwrap
+from common import unwrap
+from training import StopFlag, all_reduce_max, all_reduce_mean, check_divisible, setup
 
 
 def collective_worker(rank, port, queue):
