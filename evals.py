@@ -158,6 +158,95 @@ def bertscore_baseline(embed, texts, n_pairs=200, seed=0):
     return sum(fs) / len(fs)
 
 
+# ----------------------------------------------------------------------------- an LLM as judge
+# A language model shown an instruction and two answers, A and B, reads its verdict off the next-token
+# log-probabilities of " A" and " B" (nothing is sampled). Every pair is judged in both orders, which cancels a
+# preference for a position; judge.py trains such a judge, preferences.py labels pairs with it.
+
+JUDGE_TEMPLATE = "Question: {instruction}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better, A or B? Better:"
+VERDICT_TOKENS = (" A", " B")
+
+
+def judge_instruction(prompt):
+    """The instruction a judge is shown: the policy's prompt without the template's "Instruction: " and "Output:"."""
+    text = prompt.strip().removesuffix("Output:").strip()
+    return text.removeprefix("Instruction: ").strip()
+
+
+def judge_prompt(template, instruction, a, b):
+    return template.format(instruction=instruction, a=a.strip(), b=b.strip())
+
+
+def verdict_logprobs(last_logits, a_id, b_id):
+    """(B, vocab) logits at the prompt's last token -> (log P(" A"), log P(" B")), each (B,): the next-token
+    log_softmax over the whole vocabulary, read at the two verdict tokens."""
+    logp = torch.log_softmax(last_logits.float(), dim=-1)
+    return logp[:, a_id], logp[:, b_id]
+
+
+def combine_orders(d_ab, d_ba):
+    """The verdict on (a, b) from both orders, d = log P(A) - log P(B): shown (a, b), d_ab > 0 favours a;
+    shown (b, a), d_ba > 0 favours b. v = (d_ab - d_ba) / 2 > 0 favours a, and v(b, a) = -v(a, b) exactly,
+    so a judge that always says "A" (or always "B") gives v = 0: no preference."""
+    return (d_ab - d_ba) / 2
+
+
+def position_consistent(d_ab, d_ba):
+    """The verdict survives the swap: a preferred in both orders (d_ab > 0, d_ba < 0) or b in both."""
+    return ((d_ab > 0) & (d_ba < 0)) | ((d_ab < 0) & (d_ba > 0))
+
+
+def last_token_logits(model, rows, pad):
+    """Next-token logits after the last token of each row of ids, (B, vocab). The rows are padded on the right:
+    attention is causal, so no real token sees the padding, and positions count from 0 in every row."""
+    device = next(model.parameters()).device
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([r + [pad] * (T - len(r)) for r in rows], device=device)
+    h = model.hidden_states(idx)
+    last = torch.tensor([len(r) - 1 for r in rows], device=device)
+    return model.lm_head(h[torch.arange(len(rows), device=device), last])
+
+
+def judge_order_margins(model, enc, template, triples, verdict_ids, batch=32):
+    """d = log P(A) - log P(B) for each (instruction, a, b) shown in this order, a list of floats."""
+    out = []
+    for chunk in batched(triples, batch):
+        rows = [enc.encode_ordinary(judge_prompt(template, *t)) for t in chunk]
+        too_long = max(len(r) for r in rows)
+        if too_long > model.config.block_size:
+            raise UserError(f"a judge prompt of {too_long} tokens is longer than the judge's context "
+                            f"({model.config.block_size}); shorten the completions (--max-new-tokens)")
+        la, lb = verdict_logprobs(last_token_logits(model, rows, pad_id(enc)), *verdict_ids)
+        out += (la - lb).tolist()
+    return out
+
+
+@torch.no_grad()
+def judge_pairs(model, enc, template, triples, verdict_ids, batch=32):
+    """Judge each (instruction, a, b) in both orders -> (v, consistent): v = combine_orders(d_ab, d_ba) > 0 when
+    a is better (a tensor of log-odds), consistent = position_consistent (a bool tensor)."""
+    d_ab = torch.tensor(judge_order_margins(model, enc, template, triples, verdict_ids, batch))
+    d_ba = torch.tensor(judge_order_margins(model, enc, template, [(i, b, a) for i, a, b in triples], verdict_ids, batch))
+    return combine_orders(d_ab, d_ba), position_consistent(d_ab, d_ba)
+
+
+def verdict_token_ids(enc, where):
+    """The ids of " A" and " B", each one token of the judge's tokenizer."""
+    ids = [enc.encode_ordinary(t) for t in VERDICT_TOKENS]
+    if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
+        raise UserError(f"{where}: the verdicts {VERDICT_TOKENS} are not two distinct single tokens of its tokenizer")
+    return ids[0][0], ids[1][0]
+
+
+def check_judge_template(template, where):
+    try:
+        judge_prompt(template, "i", "a", "b")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"{where}: bad judge template ({e!r}); use the fields {{instruction}}, {{a}}, {{b}} only")
+    if any("{" + f + "}" not in template for f in ("instruction", "a", "b")):
+        raise UserError(f"{where}: a judge template needs {{instruction}}, {{a}} and {{b}}")
+
+
 # ----------------------------------------------------------------------------- language modelling
 
 def token_bytes(enc):

@@ -1,0 +1,131 @@
+"""The LLM judge: the verdict is log P(" A") against log P(" B") at the prompt's last token, combined over both
+orders so that it is antisymmetric under the swap; position consistency; the identity blocks of a grown judge;
+the verdict loss by hand; a tiny judge.py run; a judge in preferences.py and its bad input."""
+
+import json
+import math
+import types
+
+import pytest
+import torch
+
+import evals
+import judge
+from common import UserError
+from gpt import GPT, GPTConfig, save_checkpoint
+from tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ab_enc(small_text):
+    """A tokenizer in which " A" and " B" are single tokens, as in the default world's."""
+    return train_tokenizer(small_text + "\n\n" + " ".join(["Answer A: x", "Answer B: y", "Better: A", "Better: B"] * 50), 320)
+
+
+class RuleJudge(torch.nn.Module):
+    """A hand-built judge: after a prompt, logit(" A") = 2 if answer A contains "good" (+ 0.5 for being in slot A,
+    a position bias) and logit(" B") = 2 if answer B does; every other token has logit 0."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc, self.dummy = enc, torch.nn.Parameter(torch.zeros(1))
+        self.config = types.SimpleNamespace(block_size=1024)
+        self.a_id, self.b_id = evals.verdict_token_ids(enc, "test")
+
+    def logits_of(self, text):
+        a = text.split("Answer A:")[1].split("\nAnswer B:")[0] if "\nAnswer B:" in text else ""
+        b = text.split("Answer B:")[1].split("\nWhich")[0] if "\nWhich" in text else ""
+        out = torch.zeros(self.enc.n_vocab)
+        out[self.a_id], out[self.b_id] = 2.0 * ("good" in a) + 0.5, 2.0 * ("good" in b)
+        return out
+
+    def hidden_states(self, idx):  # the "hidden state" at t is already the logit vector after tokens 0..t
+        return torch.stack([torch.stack([self.logits_of(self.enc.decode(row[:t + 1].tolist())) for t in range(len(row))])
+                            for row in idx])
+
+    def lm_head(self, h):
+        return h
+
+
+def test_verdict_is_log_p_a_against_log_p_b_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 2.0]])
+    la, lb = evals.verdict_logprobs(logits, 1, 2)
+    z0, z1 = math.log(math.e + math.e ** 3 + 1), math.log(2 + math.e ** 2)
+    assert la.tolist() == pytest.approx([3 - z0, 0 - z1]) and lb.tolist() == pytest.approx([0 - z0, 2 - z1])
+    d_ab, d_ba = torch.tensor([2.0, 1.0, 0.5, -1.0]), torch.tensor([-1.0, 1.0, -0.5, 2.0])
+    assert evals.combine_orders(d_ab, d_ba).tolist() == [1.5, 0.0, 0.5, -1.5]
+    assert evals.position_consistent(d_ab, d_ba).tolist() == [True, False, True, True]
+
+
+def test_judge_pairs_on_a_hand_built_judge(ab_enc):
+    model = RuleJudge(ab_enc)
+    triples = [("Review the pie.", " a good pie", " a bad pie"), ("Review the pie.", " a bad pie", " a good pie"),
+               ("Review the pie.", " good", " good too"), ("Review the pie.", " bad", " bad too")]
+    v, consistent = evals.judge_pairs(model, ab_enc, evals.JUDGE_TEMPLATE, triples, (model.a_id, model.b_id), batch=3)
+    # (good, bad): d_ab = 2.5 - 0 and d_ba = 0.5 - 2, so v = (2.5 + 1.5) / 2 = 2; swapped: v = -2.
+    # Both good or both bad: only the slot bias is left, d_ab = d_ba = 0.5, v = 0, and the verdict flips with the swap.
+    assert v.tolist() == pytest.approx([2.0, -2.0, 0.0, 0.0])
+    assert consistent.tolist() == [True, True, False, False]
+    swapped, _ = evals.judge_pairs(model, ab_enc, evals.JUDGE_TEMPLATE, [(i, b, a) for i, a, b in triples],
+                                   (model.a_id, model.b_id))
+    assert swapped.tolist() == pytest.approx((-v).tolist())
+
+
+def test_judge_margins_of_a_gpt_do_not_depend_on_padding(ab_enc):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=ab_enc.n_vocab, block_size=128, n_layer=2, n_head=2, n_embd=32)).eval()
+    ids = evals.verdict_token_ids(ab_enc, "test")
+    triples = [("the pie", " a good pie", " bad"), ("the inn", " no", " an excellent pie , a good kettle")]
+    batched = evals.judge_order_margins(model, ab_enc, evals.JUDGE_TEMPLATE, triples, ids, batch=2)
+    for t, d in zip(triples, batched):
+        row = torch.tensor([ab_enc.encode_ordinary(evals.judge_prompt(evals.JUDGE_TEMPLATE, *t))])
+        logp = torch.log_softmax(model(row)[0, -1], -1)
+        assert d == pytest.approx((logp[ids[0]] - logp[ids[1]]).item(), abs=1e-5)
+
+
+def test_verdict_loss_by_hand():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    want = -(torch.log_softmax(logits[0], -1)[2] + torch.log_softmax(logits[1], -1)[0]) / 2
+    assert judge.verdict_loss(logits, torch.tensor([2, 0])).item() == pytest.approx(want.item())
+
+
+def test_grown_judge_computes_what_its_init_did(ab_enc):
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=ab_enc.n_vocab, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    grown = judge.grow(base, 2).eval()
+    assert grown.config.n_layer == 4 and grown.num_params() > base.num_params()
+    x = torch.randint(0, ab_enc.n_vocab, (2, 9))
+    assert torch.allclose(grown(x), base(x), atol=1e-6)
+
+
+def test_comparisons_are_labelled_by_gold_and_splits_share_no_prompt():
+    import world
+    w = world.make_world(1337)
+    train, val = judge.comparisons(w, "train", 60, 0), judge.comparisons(w, "val", 30, 0)
+    for _, a, b, label in train + val:
+        sa, sb = world.sentiment_score(a), world.sentiment_score(b)
+        assert (sa > sb) == (label == 0) and sa != sb
+    assert not {t[0] for t in train} & {t[0] for t in val}
+    triples, targets = judge.both_orders(train[:2], (7, 9))
+    assert triples[1] == (train[0][0], train[0][2], train[0][1]) and targets[:2] == [[7, 9][train[0][3]], [7, 9][1 - train[0][3]]]
+
+
+def test_judge_main_tiny(tmp_path, ab_enc):
+    torch.manual_seed(0)
+    init = tmp_path / "pre"
+    save_checkpoint(str(init), GPT(GPTConfig(vocab_size=ab_enc.n_vocab, block_size=256, n_layer=1, n_head=2, n_embd=32)),
+                    ab_enc, {"stage": "pretrain", "args": {}, "metrics": {}})
+    m = judge.main(["--init", str(init), "--out", str(tmp_path / "judge"), "--max-iters", "2", "--train-pairs", "8",
+                    "--val-pairs", "6", "--batch-size", "2", "--eval-batch", "4", "--device", "cpu", "--threads", "1"])
+    cfg = json.load(open(tmp_path / "judge" / "config.json"))
+    assert cfg["stage"] == "judge" and cfg["model"]["n_layer"] == 3 and cfg["judge"]["template"] == evals.JUDGE_TEMPLATE
+    assert 0 <= m["agreement"] <= 1 and 0 <= m["position_consistency"] <= 1
+
+
+def test_verdict_tokens_must_be_single_tokens(small_enc):
+    with pytest.raises(UserError, match="not two distinct single tokens"):
+        evals.verdict_token_ids(small_enc, "the judge")
+    with pytest.raises(UserError, match="needs"):
+        evals.check_judge_template("Q: {instruction} A: {a}", "--judge-template")
+    with pytest.raises(UserError, match="bad judge template"):
+        evals.check_judge_template("Q: {instruction} {a} {b} {c}", "--judge-template")
