@@ -353,14 +353,20 @@ def mean_ci95(xs):
     return m, 1.96 * s / math.sqrt(n)
 
 
+def asked_item(prompt, items):
+    """The item a review prompt asks about: the longest of `items` named in it, or None."""
+    named = [i for i in items if i.lower() in prompt.lower()]
+    return max(named, key=len) if named else None
+
+
 def names_the_item(prompt, completion, items):
     """1.0 if the review names what the prompt asked about ("copper kettle" for "the copper kettle"),
     else 0.0: a check outside every reward. The lexicon judge ignores it, so a policy that games the
     judge with positive words about anything at all shows up here."""
-    asked = [i for i in items if i.lower() in prompt.lower()]
-    if not asked:
+    asked = asked_item(prompt, items)
+    if asked is None:
         return 0.0
-    name = max(asked, key=len).lower().removeprefix("the ").strip()
+    name = asked.lower().removeprefix("the ").strip()
     return float(name in completion.lower())
 
 

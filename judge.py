@@ -34,7 +34,8 @@ import torch
 
 import world
 from common import ArgumentParser, nonneg_int, positive_int, run_cli
-from evals import JUDGE_TEMPLATE, VERDICT_TOKENS, judge_pairs, judge_prompt, last_token_logits, verdict_token_ids
+from evals import (JUDGE_TEMPLATE, VERDICT_TOKENS, asked_item, judge_pairs, judge_prompt, last_token_logits,
+                   verdict_token_ids)
 from gpt import GPT, GPTConfig, cross_entropy_loss, load_checkpoint, save_checkpoint
 from tokenizer import pad_id
 from training import (MetricsLog, add_optimizer_args, add_threads_arg, check_finite, lr_at, make_optimizer,
@@ -51,12 +52,6 @@ def verdict_loss(last_logits, verdict_ids):
 
 # ----------------------------------------------------------------------------- data
 
-def item_of(prompt, items):
-    """The world item a review prompt asks about (the longest one named in it)."""
-    named = [i for i in items if i.lower() in prompt.lower()]
-    return max(named, key=len) if named else None
-
-
 def comparisons(w, split, n, seed):
     """n comparisons (instruction, a, b, gold label: 0 if a is better, 1 if b) on the review prompts of `split`:
     two reviews written by the world at random sentiment levels, of the asked item (of another one in 1 of
@@ -66,7 +61,7 @@ def comparisons(w, split, n, seed):
     out = []
     while len(out) < n:
         instruction = rng.choice(prompts)
-        item = item_of(instruction, w.items)
+        item = asked_item(instruction, w.items)
         a, b = (world.review_text(rng, item if rng.random() < 0.8 else rng.choice(w.items), rng.choice(world.LEVELS))
                 for _ in range(2))
         sa, sb = world.sentiment_score(a), world.sentiment_score(b)

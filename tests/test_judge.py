@@ -4,6 +4,9 @@ the verdict loss by hand; a tiny judge.py run; a judge in preferences.py and its
 
 import json
 import math
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -11,9 +14,13 @@ import torch
 
 import evals
 import judge
+import preferences
+import world
 from common import UserError
 from gpt import GPT, GPTConfig, save_checkpoint
 from tokenizer import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,6 @@ def test_grown_judge_computes_what_its_init_did(ab_enc):
 
 
 def test_comparisons_are_labelled_by_gold_and_splits_share_no_prompt():
-    import world
     w = world.make_world(1337)
     train, val = judge.comparisons(w, "train", 60, 0), judge.comparisons(w, "val", 30, 0)
     for _, a, b, label in train + val:
@@ -129,3 +135,73 @@ def test_verdict_tokens_must_be_single_tokens(small_enc):
         evals.check_judge_template("Q: {instruction} A: {a}", "--judge-template")
     with pytest.raises(UserError, match="bad judge template"):
         evals.check_judge_template("Q: {instruction} {a} {b} {c}", "--judge-template")
+
+
+# ----------------------------------------------------------------------------- preferences.py with the judges
+
+
+def run_preferences(*argv):
+    r = subprocess.run([sys.executable, "preferences.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr.strip()
+
+
+def tiny_ckpt(path, enc, stage, n_layer=1, **meta):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=256, n_layer=n_layer, n_head=2, n_embd=32))
+    save_checkpoint(str(path), model, enc, {"stage": stage, "args": {}, "metrics": {}, **meta})
+    return str(path)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"instruction": f"Describe {w}.", "output": f"the {w} is green , a good {w}"}
+            for w in ("kettle", "inn", "pie", "flag", "river", "belmora", "tosk", "cat")]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp_path / "p.jsonl")
+
+
+def test_preferences_with_an_llm_judge(tmp_path, ab_enc, prompts_file):
+    policy = tiny_ckpt(tmp_path / "sft", ab_enc, "sft")
+    judge_dir = tiny_ckpt(tmp_path / "judge", ab_enc, "judge", n_layer=2,
+                          judge={"template": evals.JUDGE_TEMPLATE, "verdicts": list(evals.VERDICT_TOKENS)})
+    meta = preferences.main(["--init", policy, "--prompts", prompts_file, "--judge", f"llm:{judge_dir}",
+                             "--keep-truncated", "--max-new-tokens", "8", "--n", "3", "--val-fraction", "0.25",
+                             "--out", str(tmp_path / "prefs"), "--device", "cpu"])
+    c = meta["counts"]
+    assert c["judged_pairs"] > 0 and 0 <= meta["position_consistency"] <= 1
+    for g in map(json.loads, open(tmp_path / "prefs" / "val_groups.jsonl")):
+        # mean win probabilities: over a prompt's k completions they sum to k / 2
+        assert sum(g["scores"]) == pytest.approx(len(g["scores"]) / 2)
+
+
+def test_preferences_relabels_pairs_with_a_measure(tmp_path):
+    rows = [{"prompt": f"Instruction: q{i}\nOutput:", "chosen": " a b c", "rejected": " a b c d e f",
+             "reference": "a b c d e"} for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = preferences.main(["--labels", str(tmp_path / "pairs.jsonl"), "--judge", "rouge1", "--val-fraction", "0.2",
+                             "--out", str(tmp_path / "out"), "--device", "cpu"])
+    pairs = [json.loads(line) for f in ("train.jsonl", "val.jsonl") for line in open(tmp_path / "out" / f)]
+    # ROUGE-1 against "a b c d e": " a b c" has F = 2 * 1 * .6 / 1.6 = .75, " a b c d e f" F = 2 * (5/6) * 1 / (11/6) = 10/11
+    assert meta["train_pairs"] + meta["val_pairs"] == 6
+    assert all(p["chosen"] == " a b c d e f" and p["score_chosen"] == pytest.approx(10 / 11) for p in pairs)
+
+
+def test_judge_bad_input_is_one_line(tmp_path, ab_enc, small_enc, prompts_file):
+    code, err = run_preferences("--judge", "gpt5")
+    assert code == 2 and err.splitlines()[-1].startswith("error:") and "unknown judge 'gpt5'" in err
+    assert "Traceback" not in err
+    # the rest raise UserError, which run_cli prints as one line `error: ...` with exit code 2
+    policy = tiny_ckpt(tmp_path / "sft", ab_enc, "sft")
+    other = tiny_ckpt(tmp_path / "judge", small_enc, "judge", judge={"template": evals.JUDGE_TEMPLATE})
+    common = ["--init", policy, "--prompts", prompts_file, "--n", "2", "--device", "cpu", "--out", str(tmp_path / "o")]
+    with pytest.raises(UserError, match="different tokenizers"):  # a judge trained on another tokenizer
+        preferences.main(common + ["--judge", f"llm:{other}"])
+    with pytest.raises(UserError, match="not a judge made by judge.py"):  # no judge, no template
+        preferences.main(common + ["--judge", f"llm:{policy}"])
+    with pytest.raises(UserError, match="needs {instruction}, {a} and {b}"):
+        preferences.main(common + ["--judge", f"llm:{policy}", "--judge-template", "Q: {instruction}"])
+    # a pair file without references, relabelled by a reference-based measure
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "Instruction: q\nOutput:", "chosen": " a",
+                                                      "rejected": " b"}) + "\n")
+    with pytest.raises(UserError, match=r"pairs.jsonl:1: no 'reference' answer, which --judge bleu compares"):
+        preferences.main(["--labels", str(tmp_path / "pairs.jsonl"), "--judge", "bleu", "--out", str(tmp_path / "o3")])
