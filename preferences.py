@@ -32,8 +32,8 @@ Written to OUT: train.jsonl and val.jsonl, one pair a line
 (completions as they follow the prompt: leading space, no EOS); val_groups.jsonl, every kept scored
 completion of each validation prompt {"prompt", "completions", "scores"} (reward.py ranks them for
 Kendall's tau); meta.json with the counts and time_s. Train and validation never share a prompt.
-On the default world's review prompts with any judge but the lexicon, meta.json also has the labels' agreement
-with the gold lexicon judge (gold_agreement: the share of pairs whose chosen answer the lexicon scores higher),
+On the default world's review prompts, meta.json also has the labels' agreement with the gold lexicon judge
+(gold_agreement: the share of pairs whose chosen answer the lexicon scores higher, a gold tie counting half),
 and val_gold.jsonl holds the validation groups' pairs as the gold judge labels them (for reward.py --val-data).
 With --labels and an explicit --judge, the given pairs are relabelled by that judge (a reference-based judge
 needs a 'reference' field in each record); pairs it ties are dropped.
@@ -356,11 +356,11 @@ def gold_agreement(pairs):
 
 
 def write_gold_check(args, val_groups, split_pairs, meta):
-    """On the default world's review prompts with a judge other than the lexicon: meta gets the labels' agreement
-    with the gold judge on the train and validation pairs, and OUT/val_gold.jsonl the validation groups' pairs as
-    the gold judge labels them, the held-out set on which a reward model trained on these labels is measured."""
+    """On the default world's review prompts: meta gets the labels' agreement with the gold judge on the train and
+    validation pairs (1 for the lexicon judge itself), and OUT/val_gold.jsonl the validation groups' pairs as the
+    gold judge labels them, the held-out set on which a reward model trained on any judge's labels is measured."""
     gold_path = os.path.join(args.out, "val_gold.jsonl")
-    if args.task != "review" or args.prompts or args.judge == "sentiment":
+    if args.task != "review" or args.prompts:
         if os.path.exists(gold_path):
             os.remove(gold_path)
         return

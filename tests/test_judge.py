@@ -12,12 +12,14 @@ import types
 import pytest
 import torch
 
+import data
 import evals
 import judge
 import preferences
+import report
 import world
 from common import UserError
-from gpt import GPT, GPTConfig, save_checkpoint
+from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,3 +207,40 @@ def test_judge_bad_input_is_one_line(tmp_path, ab_enc, small_enc, prompts_file):
                                                       "rejected": " b"}) + "\n")
     with pytest.raises(UserError, match=r"pairs.jsonl:1: no 'reference' answer, which --judge bleu compares"):
         preferences.main(["--labels", str(tmp_path / "pairs.jsonl"), "--judge", "bleu", "--out", str(tmp_path / "o3")])
+
+
+def test_preferences_bertscore_is_evals_bertscore(tmp_path, ab_enc, prompts_file):
+    policy = tiny_ckpt(tmp_path / "sft", ab_enc, "sft", n_layer=2)
+    preferences.main(["--init", policy, "--prompts", prompts_file, "--judge", "bertscore", "--judge-layer", "1",
+                      "--keep-truncated", "--max-new-tokens", "6", "--n", "3", "--val-fraction", "0.25",
+                      "--out", str(tmp_path / "prefs"), "--device", "cpu"])
+    model = load_checkpoint(policy)[0].eval()
+    refs = dict(data.load_sft_examples(prompts_file))
+    for g in map(json.loads, open(tmp_path / "prefs" / "val_groups.jsonl")):
+        _, ref = evals.layer_embeddings(model, ab_enc, refs[g["prompt"]].strip(), 1)
+        for text, score in zip(g["completions"], g["scores"]):
+            _, emb = evals.layer_embeddings(model, ab_enc, text.strip(), 1)
+            assert score == pytest.approx(evals.bertscore(emb, ref)[2])
+
+
+def test_review_reference_is_a_positive_review_of_the_asked_item():
+    w = world.make_world(1337)
+    for e in world.task_sets(w)["review"]["val"][:10]:
+        ref = preferences.review_reference(w, e["instruction"], 0)
+        assert world.sentiment_score(ref) > 0.75
+        assert evals.names_the_item(e["instruction"], ref, w.items) == 1.0
+        assert ref == preferences.review_reference(w, e["instruction"], 0)  # a pure function of (seed, prompt)
+
+
+def test_report_shows_judges_and_label_sources(tmp_path):
+
+    os.makedirs(tmp_path / "judge")
+    json.dump({"stage": "judge", "model": {}, "metrics": {"agreement": 0.95, "position_consistency": 0.9, "params": 5.5e6,
+                                                          "n_layer": 6, "n_embd": 256, "time_s": 600}},
+              open(tmp_path / "judge" / "config.json", "w"))
+    os.makedirs(tmp_path / "preferences_llm")
+    json.dump({"args": {"judge": "llm:out/judge"}, "gold_agreement": {"train": 0.8, "val": 0.75},
+               "position_consistency": 0.92, "train_pairs": 100}, open(tmp_path / "preferences_llm" / "meta.json", "w"))
+    text = "\n".join(report.label_source_lines(str(tmp_path)))
+    assert "| judge | 6 x 256 | 5.50M | 95.0% | 90.0% | 10.0 min |" in text
+    assert "| preferences_llm | llm:out/judge | 75.0% | 80.0% | 92.0% | 100 |" in text
