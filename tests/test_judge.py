@@ -20,6 +20,7 @@ import report
 import world
 from common import UserError
 from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from hf import export_hf
 from tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +175,30 @@ def test_preferences_with_an_llm_judge(tmp_path, ab_enc, prompts_file):
     for g in map(json.loads, open(tmp_path / "prefs" / "val_groups.jsonl")):
         # mean win probabilities: over a prompt's k completions they sum to k / 2
         assert sum(g["scores"]) == pytest.approx(len(g["scores"]) / 2)
+
+
+def test_a_hugging_face_gpt2_directory_judges_with_a_template(tmp_path, ab_enc):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=ab_enc.n_vocab, block_size=256, n_layer=1, n_head=2, n_embd=32)).eval()
+    export_hf(model, str(tmp_path / "hf"), ab_enc)
+    template = "Q: {instruction}\nA: {a}\nB: {b}\nBetter:"
+    judge_model, enc, used, ids = preferences.load_llm_judge(str(tmp_path / "hf"), template, None, "cpu")
+    assert used == template and ids == evals.verdict_token_ids(ab_enc, "x")
+    scores = preferences.llm_scores((judge_model, enc, used, ids), {"judged_pairs": 0, "position_consistent": 0},
+                                    "Instruction: Review the pie.\nOutput:", [" good", " bad", " fine"], None)
+    row = torch.tensor([enc.encode_ordinary("Q: Review the pie.\nA: good\nB: bad\nBetter:")])
+    logp = torch.log_softmax(model(row)[0, -1], -1)
+    d_ab = (logp[ids[0]] - logp[ids[1]]).item()
+    row = torch.tensor([enc.encode_ordinary("Q: Review the pie.\nA: bad\nB: good\nBetter:")])
+    logp = torch.log_softmax(model(row)[0, -1], -1)
+    d_ba = (logp[ids[0]] - logp[ids[1]]).item()
+    v = torch.tensor([(d_ab - d_ba) / 2])
+    assert len(scores) == 3 and sum(scores) == pytest.approx(1.5)
+    # two completions: the first one's score is sigmoid(v) of their one pair, judged on the template's prompt with
+    # the instruction taken out of the policy's prompt (judge_instruction)
+    others = preferences.llm_scores((judge_model, enc, used, ids), {"judged_pairs": 0, "position_consistent": 0},
+                                    "Instruction: Review the pie.\nOutput:", [" good", " bad"], None)
+    assert others[0] == pytest.approx(torch.sigmoid(v).item(), abs=1e-5)
 
 
 def test_preferences_relabels_pairs_with_a_measure(tmp_path):
