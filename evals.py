@@ -226,7 +226,8 @@ def judge_pairs(model, enc, template, triples, verdict_ids, batch=32):
     """Judge each (instruction, a, b) in both orders -> (v, consistent): v = combine_orders(d_ab, d_ba) > 0 when
     a is better (a tensor of log-odds), consistent = position_consistent (a bool tensor)."""
     d_ab = torch.tensor(judge_order_margins(model, enc, template, triples, verdict_ids, batch))
-    d_ba = torch.tensor(judge_order_margins(model, enc, template, [(i, b, a) for i, a, b in triples], verdict_ids, batch))
+    swapped = [(i, b, a) for i, a, b in triples]
+    d_ba = torch.tensor(judge_order_margins(model, enc, template, swapped, verdict_ids, batch))
     return combine_orders(d_ab, d_ba), position_consistent(d_ab, d_ba)
 
 

@@ -146,7 +146,8 @@ def main(argv=None):
     model.train()
     verdict_ids = verdict_token_ids(enc, args.init)
     w = world.make_world(args.world_seed)
-    train, held_out = comparisons(w, "train", args.train_pairs, args.seed), comparisons(w, "val", args.val_pairs, args.seed)
+    train = comparisons(w, "train", args.train_pairs, args.seed)
+    held_out = comparisons(w, "val", args.val_pairs, args.seed)
     n_params = model.num_params()
     print(f"judge: {model.config.n_layer} layers x {model.config.n_embd} wide, {n_params / 1e6:.2f}M parameters "
           f"(--init {args.init}: {base.config.n_layer} layers) | {len(train)} train, {len(held_out)} held-out "

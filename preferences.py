@@ -23,9 +23,9 @@ world's alignment objective) needs no reference; `exact`, `jaccard`, `bleu`, `ro
 reference output: the fact's answer, or for `--task review` a very positive review of the asked item that the
 world writes. `llm:DIR` is a pairwise judge (judge.py, or a Hugging Face GPT-2 directory with --judge-template):
 each pair of a prompt's completions is judged in both orders (evals.judge_pairs), and a completion's score is
-its mean probability of winning, sigmoid(v), against the prompt's other completions. Exact duplicates, completions cut off at --max-new-tokens (no EOS) and pairs
-with equal scores are dropped and counted. `--pairs all` keeps every pair of distinct scores,
-`--pairs best-worst` the best against the worst of each prompt.
+its mean probability of winning, sigmoid(v), against the prompt's other completions. Exact duplicates,
+completions cut off at --max-new-tokens (no EOS) and pairs with equal scores are dropped and counted.
+`--pairs all` keeps every pair of distinct scores, `--pairs best-worst` the best against the worst of each prompt.
 
 Written to OUT: train.jsonl and val.jsonl, one pair a line
     {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
@@ -53,8 +53,8 @@ import data
 import world
 from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, fraction0, nonneg_int, positive_float,
                     positive_int, positive_prob, run_cli)
-from evals import (asked_item, bertscore, bleu, check_judge_template, exact_match, idf_weights, jaccard, judge_instruction,
-                   judge_pairs, layer_embeddings, rouge_l, rouge_n, strip_eos, verdict_token_ids)
+from evals import (asked_item, bertscore, bleu, check_judge_template, exact_match, idf_weights, jaccard,
+                   judge_instruction, judge_pairs, layer_embeddings, rouge_l, rouge_n, strip_eos, verdict_token_ids)
 from gpt import check_same_tokenizer, generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 from training import add_threads_arg, batch_seed, gather_chunks, my_chunks, setup
@@ -158,7 +158,7 @@ def load_prompt_sets(args):
         if not needs_reference(args.judge):
             ref = lambda e: None
         elif args.task == "review":
-            ref = lambda e: review_reference(w, e["instruction"], args.seed)
+            ref = lambda e: review_reference(w, e["instruction"])
         else:
             ref = lambda e: data.format_completion(e["output"])
         train, val = ({data.format_prompt(e["instruction"], e["input"]): ref(e) for e in tasks[s]} for s in ("train", "val"))
@@ -170,10 +170,10 @@ def load_prompt_sets(args):
     return train, val
 
 
-def review_reference(w, instruction, seed):
+def review_reference(w, instruction):
     """The reference answer of a review prompt for the reference-based judges: a very positive review (level +2)
-    of the item it asks about, written by the world with a generator seeded by (seed, prompt)."""
-    rng = random.Random(f"{seed}/reference/{instruction}")
+    of the item it asks about, written by the world with a generator seeded by (world seed, prompt)."""
+    rng = random.Random(f"{w.seed}/reference/{instruction}")
     return data.format_completion(world.review_text(rng, asked_item(instruction, w.items) or rng.choice(w.items), 2))
 
 
@@ -209,8 +209,8 @@ def llm_scores(judge, counts, prompt, texts, ref):
     pairs = list(itertools.combinations(range(len(texts)), 2))
     if not pairs:
         return [0.5] * len(texts)
-    v, consistent = judge_pairs(model, enc, template, [(judge_instruction(prompt), texts[i], texts[j]) for i, j in pairs],
-                                verdict_ids)
+    instruction = judge_instruction(prompt)
+    v, consistent = judge_pairs(model, enc, template, [(instruction, texts[i], texts[j]) for i, j in pairs], verdict_ids)
     wins = [[] for _ in texts]
     for (i, j), p in zip(pairs, torch.sigmoid(v).tolist()):
         wins[i].append(p)
@@ -237,7 +237,8 @@ def load_llm_judge(path, template, policy_enc, device):
 
 
 def make_judge(args, policy_enc, device, refs, counts):
-    """-> score(prompt, texts, reference or None) -> [floats] for --judge; refs: the train references (bertscore's idf)."""
+    """-> score(prompt, texts, reference or None) -> [floats] for --judge; refs: the train references (for
+    bertscore's idf)."""
     if args.judge == "sentiment":
         return sentiment_scores
     if args.judge.startswith("llm:"):
@@ -340,7 +341,8 @@ def label_pairs(args, enc, device, counts):
             counts["ties"] += sc == sr
             if sc != sr:
                 w, l = ("chosen", "rejected") if sc > sr else ("rejected", "chosen")
-                kept.append({**p, "chosen": p[w], "rejected": p[l], "score_chosen": max(sc, sr), "score_rejected": min(sc, sr)})
+                kept.append({**p, "chosen": p[w], "rejected": p[l], "score_chosen": max(sc, sr),
+                             "score_rejected": min(sc, sr)})
         pairs = kept
     for p in pairs:
         p.pop("where")
@@ -365,7 +367,8 @@ def write_gold_check(args, val_groups, split_pairs, meta):
             os.remove(gold_path)
         return
     meta["gold_agreement"] = {split: gold_agreement(pairs) for split, pairs in split_pairs.items()}
-    gold_pairs = [pair for p, t, _ in val_groups for pair in make_pairs(p, t, sentiment_scores(p, t, None), args.pairs)[0]]
+    gold_pairs = [pair for p, t, _ in val_groups
+                  for pair in make_pairs(p, t, sentiment_scores(p, t, None), args.pairs)[0]]
     write_jsonl(gold_path, gold_pairs)
 
 

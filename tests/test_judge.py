@@ -251,10 +251,10 @@ def test_preferences_bertscore_is_evals_bertscore(tmp_path, ab_enc, prompts_file
 def test_review_reference_is_a_positive_review_of_the_asked_item():
     w = world.make_world(1337)
     for e in world.task_sets(w)["review"]["val"][:10]:
-        ref = preferences.review_reference(w, e["instruction"], 0)
+        ref = preferences.review_reference(w, e["instruction"])
         assert world.sentiment_score(ref) > 0.75
         assert evals.names_the_item(e["instruction"], ref, w.items) == 1.0
-        assert ref == preferences.review_reference(w, e["instruction"], 0)  # a pure function of (seed, prompt)
+        assert ref == preferences.review_reference(w, e["instruction"])  # a pure function of (world, prompt)
 
 
 def test_report_shows_judges_and_label_sources(tmp_path):
