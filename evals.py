@@ -45,6 +45,10 @@ def jaccard(a, b):
     return len(A & B) / len(A | B) if A | B else 1.0
 
 
+def ngrams(tokens, n):
+    return Counter(zip(*[tokens[i:] for i in range(n)]))
+
+
 def bleu(candidate, reference, max_n=4):
     """Sentence BLEU = BP * exp(1/N sum_n log p_n), N = max_n, p_n = clipped n-gram precision:
     p_n = m_n / max(1, c_n), m_n = sum_g min(count_cand(g), count_ref(g)), c_n = number of candidate n-grams.
@@ -57,7 +61,7 @@ def bleu(candidate, reference, max_n=4):
         return 0.0
     logp = 0.0
     for n in range(1, max_n + 1):
-        cand, ref = Counter(zip(*[c[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
+        cand, ref = ngrams(c, n), ngrams(r, n)
         m, total = sum(min(k, ref[g]) for g, k in cand.items()), sum(cand.values())
         if n == 1 and m == 0:
             return 0.0
@@ -81,10 +85,6 @@ def rouge_l(candidate, reference):
 
 
 # ----------------------------------------------------------------------------- n-gram and semantic measures
-
-def ngrams(tokens, n):
-    return Counter(zip(*[tokens[i:] for i in range(n)]))
-
 
 def rouge_n(candidate, reference, n=1):
     """ROUGE-N F1 over lowercase words: overlap m = sum_g min(count_cand(g), count_ref(g)) over n-grams g,

@@ -247,6 +247,9 @@ def make_judge(args, policy_enc, device, refs, counts):
     if args.judge == "bertscore":
         model, enc, _ = load_checkpoint(args.judge_model or args.init, device, hint="python pretrain.py")
         layer = model.config.n_layer // 2 if args.judge_layer is None else args.judge_layer
+        if layer > model.config.n_layer:
+            raise UserError(f"--judge-layer {layer}: {args.judge_model or args.init} has blocks 1..{model.config.n_layer}"
+                            f" (0 = the embeddings)")
         idf = idf_weights([enc.encode_ordinary(r.strip()) for r in refs]) if args.idf else None
         return functools.partial(bertscore_scores, (model.eval(), enc, layer), idf)
     return functools.partial(pointwise_scores, JUDGES[args.judge])

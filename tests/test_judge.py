@@ -225,6 +225,8 @@ def test_judge_bad_input_is_one_line(tmp_path, ab_enc, small_enc, prompts_file):
         preferences.main(common + ["--judge", f"llm:{other}"])
     with pytest.raises(UserError, match="not a judge made by judge.py"):  # no judge, no template
         preferences.main(common + ["--judge", f"llm:{policy}"])
+    with pytest.raises(UserError, match="--judge-layer 3: .* has blocks 1..1"):
+        preferences.main(common + ["--judge", "bertscore", "--judge-layer", "3"])
     with pytest.raises(UserError, match="needs {instruction}, {a} and {b}"):
         preferences.main(common + ["--judge", f"llm:{policy}", "--judge-template", "Q: {instruction}"])
     # a pair file without references, relabelled by a reference-based measure
