@@ -33,7 +33,8 @@ Written to OUT: train.jsonl and val.jsonl, one pair a line
 completion of each validation prompt {"prompt", "completions", "scores"} (reward.py ranks them for
 Kendall's tau); meta.json with the counts and time_s. Train and validation never share a prompt.
 On the default world's review prompts, meta.json also has the labels' agreement with the gold lexicon judge
-(gold_agreement: the share of pairs whose chosen answer the lexicon scores higher, a gold tie counting half),
+(gold_agreement: the share of the pairs it does not tie whose chosen answer it scores higher; gold_ties: the
+share it ties),
 and val_gold.jsonl holds the validation groups' pairs as the gold judge labels them (for reward.py --val-data).
 With --labels and an explicit --judge, the given pairs are relabelled by that judge (a reference-based judge
 needs a 'reference' field in each record); pairs it ties are dropped.
@@ -355,9 +356,11 @@ def label_pairs(args, enc, device, counts):
 
 
 def gold_agreement(pairs):
-    """Share of pairs whose chosen answer the gold lexicon judge scores higher (a gold tie counts half)."""
+    """-> (agreement, ties): the share of the pairs the gold lexicon judge does not tie whose chosen answer it
+    scores higher, and the share of pairs it ties (on which a label can be neither right nor wrong)."""
     gold = [(world.sentiment_score(p["chosen"]), world.sentiment_score(p["rejected"])) for p in pairs]
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in gold) / max(1, len(gold))
+    decided = [c > r for c, r in gold if c != r]
+    return sum(decided) / max(1, len(decided)), 1 - len(decided) / max(1, len(gold))
 
 
 def write_gold_check(args, val_groups, split_pairs, meta):
@@ -369,7 +372,9 @@ def write_gold_check(args, val_groups, split_pairs, meta):
         if os.path.exists(gold_path):
             os.remove(gold_path)
         return
-    meta["gold_agreement"] = {split: gold_agreement(pairs) for split, pairs in split_pairs.items()}
+    agreement = {split: gold_agreement(pairs) for split, pairs in split_pairs.items()}
+    meta["gold_agreement"] = {split: a for split, (a, _) in agreement.items()}
+    meta["gold_ties"] = {split: t for split, (_, t) in agreement.items()}
     gold_pairs = [pair for p, t, _ in val_groups
                   for pair in make_pairs(p, t, sentiment_scores(p, t, None), args.pairs)[0]]
     write_jsonl(gold_path, gold_pairs)

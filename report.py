@@ -226,11 +226,14 @@ def label_source_lines(out_dir):
     metas = [(n, m) for n, m in metas if "gold_agreement" in m]
     if metas:
         lines += ["", "## Label sources (preferences*/meta.json: the pairs' agreement with the gold lexicon judge)", "",
-                  "| pairs | judge | agreement, held-out pairs | agreement, train pairs | position consistency | "
-                  "train pairs |", "|---|---|---:|---:|---:|---:|"]
+                  "agreement: share of the pairs the gold judge does not tie that it orders as the labels do; "
+                  "gold ties: share of the pairs it ties.", "",
+                  "| pairs | judge | agreement, held-out pairs | agreement, train pairs | gold ties, held-out | "
+                  "position consistency | train pairs |", "|---|---|---:|---:|---:|---:|---:|"]
         for name, m in metas:
             lines.append(f"| {name} | {m['args']['judge']} | {fmt(m['gold_agreement']['val'], '.1%')} | "
-                         f"{fmt(m['gold_agreement']['train'], '.1%')} | {fmt(m.get('position_consistency'), '.1%')} | "
+                         f"{fmt(m['gold_agreement']['train'], '.1%')} | {fmt(m.get('gold_ties', {}).get('val'), '.1%')} | "
+                         f"{fmt(m.get('position_consistency'), '.1%')} | "
                          f"{m['train_pairs']} |")
     return lines
 

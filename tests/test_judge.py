@@ -259,6 +259,13 @@ def test_review_reference_is_a_positive_review_of_the_asked_item():
         assert ref == preferences.review_reference(w, e["instruction"])  # a pure function of (world, prompt)
 
 
+def test_gold_agreement_leaves_out_the_pairs_gold_ties():
+    pairs = [{"chosen": "great", "rejected": "awful"}, {"chosen": "awful", "rejected": "great"},
+             {"chosen": "great", "rejected": "bad"}, {"chosen": "a kettle", "rejected": "an inn"}]
+    assert world.sentiment_score("a kettle") == world.sentiment_score("an inn") == 0
+    assert preferences.gold_agreement(pairs) == (pytest.approx(2 / 3), 0.25)
+
+
 def test_report_shows_judges_and_label_sources(tmp_path):
 
     os.makedirs(tmp_path / "judge")
@@ -270,4 +277,4 @@ def test_report_shows_judges_and_label_sources(tmp_path):
                "position_consistency": 0.92, "train_pairs": 100}, open(tmp_path / "preferences_llm" / "meta.json", "w"))
     text = "\n".join(report.label_source_lines(str(tmp_path)))
     assert "| judge | 6 x 256 | 5.50M | 95.0% | 90.0% | 10.0 min |" in text
-    assert "| preferences_llm | llm:out/judge | 75.0% | 80.0% | 92.0% | 100 |" in text
+    assert "| preferences_llm | llm:out/judge | 75.0% | 80.0% | — | 92.0% | 100 |" in text
