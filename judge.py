@@ -33,7 +33,7 @@ import time
 import torch
 
 import world
-from common import ArgumentParser, nonneg_int, positive_int, run_cli
+from common import ArgumentParser, nonneg_int, positive_int, prob, run_cli
 from evals import (JUDGE_TEMPLATE, VERDICT_TOKENS, asked_item, judge_pairs, judge_prompt, last_token_logits,
                    verdict_token_ids)
 from gpt import GPT, GPTConfig, cross_entropy_loss, load_checkpoint, save_checkpoint
@@ -52,18 +52,31 @@ def verdict_loss(last_logits, verdict_ids):
 
 # ----------------------------------------------------------------------------- data
 
-def comparisons(w, split, n, seed):
-    """n comparisons (instruction, a, b, gold label: 0 if a is better, 1 if b) on the review prompts of `split`:
-    two reviews written by the world at random sentiment levels, of the asked item (of another one in 1 of
-    5), kept when the gold lexicon scores differ."""
+def answer(rng, w, item, docs, other):
+    """One answer to compare: a review the world writes at a random sentiment level, of the asked item (of another
+    one in 1 of 5), cut after a random word in 1 of 4; or, with probability `other`, a window of 5-60 words of a
+    pre-training document (stories, facts, sums, reviews), the kind of text a policy that is not yet a good
+    reviewer writes."""
+    if rng.random() < other:
+        doc = rng.choice(docs).split(" ")
+        start = rng.randrange(len(doc))
+        return " ".join(doc[start:start + rng.randint(5, 60)])
+    text = world.review_text(rng, item if rng.random() < 0.8 else rng.choice(w.items), rng.choice(world.LEVELS))
+    if rng.random() < 0.25:
+        text = " ".join(text.split(" ")[:rng.randint(2, len(text.split(" ")))])
+    return text
+
+
+def comparisons(w, split, n, seed, docs, other=0.0):
+    """n comparisons (instruction, a, b, gold label: 0 if a is better, 1 if b) on the review prompts of `split`,
+    two answers (`answer`) kept when the gold lexicon scores differ."""
     rng = random.Random(f"{seed}/judge/{split}")
     prompts = sorted({e["instruction"] for e in world.task_sets(w)["review"][split]})
     out = []
     while len(out) < n:
         instruction = rng.choice(prompts)
         item = asked_item(instruction, w.items)
-        a, b = (world.review_text(rng, item if rng.random() < 0.8 else rng.choice(w.items), rng.choice(world.LEVELS))
-                for _ in range(2))
+        a, b = (answer(rng, w, item, docs, other) for _ in range(2))
         sa, sb = world.sentiment_score(a), world.sentiment_score(b)
         if sa != sb:
             out.append((instruction, " " + a, " " + b, 0 if sa > sb else 1))
@@ -118,6 +131,8 @@ def build_parser():
     p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world")
     p.add_argument("--train-pairs", type=positive_int, default=4000, help="training comparisons (train prompts)")
     p.add_argument("--val-pairs", type=positive_int, default=300, help="held-out comparisons (validation prompts)")
+    p.add_argument("--other-text", type=prob, default=0.3, help="share of answers that are windows of pre-training "
+                   "text rather than reviews (0 = reviews only)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="comparisons per step (2x rows: both orders)")
     p.add_argument("--max-iters", type=positive_int, default=200, help="optimizer steps")
     add_optimizer_args(p, lr=3e-4, min_lr=3e-5, warmup=20, weight_decay=0.0)
@@ -146,8 +161,9 @@ def main(argv=None):
     model.train()
     verdict_ids = verdict_token_ids(enc, args.init)
     w = world.make_world(args.world_seed)
-    train = comparisons(w, "train", args.train_pairs, args.seed)
-    held_out = comparisons(w, "val", args.val_pairs, args.seed)
+    docs = world.pretrain_docs(w)
+    train = comparisons(w, "train", args.train_pairs, args.seed, docs, args.other_text)
+    held_out = comparisons(w, "val", args.val_pairs, args.seed, docs, args.other_text)
     n_params = model.num_params()
     print(f"judge: {model.config.n_layer} layers x {model.config.n_embd} wide, {n_params / 1e6:.2f}M parameters "
           f"(--init {args.init}: {base.config.n_layer} layers) | {len(train)} train, {len(held_out)} held-out "

@@ -110,7 +110,9 @@ def test_grown_judge_computes_what_its_init_did(ab_enc):
 
 def test_comparisons_are_labelled_by_gold_and_splits_share_no_prompt():
     w = world.make_world(1337)
-    train, val = judge.comparisons(w, "train", 60, 0), judge.comparisons(w, "val", 30, 0)
+    docs = ["one two three four five six seven", "the kettle is great . I loved it"]
+    train, val = judge.comparisons(w, "train", 60, 0, docs, 0.3), judge.comparisons(w, "val", 30, 0, docs, 0.3)
+    assert any(a.strip() in docs[0] or a.strip() in docs[1] for _, a, _, _ in train)  # windows of the documents
     for _, a, b, label in train + val:
         sa, sb = world.sentiment_score(a), world.sentiment_score(b)
         assert (sa > sb) == (label == 0) and sa != sb
@@ -122,7 +124,7 @@ def test_comparisons_are_labelled_by_gold_and_splits_share_no_prompt():
 def test_judge_main_tiny(tmp_path, ab_enc):
     torch.manual_seed(0)
     init = tmp_path / "pre"
-    save_checkpoint(str(init), GPT(GPTConfig(vocab_size=ab_enc.n_vocab, block_size=256, n_layer=1, n_head=2, n_embd=32)),
+    save_checkpoint(str(init), GPT(GPTConfig(vocab_size=ab_enc.n_vocab, block_size=512, n_layer=1, n_head=2, n_embd=32)),
                     ab_enc, {"stage": "pretrain", "args": {}, "metrics": {}})
     m = judge.main(["--init", str(init), "--out", str(tmp_path / "judge"), "--max-iters", "2", "--train-pairs", "8",
                     "--val-pairs", "6", "--batch-size", "2", "--eval-batch", "4", "--device", "cpu", "--threads", "1"])
