@@ -14,8 +14,11 @@ gives the new blocks their work. (`python pretrain.py --n-layer 6 --n-embd 384 -
 judge pre-trained at its own size instead, at about 3x the cost of the default pre-training.)
 
 Its training comparisons are disjoint from every pair it later labels: the answers are reviews the world
-writes (world.review_text at random sentiment levels, sometimes of another item), never a policy's samples, for
-the prompts of the world's review train split; the held-out comparisons use the validation split's prompts.
+writes (world.review_text at random sentiment levels, sometimes of another item, a quarter cut short) and, for
+--other-text of them, windows of pre-training text, never a policy's samples, for the prompts of the world's
+review train split; the held-out comparisons use the validation split's prompts. (A judge trained on whole
+reviews only agreed with gold on 94% of held-out reviews but on 53% of a pre-trained model's samples, which are
+mostly not reviews: docs/judges.md.)
 Each is labelled by the gold lexicon judge (world.sentiment_score), as JudgeLM and Prometheus are trained on
 the labels of a stronger judge.
 
