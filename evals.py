@@ -45,20 +45,27 @@ def jaccard(a, b):
     return len(A & B) / len(A | B) if A | B else 1.0
 
 
+def ngrams(tokens, n):
+    return Counter(zip(*[tokens[i:] for i in range(n)]))
+
+
 def bleu(candidate, reference, max_n=4):
     """Sentence BLEU = BP * exp(1/N sum_n log p_n), N = max_n, p_n = clipped n-gram precision:
-    p_n = sum_g min(count_cand(g), count_ref(g)) / (number of candidate n-grams). Add-one smoothing for
-    n > 1 (p_n = (m_n + 1) / (c_n + 1), Lin & Och 2004) so one missing 4-gram does not zero the score;
-    p_1 is not smoothed (no word in common -> 0). BP = 1 if c > r else exp(1 - r/c), c, r = lengths."""
+    p_n = m_n / max(1, c_n), m_n = sum_g min(count_cand(g), count_ref(g)), c_n = number of candidate n-grams.
+    Add-one smoothing for n > 1 (p_n = (m_n + 1) / (max(1, c_n) + 1), Lin & Och 2004) so one missing 4-gram
+    does not zero the score; p_1 is not smoothed (no word in common -> 0). BP = 1 if c > r else exp(1 - r/c),
+    c, r = lengths. This is NLTK's sentence_bleu with SmoothingFunction().method2 on the same words, also for
+    candidates shorter than max_n words (c_n = 0 counts as 0/1, smoothed to 1/2), checked in test_measures."""
     c, r = words(candidate), words(reference)
     if not c:
         return 0.0
     logp = 0.0
     for n in range(1, max_n + 1):
-        cand, ref = Counter(zip(*[c[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
+        cand, ref = ngrams(c, n), ngrams(r, n)
         m, total = sum(min(k, ref[g]) for g, k in cand.items()), sum(cand.values())
         if n == 1 and m == 0:
             return 0.0
+        total = max(1, total)  # NLTK's denominator: an order with no candidate n-gram is 0/1
         logp += math.log(m / total if n == 1 else (m + 1) / (total + 1))
     bp = 1.0 if len(c) > len(r) else math.exp(1 - len(r) / len(c))
     return bp * math.exp(logp / max_n)
@@ -75,6 +82,170 @@ def rouge_l(candidate, reference):
         prev = row
     L = prev[-1]
     return 0.0 if L == 0 else 2 * (L / len(c)) * (L / len(r)) / (L / len(c) + L / len(r))
+
+
+# ----------------------------------------------------------------------------- n-gram and semantic measures
+
+def rouge_n(candidate, reference, n=1):
+    """ROUGE-N F1 over lowercase words: overlap m = sum_g min(count_cand(g), count_ref(g)) over n-grams g,
+    P = m / (candidate n-grams), R = m / (reference n-grams), F = 2PR / (P + R); 0 when m = 0."""
+    c, r = ngrams(words(candidate), n), ngrams(words(reference), n)
+    m = sum(min(k, r[g]) for g, k in c.items())
+    if m == 0:
+        return 0.0
+    p, rec = m / sum(c.values()), m / sum(r.values())
+    return 2 * p * rec / (p + rec)
+
+
+def idf_weights(token_lists):
+    """idf(w) = log((M + 1) / (df(w) + 1)) over M reference texts, df(w) = the texts that contain w: the
+    paper's -log(df/M), smoothed as bert-score computes it, so a token no reference has gets log(M + 1)."""
+    df = Counter(t for toks in token_lists for t in set(toks))
+    M = len(token_lists)
+    return lambda t: math.log((M + 1) / (df.get(t, 0) + 1))
+
+
+def bertscore(cand_emb, ref_emb, cand_weights=None, ref_weights=None):
+    """BERTScore (Zhang et al. 2020, eq. 1-3) of a candidate x^ against a reference x, from token embeddings
+    (m, d) and (k, d): with cosine similarities S_ij = x_i . x^_j / (|x_i| |x^_j|), greedy matching gives
+        R = sum_i w(x_i) max_j S_ij / sum_i w(x_i),   P = sum_j w(x^_j) max_i S_ij / sum_j w(x^_j),
+        F = 2PR / (P + R),
+    w = 1 without idf, else idf of the token (eq. 4). -> (P, R, F) as floats."""
+    x = torch.nn.functional.normalize(ref_emb.double(), dim=-1)
+    xh = torch.nn.functional.normalize(cand_emb.double(), dim=-1)
+    S = x @ xh.T  # (k reference tokens, m candidate tokens)
+    wr = torch.ones(len(x), dtype=S.dtype) if ref_weights is None else torch.as_tensor(ref_weights, dtype=S.dtype)
+    wc = torch.ones(len(xh), dtype=S.dtype) if cand_weights is None else torch.as_tensor(cand_weights, dtype=S.dtype)
+    R = (wr * S.max(dim=1).values).sum() / wr.sum()
+    P = (wc * S.max(dim=0).values).sum() / wc.sum()
+    F = 2 * P * R / (P + R)
+    return P.item(), R.item(), F.item()
+
+
+def rescale_with_baseline(score, b):
+    """Baseline rescaling (Zhang et al. 2020, sec. 4): s' = (s - b) / (1 - b), b the mean score of unrelated
+    pairs, so that unrelated text scores about 0 rather than the narrow band near 1 cosines crowd into.
+    Affine and increasing: it changes no ranking, only how the scores read."""
+    return (score - b) / (1 - b)
+
+
+@torch.no_grad()
+def layer_embeddings(model, enc, text, layer):
+    """(token ids, (T, C) contextual vectors) of `text` at the output of block `layer` (1..n_layer; 0 is the
+    token + position embeddings). The text follows an EOS, as every document does in pre-training, so its
+    first token has a context; the EOS itself is dropped. A causal model: position t sees tokens <= t only."""
+    if not 0 <= layer <= model.config.n_layer:
+        raise UserError(f"layer {layer} out of range: the model has blocks 1..{model.config.n_layer} (0 = embeddings)")
+    ids = enc.encode_ordinary(text)
+    device = next(model.parameters()).device
+    idx = torch.tensor([[eos_id(enc)] + ids], device=device)
+    if idx.size(1) > model.config.block_size:
+        raise UserError(f"text of {idx.size(1)} tokens is longer than the model's context ({model.config.block_size})")
+    pos = torch.arange(idx.size(1), device=device)[None]
+    h = model.transformer.wte(idx) + model.transformer.wpe(pos)
+    for block in model.transformer.h[:layer]:
+        h = block(h)  # no mask: one unpadded row, causal attention
+    return ids, h[0, 1:].float().cpu()
+
+
+def bertscore_baseline(embed, texts, n_pairs=200, seed=0):
+    """b of rescale_with_baseline: the mean F of n_pairs random pairs of different texts, embed(text) -> (m, d)."""
+    rng = np.random.default_rng(seed)
+    fs = []
+    for _ in range(n_pairs):
+        i, j = rng.choice(len(texts), size=2, replace=False)
+        fs.append(bertscore(embed(texts[i]), embed(texts[j]))[2])
+    return sum(fs) / len(fs)
+
+
+# ----------------------------------------------------------------------------- an LLM as judge
+# A language model shown an instruction and two answers, A and B, reads its verdict off the next-token
+# log-probabilities of " A" and " B" (nothing is sampled). Every pair is judged in both orders, which cancels a
+# preference for a position; judge.py trains such a judge, preferences.py labels pairs with it.
+
+JUDGE_TEMPLATE = "Question: {instruction}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better, A or B? Better:"
+VERDICT_TOKENS = (" A", " B")
+
+
+def judge_instruction(prompt):
+    """The instruction a judge is shown: the policy's prompt without the template's "Instruction: " and "Output:"."""
+    text = prompt.strip().removesuffix("Output:").strip()
+    return text.removeprefix("Instruction: ").strip()
+
+
+def judge_prompt(template, instruction, a, b):
+    return template.format(instruction=instruction, a=a.strip(), b=b.strip())
+
+
+def verdict_logprobs(last_logits, a_id, b_id):
+    """(B, vocab) logits at the prompt's last token -> (log P(" A"), log P(" B")), each (B,): the next-token
+    log_softmax over the whole vocabulary, read at the two verdict tokens."""
+    logp = torch.log_softmax(last_logits.float(), dim=-1)
+    return logp[:, a_id], logp[:, b_id]
+
+
+def combine_orders(d_ab, d_ba):
+    """The verdict on (a, b) from both orders, d = log P(A) - log P(B): shown (a, b), d_ab > 0 favours a;
+    shown (b, a), d_ba > 0 favours b. v = (d_ab - d_ba) / 2 > 0 favours a, and v(b, a) = -v(a, b) exactly,
+    so a judge that always says "A" (or always "B") gives v = 0: no preference."""
+    return (d_ab - d_ba) / 2
+
+
+def position_consistent(d_ab, d_ba):
+    """The verdict survives the swap: a preferred in both orders (d_ab > 0, d_ba < 0) or b in both."""
+    return ((d_ab > 0) & (d_ba < 0)) | ((d_ab < 0) & (d_ba > 0))
+
+
+def last_token_logits(model, rows, pad):
+    """Next-token logits after the last token of each row of ids, (B, vocab). The rows are padded on the right:
+    attention is causal, so no real token sees the padding, and positions count from 0 in every row."""
+    device = next(model.parameters()).device
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([r + [pad] * (T - len(r)) for r in rows], device=device)
+    h = model.hidden_states(idx)
+    last = torch.tensor([len(r) - 1 for r in rows], device=device)
+    return model.lm_head(h[torch.arange(len(rows), device=device), last])
+
+
+def judge_order_margins(model, enc, template, triples, verdict_ids, batch=32):
+    """d = log P(A) - log P(B) for each (instruction, a, b) shown in this order, a list of floats."""
+    out = []
+    for chunk in batched(triples, batch):
+        rows = [enc.encode_ordinary(judge_prompt(template, *t)) for t in chunk]
+        too_long = max(len(r) for r in rows)
+        if too_long > model.config.block_size:
+            raise UserError(f"a judge prompt of {too_long} tokens is longer than the judge's context "
+                            f"({model.config.block_size}); shorten the completions (--max-new-tokens)")
+        la, lb = verdict_logprobs(last_token_logits(model, rows, pad_id(enc)), *verdict_ids)
+        out += (la - lb).tolist()
+    return out
+
+
+@torch.no_grad()
+def judge_pairs(model, enc, template, triples, verdict_ids, batch=32):
+    """Judge each (instruction, a, b) in both orders -> (v, consistent): v = combine_orders(d_ab, d_ba) > 0 when
+    a is better (a tensor of log-odds), consistent = position_consistent (a bool tensor)."""
+    d_ab = torch.tensor(judge_order_margins(model, enc, template, triples, verdict_ids, batch))
+    swapped = [(i, b, a) for i, a, b in triples]
+    d_ba = torch.tensor(judge_order_margins(model, enc, template, swapped, verdict_ids, batch))
+    return combine_orders(d_ab, d_ba), position_consistent(d_ab, d_ba)
+
+
+def verdict_token_ids(enc, where):
+    """The ids of " A" and " B", each one token of the judge's tokenizer."""
+    ids = [enc.encode_ordinary(t) for t in VERDICT_TOKENS]
+    if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
+        raise UserError(f"{where}: the verdicts {VERDICT_TOKENS} are not two distinct single tokens of its tokenizer")
+    return ids[0][0], ids[1][0]
+
+
+def check_judge_template(template, where):
+    try:
+        judge_prompt(template, "i", "a", "b")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"{where}: bad judge template ({e!r}); use the fields {{instruction}}, {{a}}, {{b}} only")
+    if any("{" + f + "}" not in template for f in ("instruction", "a", "b")):
+        raise UserError(f"{where}: a judge template needs {{instruction}}, {{a}} and {{b}}")
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -183,14 +354,20 @@ def mean_ci95(xs):
     return m, 1.96 * s / math.sqrt(n)
 
 
+def asked_item(prompt, items):
+    """The item a review prompt asks about: the longest of `items` named in it, or None."""
+    named = [i for i in items if i.lower() in prompt.lower()]
+    return max(named, key=len) if named else None
+
+
 def names_the_item(prompt, completion, items):
     """1.0 if the review names what the prompt asked about ("copper kettle" for "the copper kettle"),
     else 0.0: a check outside every reward. The lexicon judge ignores it, so a policy that games the
     judge with positive words about anything at all shows up here."""
-    asked = [i for i in items if i.lower() in prompt.lower()]
-    if not asked:
+    asked = asked_item(prompt, items)
+    if asked is None:
         return 0.0
-    name = max(asked, key=len).lower().removeprefix("the ").strip()
+    name = asked.lower().removeprefix("the ").strip()
     return float(name in completion.lower())
 
 

@@ -123,7 +123,8 @@ def find_checkpoints(out_dir):
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             continue
         config = read_config(path)
-        kind = rewards if config.get("stage") == "reward" else policies if "model" in config else None
+        stage = config.get("stage")
+        kind = rewards if stage == "reward" else None if stage == "judge" else policies if "model" in config else None
         if kind is not None:
             kind.append((os.path.basename(path), path, config))
     return sorted(policies, key=lambda c: sort_key(c[0])), sorted(rewards, key=lambda c: sort_key(c[0]))
@@ -204,6 +205,39 @@ def evaluate_reward_model(path, args):
     return {"pairwise_accuracy": (r_w > r_l).float().mean().item(), "pairs": len(pairs)}
 
 
+def label_source_lines(out_dir):
+    """Markdown for the LLM judges (judge.py: size, held-out agreement with gold, position consistency, time) and
+    the label sources (preferences*/meta.json: the labels' agreement with the gold judge on held-out pairs)."""
+    lines = []
+    configs = [(os.path.basename(os.path.dirname(p)), json.load(open(p)))
+               for p in sorted(glob.glob(os.path.join(out_dir, "*", "config.json")))]
+    judges = [(n, c) for n, c in configs if c.get("stage") == "judge"]
+    if judges:
+        lines += ["", "## LLM judges (judge.py; comparisons the world writes, held-out prompts)", "",
+                  "| judge | shape | parameters | agreement with gold | position consistency | time |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, c in judges:
+            m = c.get("metrics", {})
+            lines.append(f"| {name} | {m.get('n_layer')} x {m.get('n_embd')} | {m.get('params', 0) / 1e6:.2f}M | "
+                         f"{fmt(m.get('agreement'), '.1%')} | {fmt(m.get('position_consistency'), '.1%')} | "
+                         f"{m.get('time_s', 0) / 60:.1f} min |")
+    metas = [(os.path.basename(os.path.dirname(p)), json.load(open(p)))
+             for p in sorted(glob.glob(os.path.join(out_dir, "preferences*", "meta.json")))]
+    metas = [(n, m) for n, m in metas if "gold_agreement" in m]
+    if metas:
+        lines += ["", "## Label sources (preferences*/meta.json: the pairs' agreement with the gold lexicon judge)", "",
+                  "agreement: share of the pairs the gold judge does not tie that it orders as the labels do; "
+                  "gold ties: share of the pairs it ties.", "",
+                  "| pairs | judge | agreement, held-out pairs | agreement, train pairs | gold ties, held-out | "
+                  "position consistency | train pairs |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, m in metas:
+            lines.append(f"| {name} | {m['args']['judge']} | {fmt(m['gold_agreement']['val'], '.1%')} | "
+                         f"{fmt(m['gold_agreement']['train'], '.1%')} | {fmt(m.get('gold_ties', {}).get('val'), '.1%')} | "
+                         f"{fmt(m.get('position_consistency'), '.1%')} | "
+                         f"{m['train_pairs']} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------- writing
 
 def fmt(x, spec=".3f"):
@@ -218,7 +252,7 @@ def pm(stat, spec, scale=1):
     return format(m * scale, spec) + ("" if sd is None else " ± " + format(sd * scale, spec.lstrip("+")))
 
 
-def write_markdown(rows, aggregated, reward_rows, prompting, args, path):
+def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_lines=()):
     lines = [f"# Report card ({time.strftime('%Y-%m-%d')})", "",
              f"Every checkpoint in `{args.out_dir}/`, measured by `python report.py` on the same held-out sets: "
              f"{args.n} test examples per task, {args.prompts} held-out review prompts (gold judge: lexicon "
@@ -254,6 +288,7 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path):
         for name, r in reward_rows:
             t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
             lines.append(f"| {name} | {fmt(r.get('pairwise_accuracy'), '.1%')} | {r.get('pairs', '—')} | {t} |")
+    lines += list(label_lines)
     if prompting:
         lines += ["", "## Prompting the base model (out/prompting/results.json)", ""]
         summary = prompting.get("summary", prompting)
@@ -416,7 +451,7 @@ def main(argv=None):
     with open(os.path.join(report_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = os.path.join(args.out_dir, "report.md")
-    write_markdown(rows, aggregated, reward_rows, prompting, args, md)
+    write_markdown(rows, aggregated, reward_rows, prompting, args, md, label_source_lines(args.out_dir))
     print(open(md).read().split("## Samples")[0])
     print(f"wrote {md} in {time.time() - t0:.0f}s")
     return results

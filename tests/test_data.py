@@ -296,8 +296,8 @@ def test_bleu_by_hand():
     assert evals.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     # p1 = 2/4 (clipped), p2 = (1+1)/(3+1), p3 = (0+1)/(2+1), p4 = (0+1)/(1+1); c = 4 > r = 3 so BP = 1
     assert evals.bleu("the cat the cat", "the cat sat") == pytest.approx((0.5 * 0.5 * (1 / 3) * 0.5) ** 0.25)
-    # every precision is 1 (smoothed n > 2), BP = exp(1 - 6/2)
-    assert evals.bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
+    # p1 = p2 = 1; no 3- or 4-gram in a 2-word candidate: 0/1 smoothed to 1/2 (NLTK's method 2); BP = exp(1 - 6/2)
+    assert evals.bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2) * (0.5 * 0.5) ** 0.25)
     assert evals.bleu("dog", "the cat") == 0.0 and evals.bleu("", "the cat") == 0.0
     # p1 = 3/3, p2 = (1+1)/(2+1) ("the cat" matches, "cat sat" does not), max_n = 2, BP = exp(1 - 4/3)
     assert evals.bleu("the cat ran", "the cat sat down", max_n=2) == pytest.approx(
