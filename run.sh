@@ -2,7 +2,8 @@
 # The pipeline of the guide on the embedded default world, then the report card (out/report.md).
 #
 #   bash run.sh              the main job: every stage once at its default, and what the report card's
-#                            headline needs (about 20 minutes on 2 CPU cores)
+#                            headline needs (budget: 20 minutes on 2 CPU cores; docs/pipeline.md has
+#                            each stage's time)
 #   bash run.sh --sweep      also the sweeps: DPO beta 0.05 0.5 1 2 5, the KL coefficient 0.02 0.05 0.2 0.5 1
 #                            of PPO, GRPO and RLOO (about 20 minutes more)
 #   bash run.sh --all        everything: the sweeps, plus plain DPO (out/dpo_rpo0), DPO from the base model,
