@@ -59,7 +59,7 @@ def quick_pipeline(tmp_path_factory):
                         "--stop-at", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "stopped at step 5" in r.stdout, r.stderr[-3000:]
     r = subprocess.run(["bash", "run.sh", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+                       timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + "\n" + r.stderr[-4000:]
     return out, r.stdout
 
