@@ -5,6 +5,7 @@
     python bench.py --preset gpt2 --device cuda --compile --json out/bench/gpt2.json   # GPT-2 124M on a GPU
     python bench.py --only train,sample --repeats 7    # some sections, more repeats
     python bench.py --only stages --preset gpt2        # every stage's own CLI, a few steps each: s/step, peak RSS
+    bash run.sh | tee run.log; python bench.py --run-log run.log   # wall time of each stage of a pipeline run
 
 Everything runs the project's own pieces: gpt.GPT, gpt.cross_entropy_loss, gpt.generate,
 gpt.completion_logprobs, data.completion_batch, training.setup / make_optimizer / wrap_model
@@ -22,6 +23,7 @@ The stages section (not in the default --only, bench_stages.py) runs the stage f
 import argparse
 import json
 import os
+import re
 import time
 
 import torch
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 import data
 from bench_common import (device_peak_flops, flops_per_token, interleaved, machine, median, mfu, print_memory, print_rl,
-                          print_sample, print_train, sync)
+                          print_sample, print_train, sync, table)
 from bench_stages import bench_stages, print_stages
 from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, run_cli
 from gpt import GPT, GPTConfig, PRESETS, completion_logprobs, cross_entropy_loss, generate, token_logprobs
@@ -73,6 +75,7 @@ def build_parser():
     p.add_argument("--stage-out", default="out/bench/stages", help="stages: checkpoints, data and runs go here")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", default="", help="write every figure to this JSON file")
+    p.add_argument("--run-log", default="", help="only tabulate the stage times of this run.sh log (no benchmark)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -477,8 +480,32 @@ def bench_memory(args, ctx):
     return out
 
 
+# ----------------------------------------------------------------------------- run.sh's log
+
+def run_log_times(text):
+    """run.sh's log -> [(stage, seconds)] from its "== NAME done in N s" lines, in order, and the total from
+    "== pipeline finished in N s" (None if the run did not finish)."""
+    times = [(m[1], int(m[2])) for m in re.finditer(r"^== (\S+) done in (\d+) s$", text, re.M)]
+    total = re.search(r"^== pipeline finished in (\d+) s", text, re.M)
+    return times, int(total[1]) if total else None
+
+
+def print_run_log(path):
+    times, total = run_log_times(data.read_utf8(path))
+    if not times:
+        raise UserError(f"{path}: no '== NAME done in N s' lines; pass the output of bash run.sh")
+    ran = sum(t for _, t in times)
+    table(f"stage wall times ({path}; {len(times)} stages run, skipped ones not listed)", ["stage", "s", "min", "share"],
+          [[name, t, f"{t / 60:.1f}", f"{100 * t / ran:.0f}%"] for name, t in times] +
+          [["all stages", ran, f"{ran / 60:.1f}", "100%"]] +
+          ([["pipeline (with the shell)", total, f"{total / 60:.1f}", ""]] if total is not None else []))
+    return {"stages": dict(times), "total_s": total}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.run_log:
+        return print_run_log(args.run_log)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = setup(args)

@@ -98,6 +98,14 @@ def completion_batch(prompts, completions, pad_id, side="right"):
             "last_index": last}
 
 
+def encode_documents(docs, enc):
+    """Documents -> one flat token array EOS d1 EOS d2 ... dn EOS (int64): how every stage sees text."""
+    ids = [enc.eot_token]
+    for d in enc.encode_ordinary_batch(docs):
+        ids += d + [enc.eot_token]
+    return np.array(ids, dtype=np.int64)
+
+
 def tokenize_corpus(docs, enc, path, fingerprint=None):
     """Encode documents as one flat token array EOS d1 EOS d2 ... dn EOS, cached at `path` (uint16, or
     uint32 for vocabularies over 65536 ids) with `path`.json holding its meta; a cache whose text hash,
@@ -113,13 +121,10 @@ def tokenize_corpus(docs, enc, path, fingerprint=None):
             return load_tokens(path)
     except (OSError, ValueError, KeyError):
         pass
-    eos = enc.eot_token
-    ids = [eos]
-    for d in enc.encode_ordinary_batch(docs):
-        ids += d + [eos]
+    ids = encode_documents(docs, enc)
     if len(ids) <= 1:
         raise UserError(f"{path}: nothing to tokenize; the documents are empty")
-    atomic_write(path, np.array(ids, dtype=meta["dtype"]).tobytes())
+    atomic_write(path, ids.astype(meta["dtype"]).tobytes())
     atomic_write(path + ".json", json.dumps({**meta, "count": len(ids)}))
     return load_tokens(path)
 

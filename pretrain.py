@@ -2,13 +2,15 @@
 
     python pretrain.py                       # the embedded default world, CPU, ~8 minutes
     python pretrain.py --data my/*.txt       # your own plain-text files
+    python pretrain.py --data my/*.txt --val-data held_out/*.txt   # + loss on text it never trains on
     torchrun --nproc_per_node=4 pretrain.py  # DistributedDataParallel, same effective batch
     python pretrain.py --preset gpt2 --data my/*.txt   # GPT-2 124M's shape (gpt.PRESETS)
 
 Reads the corpus, trains a byte-level BPE tokenizer on it (or takes the one of --init),
 caches the tokens as flat arrays on disk, trains a GPT with the cross-entropy loss, and
 saves OUT/model.safetensors, config.json (with the final metrics) and tokenizer.json.
-At the end it reports validation loss (nats per token, bits per byte) and fact recall:
+At every evaluation it reports validation loss (nats per token, bits per byte) on the held-out slice of
+the corpus, and on --val-data files when given (heldout_loss, heldout_bpb); at the end also fact recall:
 how many facts of the world it read it completes correctly ("The flag of X is" -> colour).
 
 Before any work check_args refuses options that contradict each other (RULES) or the checkpoint of
@@ -56,6 +58,8 @@ def build_parser():
     p.add_argument("--eval-interval", type=positive_int, default=100, help="steps between validation (and a save)")
     p.add_argument("--eval-tokens", type=positive_int, default=65536, help="validation tokens per evaluation")
     p.add_argument("--val-fraction", type=fraction, default=0.05, help="share of the documents held out")
+    p.add_argument("--val-data", nargs="+", default=None, metavar="FILE", help="held-out text files (documents at "
+                   "blank lines), never trained on: their loss and bits per byte at every evaluation")
     p.add_argument("--stop-at", type=nonneg_int, default=0, help="save a resumable state and stop after this step "
                    "(as Ctrl-C would, but exit 0; for tests and job schedulers; 0 = never)")
     p.add_argument("--recall-limit", type=nonneg_int, default=400, help="fact-recall prompts to test (0 = none)")
@@ -135,9 +139,26 @@ def load_corpus(args):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, enc, val_tokens, args, ctx):
-    """Validation loss in nats per token and bits per byte (see evals.text_loss)."""
-    return text_loss(model, enc, val_tokens, args.block_size, args.eval_tokens, args.batch_size, ctx.device, ctx.autocast)
+def load_heldout(args, enc, fingerprint):
+    """--val-data: the files' documents as one token array (cached beside the corpus), or None."""
+    if not args.val_data:
+        return None
+    docs = data.read_text(args.val_data, split_blank_lines=True)
+    tokens = data.tokenize_corpus(docs, enc, os.path.join(args.out, "heldout.bin"), fingerprint=fingerprint)
+    if len(tokens) <= args.block_size:   # found before the first step, not at the first evaluation
+        raise UserError(f"--val-data: {len(tokens)} tokens, fewer than one window of --block-size {args.block_size} "
+                        f"(+1 target); give more held-out text")
+    return tokens
+
+
+def evaluate(model, enc, val_tokens, heldout, args, ctx):
+    """Validation loss in nats per token and bits per byte (see evals.text_loss), and the same on --val-data."""
+    kw = dict(block_size=args.block_size, max_tokens=args.eval_tokens, batch_size=args.batch_size, device=ctx.device,
+              autocast=ctx.autocast)
+    m = dict(zip(("val_loss", "val_bpb"), text_loss(model, enc, val_tokens, **kw)))
+    if heldout is not None:
+        m.update(zip(("heldout_loss", "heldout_bpb"), text_loss(model, enc, heldout, **kw)))
+    return m
 
 
 # ----------------------------------------------------------------------------- model, one step, saving
@@ -199,6 +220,7 @@ def main(argv=None):
     fp = tokenizer_fingerprint(enc)
     train_tokens = data.tokenize_corpus(train_docs, enc, os.path.join(args.out, "train.bin"), fingerprint=fp)
     val_tokens = data.tokenize_corpus(val_docs, enc, os.path.join(args.out, "val.bin"), fingerprint=fp)
+    heldout = load_heldout(args, enc, fp)
     if ctx.master:
         print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {enc.n_vocab}; "
               f"model: {model.num_params() / 1e6:.2f}M parameters without the position embeddings")
@@ -223,10 +245,10 @@ def main(argv=None):
             log.log(done, loss=all_reduce_mean(loss, ctx).item(), grad_norm=grad_norm.item(), lr=lr,
                     tok_per_s=round(tokens_per_step * args.log_interval / max(dt, 1e-9)))
         if done % args.eval_interval == 0 and done < args.max_iters:
-            val_loss, bpb = evaluate(train_model, enc, val_tokens, args, ctx)
-            log.log(done, val_loss=val_loss, val_bpb=bpb)
+            val = evaluate(train_model, enc, val_tokens, heldout, args, ctx)
+            log.log(done, **val)
             if ctx.master:
-                save(args, model, optimizer, enc, done, {"val_loss": val_loss, "val_bpb": bpb})
+                save(args, model, optimizer, enc, done, val)
         if stop.requested_anywhere(ctx) or done == args.stop_at:
             if ctx.master:
                 save(args, model, optimizer, enc, done, {})
@@ -240,7 +262,7 @@ def main(argv=None):
     if ctx.master:
         save(args, model, optimizer, enc, args.max_iters, metrics)
     with final_evaluation(args.out, "python pretrain.py"):
-        metrics["val_loss"], metrics["val_bpb"] = evaluate(train_model, enc, val_tokens, args, ctx)
+        metrics.update(evaluate(train_model, enc, val_tokens, heldout, args, ctx))
         if ctx.master and args.recall_limit and cloze[:args.recall_limit]:
             metrics["fact_recall"] = fact_recall(model, enc, cloze[:args.recall_limit])
         if ctx.master:

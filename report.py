@@ -33,8 +33,6 @@ import os
 import re
 import time
 
-import numpy as np
-
 import data
 import evals
 import world
@@ -155,17 +153,10 @@ def held_out_sets(args):
             "review_prompts": review_prompts[:args.prompts]}
 
 
-def val_tokens(enc, docs):
-    ids = [enc.eot_token]
-    for d in enc.encode_ordinary_batch(docs):
-        ids += d + [enc.eot_token]
-    return np.array(ids, dtype=np.int64)
-
-
 def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
     """One row of the table (see the module docstring for each figure)."""
     row = {}
-    row["val_loss"], row["val_bpb"] = evals.text_loss(model, enc, val_tokens(enc, sets["val_docs"]),
+    row["val_loss"], row["val_bpb"] = evals.text_loss(model, enc, data.encode_documents(sets["val_docs"], enc),
                                                       model.config.block_size, device=args.device)
     row["fact_recall"] = evals.fact_recall(model, enc, sets["cloze"])
     formats = []

@@ -1,48 +1,59 @@
 #!/usr/bin/env bash
-# The whole pipeline of the guide on the embedded default world, then the report card.
+# The pipeline of the guide on the embedded default world, then the report card (out/report.md).
 #
-#   bash run.sh              every stage at its default size (about 45 minutes on 2 CPU cores)
+#   bash run.sh              the main job: every stage once at its default, and what the report card's
+#                            headline needs (budget: 20 minutes on 2 CPU cores; docs/pipeline.md has
+#                            each stage's time)
+#   bash run.sh --sweep      also the sweeps: DPO beta 0.05 0.5 1 2 5, the KL coefficient 0.02 0.05 0.2 0.5 1
+#                            of PPO, GRPO and RLOO (about 20 minutes more)
+#   bash run.sh --all        everything: the sweeps, plus plain DPO (out/dpo_rpo0), DPO from the base model,
+#                            SFT after domain adaptation without rehearsal, the head-only reward model
+#   bash run.sh --seeds N    the alignment runs (DPO, PPO, GRPO, RLOO; with --sweep or --all their sweeps too)
+#                            with N seeds: --seed 1337 (the default) into out/dpo..., then --seed 1, 2, ...
+#                            into out/dpo..._s2, _s3, ...; report.py shows mean ± sd over the seeds
 #   bash run.sh --quick      the same stages at toy size, a few minutes (tests/test_run.py runs it)
 #   bash run.sh --force      redo stages whose output already exists (default: skip them)
 #   bash run.sh --out DIR    write everything under DIR instead of out/
-#   bash run.sh --until NAME stop after stage NAME (pretrain, prompting, sft, ...)
-#   bash run.sh --seeds N    run the alignment sweep (DPO, PPO, GRPO, RLOO) with N seeds: --seed 1337 (the default)
-#                            into out/dpo..., then --seed 1, 2, ... into out/dpo..._s2, _s3, ...;
-#                            report.py shows mean ± sd over the seeds
+#   bash run.sh --until NAME stop after stage NAME (pretrain, prompting, sft, ...; a wrong name lists them)
+#   bash run.sh --help       this text
 #
-# Order: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
-# -> SFT on the adapted model (plain, and with rehearsal of the text it read) -> GRPO with an exact-answer
-# reward on the region's questions -> preference pairs -> reward model -> DPO (RPO alpha 1; sweep of beta;
-# plain DPO, alpha 0, as out/dpo_rpo0) and PPO
-# (sweep of the KL coefficient) from the SFT model -> GRPO and RLOO (critic-free, same sweep of the KL
-# coefficient) -> DPO straight from the base model -> report.py.
-# "SFT alone" is the out/sft row of the report. Any stage can be rerun by hand with the command it
-# prints. Ctrl-C stops the pipeline: the stage in training saves a resumable state, and `bash run.sh`
-# again skips the finished stages and continues that one with --resume.
+# The main job: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
+# -> SFT with rehearsal of the text it read (out/domain_sft_replay) -> GRPO with an exact-answer reward on
+# the region's questions (out/domain_grpo) -> preference pairs -> reward model -> DPO (RPO alpha 1), PPO,
+# GRPO and RLOO from the SFT model -> report.py. "SFT alone" is the out/sft row of the report.
+# Each stage prints the command it runs, so any one can be rerun by hand; each prints "== NAME done in N s"
+# (python bench.py --run-log LOG tabulates them). Ctrl-C stops the pipeline: the stage in training saves a
+# resumable state, and `bash run.sh` again skips the finished stages and continues that one with --resume.
+# Arguments are checked before anything runs: an unknown option or stage, or an option without its value,
+# is one line and exit 2.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=out QUICK=0 FORCE=0 UNTIL="" SEEDS=1
+fail() { echo "run.sh: $*" >&2; exit 2; }
+OUT=out QUICK=0 FORCE=0 UNTIL="" SEEDS=1 SWEEP=0 ALL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --force) FORCE=1 ;;
-    --out) OUT="$2"; shift ;;
-    --until) UNTIL="$2"; shift ;;
-    --seeds) SEEDS="$2"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+    --sweep) SWEEP=1 ;;
+    --all) ALL=1 SWEEP=1 ;;
+    --out) [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "--out needs a directory"; OUT="$2"; shift ;;
+    --until) [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "--until needs a stage name"; UNTIL="$2"; shift ;;
+    --seeds) [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || fail "--seeds needs a positive integer"; SEEDS="$2"; shift ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+    *) fail "unknown option $1 (try --help)" ;;
   esac
   shift
 done
-case "$SEEDS" in ''|*[!0-9]*|0) echo "run.sh: --seeds needs a positive integer, not '$SEEDS'" >&2; exit 2 ;; esac
+case "$SEEDS" in ''|*[!0-9]*|0*) fail "--seeds needs a positive integer, not '$SEEDS'" ;; esac
 PY=${PYTHON:-python3}
 RERUN="bash run.sh"   # the command that continues this pipeline
 [ "$QUICK" = 1 ] && RERUN="$RERUN --quick"
+[ "$ALL" = 1 ] && RERUN="$RERUN --all"
+[ "$ALL" = 0 ] && [ "$SWEEP" = 1 ] && RERUN="$RERUN --sweep"
 [ "$OUT" != out ] && RERUN="$RERUN --out $OUT"
 [ -n "$UNTIL" ] && RERUN="$RERUN --until $UNTIL"
 [ "$SEEDS" != 1 ] && RERUN="$RERUN --seeds $SEEDS"
-START=$(date +%s)
 
 # finished DONE_FILE: it exists, and if it is a checkpoint's config.json, not one saved mid-run
 finished() {
@@ -50,9 +61,13 @@ finished() {
 }
 
 # stage NAME DONE_FILE command...: run unless finished (and not --force); a stage whose directory holds
-# a resumable state (stopped by Ctrl-C) continues with --resume; one that fails stops the pipeline
+# a resumable state (stopped by Ctrl-C) continues with --resume; one that fails stops the pipeline.
+# DONE_FILE "-": it always runs. While PLAN=1 it only records NAME in STAGES (so --until is checked
+# before anything runs).
+PLAN=0 STAGES=()
 stage() {
   local name=$1 done_file=$2; shift 2
+  if [ "$PLAN" = 1 ]; then STAGES+=("$name"); return; fi
   local dir resume=() code=0
   dir=$(dirname "$done_file")
   if [ "$FORCE" = 0 ] && finished "$done_file"; then
@@ -83,8 +98,6 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   SFT="--max-iters 12 --eval-n 8 --recall-limit 20"
   # a toy SFT model writes no real reviews (every sample ties), so quick mode takes pairs from the
   # world's own review data (two reviews of different sentiment per prompt) through --labels
-  mkdir -p "$OUT"
-  $PY world.py --pairs "$OUT/world_pairs.jsonl" --max-prompts 80
   PREF="--labels $OUT/world_pairs.jsonl"
   RM="--max-iters 8 --eval-interval 1000"
   DPO="--max-iters 6 --eval-limit 8 --eval-interval 1000"
@@ -97,24 +110,17 @@ else
   # beta 0.1 is out/dpo, kl 0.1 is out/ppo (and grpo, rloo); beta 2, 5 and kl 0.5, 1: the frontier at KL 0-5
   BETAS="0.05 0.5 1 2 5" KLS="0.02 0.05 0.2 0.5 1" GKLS="$KLS"
 fi
+if [ "$SWEEP" = 0 ]; then BETAS="" KLS="" GKLS=""; fi
 
-stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
-stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
-stage sft        $OUT/sft/config.json        $PY sft.py --init $OUT/pretrain --out $OUT/sft $SFT
-stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --out $OUT/sft_lora --lora 8 $SFT
-stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
-stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
-stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
-stage domain_sft_replay $OUT/domain_sft_replay/config.json $PY sft.py --init $OUT/domain --replay 0.3 --out $OUT/domain_sft_replay $SFT
-# RL with a verifiable reward: the region's training questions, 1 for the exact answer (quick: $GRPO shortens it)
-stage domain_grpo $OUT/domain_grpo/config.json $PY grpo.py --init $OUT/domain_sft_replay --reward exact --task domain_facts --iters 100 --max-new-tokens 16 --out $OUT/domain_grpo $GRPO
-stage preferences $OUT/preferences/val.jsonl $PY preferences.py --init $OUT/sft --out $OUT/preferences $PREF
-stage reward     $OUT/reward/config.json     $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/reward $RM
-stage reward_head $OUT/reward_head/config.json $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --train head --out $OUT/reward_head $RM
-for s in $(seq 1 "$SEEDS"); do   # seed 1: --seed 1337 (default), no suffix; seed k > 1: --seed k-1, suffix _sk
-  if [ "$s" = 1 ]; then SFX="" SEED=""; else SFX="_s$s" SEED="--seed $((s - 1))"; fi
+# seeds K: the alignment runs with seed number K (1: --seed 1337, the default, no suffix; K > 1: --seed K-1,
+# suffix _sK); their sweeps with --sweep, plain DPO with --all
+seeds() {
+  local s=$1 SFX="" SEED=""
+  if [ "$s" != 1 ]; then SFX="_s$s" SEED="--seed $((s - 1))"; fi
   stage dpo$SFX    $OUT/dpo$SFX/config.json    $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/dpo$SFX $SEED $DPO
-  stage dpo_rpo0$SFX $OUT/dpo_rpo0$SFX/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --rpo-alpha 0 --out $OUT/dpo_rpo0$SFX $SEED $DPO
+  if [ "$ALL" = 1 ]; then
+    stage dpo_rpo0$SFX $OUT/dpo_rpo0$SFX/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --rpo-alpha 0 --out $OUT/dpo_rpo0$SFX $SEED $DPO
+  fi
   for b in $BETAS; do
     stage dpo_beta$b$SFX $OUT/dpo_beta$b$SFX/config.json $PY dpo.py --init $OUT/sft --data $OUT/preferences/train.jsonl --beta $b --out $OUT/dpo_beta$b$SFX $SEED $DPO
   done
@@ -128,7 +134,42 @@ for s in $(seq 1 "$SEEDS"); do   # seed 1: --seed 1337 (default), no suffix; see
     stage grpo_kl$c$SFX $OUT/grpo_kl$c$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --kl-coef $c --out $OUT/grpo_kl$c$SFX $SEED $GRPO
     stage rloo_kl$c$SFX $OUT/rloo_kl$c$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward --advantage rloo --kl-coef $c --out $OUT/rloo_kl$c$SFX $SEED $GRPO
   done
-done
-stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
-$PY report.py --out-dir $OUT $REPORT
+}
+
+pipeline() {
+  stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
+  stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
+  stage sft        $OUT/sft/config.json        $PY sft.py --init $OUT/pretrain --out $OUT/sft $SFT
+  stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --out $OUT/sft_lora --lora 8 $SFT
+  stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
+  stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
+  if [ "$ALL" = 1 ]; then   # SFT on the adapted model without rehearsal: what the rehearsal is measured against
+    stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
+  fi
+  stage domain_sft_replay $OUT/domain_sft_replay/config.json $PY sft.py --init $OUT/domain --replay 0.3 --out $OUT/domain_sft_replay $SFT
+  # RL with a verifiable reward: the region's training questions, 1 for the exact answer (quick: $GRPO shortens it)
+  stage domain_grpo $OUT/domain_grpo/config.json $PY grpo.py --init $OUT/domain_sft_replay --reward exact --task domain_facts --iters 100 --max-new-tokens 16 --out $OUT/domain_grpo $GRPO
+  if [ "$QUICK" = 1 ]; then
+    stage world_pairs $OUT/world_pairs.jsonl $PY world.py --pairs $OUT/world_pairs.jsonl --max-prompts 80
+  fi
+  stage preferences $OUT/preferences/val.jsonl $PY preferences.py --init $OUT/sft --out $OUT/preferences $PREF
+  stage reward     $OUT/reward/config.json     $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --out $OUT/reward $RM
+  if [ "$ALL" = 1 ]; then
+    stage reward_head $OUT/reward_head/config.json $PY reward.py --init $OUT/sft --data $OUT/preferences/train.jsonl --train head --out $OUT/reward_head $RM
+  fi
+  for s in $(seq 1 "$SEEDS"); do seeds "$s"; done
+  if [ "$ALL" = 1 ]; then
+    stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
+  fi
+  stage report     -                           $PY report.py --out-dir $OUT $REPORT
+}
+
+PLAN=1; pipeline; PLAN=0
+if [ -n "$UNTIL" ] && [[ " ${STAGES[*]} " != *" $UNTIL "* ]]; then
+  more=""; [ "$ALL" = 0 ] && more=" (--sweep and --all add more)"
+  fail "unknown stage '$UNTIL' for --until; the stages of this run: ${STAGES[*]}$more"
+fi
+START=$(date +%s)
+mkdir -p "$OUT"
+pipeline
 echo "== pipeline finished in $(( $(date +%s) - START )) s; report: $OUT/report.md"

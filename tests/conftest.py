@@ -1,4 +1,6 @@
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,6 +42,26 @@ def torchrun(script, argv, cwd, nproc=2, timeout=240):
         r = subprocess.run(cmd, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def quick_pretrain_options():
+    """run.sh --quick's pre-training options, read from run.sh itself (a resumed run must be given the same)."""
+    text = open(os.path.join(ROOT, "run.sh"), encoding="utf-8").read()
+    return shlex.split(re.search(r'^  PRE="(.*)"$', text, re.M).group(1))
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline(tmp_path_factory):
+    """`bash run.sh --quick` once per test run, for every test that needs the whole pipeline: first pre-training
+    stopped at step 5, so the run must resume it rather than skip it or start again. -> (out dir, run.sh's stdout)."""
+    out = tmp_path_factory.mktemp("quick") / "out"
+    r = subprocess.run([sys.executable, "pretrain.py", "--out", str(out / "pretrain"), *quick_pretrain_options(),
+                        "--stop-at", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "stopped at step 5" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run(["bash", "run.sh", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:] + "\n" + r.stderr[-4000:]
+    return out, r.stdout
 
 
 @pytest.fixture

@@ -111,3 +111,16 @@ def test_dpo_and_ppo_cost_losses_by_hand():
     lp, old = t([[math.log(1.5), 0.0]]), t([[0.0, 0.0]])
     loss = bench.ppo_loss_for_cost(lp, old, t([[2.0, 5.0]]), t([[1.0, 1.0]]), t([[1.0, 9.0]]), t([[1.0, 0.0]]))
     assert loss.item() == pytest.approx(-2.4)
+
+
+def test_run_log_stage_times_by_hand(tmp_path, capsys):
+    log = ("== pretrain: python3 pretrain.py --out out/pretrain\nstep 10/700 | loss 6.4 | elapsed 10s\n"
+           "== pretrain done in 600 s\n== prompting: out/prompting/results.json exists, skipped (--force to redo)\n"
+           "== sft done in 200 s\n== report done in 100 s\n== pipeline finished in 905 s; report: out/report.md\n")
+    assert bench.run_log_times(log) == ([("pretrain", 600), ("sft", 200), ("report", 100)], 905)
+    assert bench.run_log_times(log.split("== report")[0]) == ([("pretrain", 600), ("sft", 200)], None)
+    (tmp_path / "run.log").write_text(log)
+    assert bench.main(["--run-log", str(tmp_path / "run.log")]) == {"stages": {"pretrain": 600, "sft": 200, "report": 100},
+                                                                    "total_s": 905}
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[-1] for l in lines if l.split()[:1] in (["pretrain"], ["sft"], ["report"])] == ["67%", "22%", "11%"]

@@ -303,19 +303,62 @@ def run_sh(*args, **kw):
     return subprocess.run(["bash", "run.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
-def test_run_sh_resumes_a_stopped_stage_instead_of_skipping_it(tmp_path):
-    out = tmp_path / "pipe"
-    quick = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--vocab-size", "512", "--max-iters", "40",
-             "--eval-interval", "1000", "--recall-limit", "20", "--eval-tokens", "4096"]
-    r = cli("pretrain.py", "--out", str(out / "pretrain"), *quick, "--stop-at", "5")
-    assert r.returncode == 0 and "stopped at step 5" in r.stdout, r.stderr
-    r = run_sh("--quick", "--out", str(out), "--until", "pretrain")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "--resume" in r.stdout and "resuming" in r.stdout and "skipped" not in r.stdout
+def test_run_sh_resumes_a_stopped_stage_instead_of_skipping_it(quick_pipeline):
+    out, stdout = quick_pipeline   # its pre-training was stopped at step 5 before run.sh started
+    first = stdout.split("\n== prompting")[0]
+    assert "--resume" in first and "resuming" in first and "skipped" not in first
     cfg = json.load(open(out / "pretrain" / "config.json"))
     assert cfg["finished"] is True and cfg["step"] == 40
     r = run_sh("--quick", "--out", str(out), "--until", "pretrain")
-    assert r.returncode == 0 and "skipped" in r.stdout  # finished now
+    assert r.returncode == 0 and "skipped" in r.stdout and "stopped after pretrain" in r.stdout  # finished now
+
+
+def stages_of(*args):
+    """The stages a run.sh command would run, from its refusal of an unknown --until (nothing runs)."""
+    r = run_sh(*args, "--until", "no_such_stage")
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith("run.sh: unknown stage 'no_such_stage' for --until; the stages of this run: ")
+    return r.stderr.split(": ")[-1].split(" (")[0].split()
+
+
+def test_run_sh_main_job_sweep_and_all():
+    main = stages_of()
+    assert main == ["pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft_replay",
+                    "domain_grpo", "preferences", "reward", "dpo", "ppo", "grpo", "rloo", "report"]
+    sweep = stages_of("--sweep")
+    assert set(sweep) - set(main) == {*(f"dpo_beta{b}" for b in ("0.05", "0.5", "1", "2", "5")),
+                                      *(f"{m}_kl{c}" for m in ("ppo", "grpo", "rloo") for c in ("0.02", "0.05", "0.2", "0.5", "1"))}
+    every = stages_of("--all")
+    assert set(every) - set(sweep) == {"domain_sft", "reward_head", "dpo_rpo0", "dpo_from_base"}
+    assert set(sweep) <= set(every) and every[-1] == "report"
+    seeds = stages_of("--seeds", "2")
+    assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}
+    assert "world_pairs" in stages_of("--quick")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--until", "nosuchstage"], "run.sh: unknown stage 'nosuchstage' for --until; the stages of this run: pretrain "),
+    (["--until", "dpo_beta0.5"], "(--sweep and --all add more)"),
+    (["--out"], "run.sh: --out needs a directory"),
+    (["--out", "--quick"], "run.sh: --out needs a directory"),
+    (["--quick", "--until"], "run.sh: --until needs a stage name"),
+    (["--seeds"], "run.sh: --seeds needs a positive integer"),
+    (["--seeds", "0"], "run.sh: --seeds needs a positive integer, not '0'"),
+    (["--seeds", "two"], "run.sh: --seeds needs a positive integer, not 'two'"),
+    (["--fast"], "run.sh: unknown option --fast (try --help)"),
+])
+def test_run_sh_refuses_bad_arguments_in_one_line_before_running_anything(tmp_path, args, line):
+    r = run_sh("--out", str(tmp_path / "pipe"), *args)
+    assert r.returncode == 2 and r.stdout == "" and line in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_run_sh_help_is_its_header_and_complete():
+    r = run_sh("--help")
+    assert r.returncode == 0 and r.stdout.startswith("The pipeline of the guide")
+    for option in ("--sweep", "--all", "--seeds N", "--quick", "--force", "--out DIR", "--until NAME", "--help"):
+        assert f"bash run.sh {option}" in r.stdout, option
+    assert "set -euo" not in r.stdout and r.stdout.rstrip().endswith(".")
 
 
 def test_ctrl_c_stops_run_sh_with_a_way_to_continue(tmp_path):

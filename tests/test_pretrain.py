@@ -90,3 +90,26 @@ def test_two_process_torchrun_matches_one_process(tmp_path, text_file):
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
     two = json.load(open(tmp_path / "two" / "config.json"))["metrics"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
+
+
+def test_val_data_is_scored_at_every_evaluation_as_evaluate_py_scores_it(tmp_path, text_file):
+    import evaluate
+    held = tmp_path / "held.txt"   # one paragraph: one document for pretrain.py and for evaluate.py alike
+    held.write_text("the river of belmora is green . seven plus five is wide . " * 12)
+    metrics = pretrain.main(tiny_args(tmp_path, text_file, **{"--val-data": str(held), "--max-iters": "6", "--eval-interval": "3"}))
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [l["step"] for l in lines if "heldout_bpb" in l] == [3]      # every evaluation; the final one in config
+    assert metrics["heldout_loss"] > 0 and metrics["heldout_bpb"] != metrics["val_bpb"]
+    again = evaluate.main([str(tmp_path / "run"), "--text", str(held), "--max-tokens", "256"])["text"][str(held)]
+    assert again["tokens"] == 256
+    assert again["nats_per_token"] == pytest.approx(metrics["heldout_loss"], rel=1e-5)
+    assert again["bits_per_byte"] == pytest.approx(metrics["heldout_bpb"], rel=1e-5)
+
+
+def test_val_data_shorter_than_a_window_is_refused_before_the_first_step(tmp_path, text_file):
+    from common import UserError
+    short = tmp_path / "short.txt"
+    short.write_text("the river is wide .")
+    with pytest.raises(UserError, match=r"--val-data: \d+ tokens, fewer than one window of --block-size 32"):
+        pretrain.main(tiny_args(tmp_path, text_file, **{"--val-data": str(short)}))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "model.safetensors").exists()

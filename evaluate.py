@@ -1,0 +1,113 @@
+"""Evaluate a checkpoint without training: its loss on text files, and a tuned model's accuracy on a task file.
+
+    python evaluate.py out/pretrain                          # the default world's held-out pre-training text
+    python evaluate.py out/pretrain --text notes.txt a.txt   # your own held-out text, one row per file
+    python evaluate.py out/sft --task-file test.jsonl        # + exact-match accuracy of the greedy answers
+    python evaluate.py gpt2_dir --text wiki.txt --json out/eval.json   # a Hugging Face GPT-2 directory too
+
+Any checkpoint of this project (every stage but the reward model) or a Hugging Face GPT-2 directory.
+For each text file: nats per token, the mean next-token cross-entropy over the file cut into windows of
+the model's context (evals.text_loss; the file is one document, EOS at both ends), and bits per byte,
+the same sum of nats over ln 2 times the bytes those tokens decode to, which does not depend on the
+tokenizer, so models with different vocabularies compare. A file shorter than the context is one window.
+For a task file (Alpaca, chat or prompt/completion JSONL, as sft.py reads): the greedy answer to each
+prompt after the instruction template, exact match against the reference (evals.task_accuracy), and the
+share of answers that end with EOS. A base model never saw the template: prompting.py --task-file
+measures it with few-shot prompts instead.
+"""
+
+import os
+
+import torch
+
+import data
+import world
+from common import ArgumentParser, UserError, atomic_write_json, nonneg_int, positive_int, run_cli
+from evals import task_accuracy, text_loss
+from gpt import load_checkpoint
+from training import add_threads_arg
+
+BASE_STAGES = ("pretrain", "domain", "import", "hf_import")   # trained on plain text, not on the template
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("checkpoint", help="a checkpoint directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="held-out plain-text files, one figure "
+                   "each (default: the default world's held-out pre-training text, as report.py's val loss)")
+    p.add_argument("--world-seed", type=int, default=1337, help="seed of the default world (without --text)")
+    p.add_argument("--max-tokens", type=nonneg_int, default=0, help="tokens of each file to score (0 = all)")
+    p.add_argument("--task-file", default=None, help="JSONL of instructions and reference answers: accuracy")
+    p.add_argument("--n", type=nonneg_int, default=0, help="task examples to answer (0 = all)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length limit")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="windows (or prompts x 4) per forward pass")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_threads_arg(p)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def text_sets(args):
+    """-> [(name, documents)]: each --text file, or the default world's held-out pre-training documents."""
+    if args.text:
+        return [(path, data.read_text([path])) for path in args.text]
+    w = world.make_world(args.world_seed)
+    return [("default world, held-out pre-training text", data.split_documents(world.pretrain_docs(w))[1])]
+
+
+def text_figures(model, enc, docs, args):
+    """-> {tokens, nats_per_token, bits_per_byte} of the documents, in windows of the model's context."""
+    tokens = data.encode_documents(docs, enc)
+    limit = args.max_tokens or len(tokens)
+    block = max(1, min(model.config.block_size, limit, len(tokens) - 1))
+    nats, bpb = text_loss(model, enc, tokens, block, limit, args.batch_size)
+    scored = min(len(tokens) - 1, limit) // block * block
+    return {"tokens": scored, "nats_per_token": nats, "bits_per_byte": bpb}
+
+
+def task_figures(model, enc, args):
+    """-> {examples, accuracy, format}: greedy answers to the task file's prompts against its answers."""
+    examples = [{"prompt": p, "output": c} for p, c in data.load_sft_examples(args.task_file)]
+    examples = examples[:args.n or len(examples)]
+    longest = max(len(enc.encode_ordinary(e["prompt"])) for e in examples)
+    if longest + args.max_new_tokens > model.config.block_size:
+        raise UserError(f"{args.task_file}: a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} "
+                        f"does not fit the model's context of {model.config.block_size}")
+    acc, fmt, _ = task_accuracy(model, enc, examples, "custom", args.max_new_tokens, batch=4 * args.batch_size)
+    return {"examples": len(examples), "accuracy": acc, "format": fmt}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, enc, config = load_checkpoint(args.checkpoint, hint="python pretrain.py")
+    stage = config.get("stage", "import")
+    if stage == "reward":
+        raise UserError(f"{args.checkpoint} is a reward model: it scores text, it has no next-token loss; "
+                        f"evaluate the policy it was trained from")
+    model.eval()
+    results = {"checkpoint": args.checkpoint, "stage": stage, "text": {}}
+    print(f"{args.checkpoint} (stage {stage}, context {model.config.block_size}, vocab {enc.n_vocab})")
+    for name, docs in text_sets(args):
+        r = results["text"][name] = text_figures(model, enc, docs, args)
+        print(f"{name}: {r['nats_per_token']:.4f} nats/token, {r['bits_per_byte']:.4f} bits/byte "
+              f"({r['tokens']:,} tokens)")
+    if args.task_file:
+        if stage in BASE_STAGES:
+            print(f"note: stage {stage} is a base model, never tuned on the instruction template; "
+                  f"python prompting.py --init {args.checkpoint} --task-file {args.task_file} prompts it with examples")
+        r = results["task"] = task_figures(model, enc, args)
+        print(f"{os.path.basename(args.task_file)}: accuracy {r['accuracy']:.1%}, format {r['format']:.1%} "
+              f"({r['examples']} examples, greedy, exact match)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        atomic_write_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
