@@ -299,11 +299,13 @@ def steps_well_formed(text):
     return re.fullmatch(rf"(?:{STEP} )+The answer is \d+\.", text.strip()) is not None
 
 
-def addition_sft(world, target, split="train", with_carries=False):
+def addition_sft(world, target, split="train", with_carries=False, answer_only=False):
     """The addition task's `split` as Alpaca records for SFT, the same problems for either target:
     "cot" the worked column steps ("7 + 5 = 12, write 2 carry 1. ... The answer is 132.") under the
     instruction to add column by column, "direct" the number alone ("132") under the instruction to answer
-    with a number. with_carries: only the sums where at least one column carries."""
+    with a number. with_carries: only the sums where at least one column carries. answer_only: the output
+    is the number whatever the target (the prompts and answers of grpo.py --reward exact, which reads the
+    number after the steps)."""
     if target not in ("cot", "direct"):
         raise ValueError(f"target must be 'cot' or 'direct', not {target!r}")
     rows = []
@@ -311,8 +313,8 @@ def addition_sft(world, target, split="train", with_carries=False):
         a, b = map(int, re.findall(r"\d+", e["input"]))
         if with_carries and not carries(a, b):
             continue
-        rows.append(example(TASK_INSTRUCTIONS["addition_cot"], e["input"], e["cot"]) if target == "cot" else
-                    example(TASK_INSTRUCTIONS["addition"], e["input"], e["output"]))
+        output = e["output"] if answer_only or target == "direct" else e["cot"]
+        rows.append(example(TASK_INSTRUCTIONS["addition_cot" if target == "cot" else "addition"], e["input"], output))
     return rows
 
 
@@ -661,6 +663,8 @@ def build_parser():
                    "--split as Alpaca JSONL to FILE, TARGET 'cot' (worked column steps) or 'direct' (the number)")
     p.add_argument("--split", choices=SPLITS, default="train", help="with --addition-sft: which split")
     p.add_argument("--with-carries", action="store_true", help="with --addition-sft: only sums with a carry")
+    p.add_argument("--answer-only", action="store_true", help="with --addition-sft: the number as the output "
+                   "(RL prompts: grpo.py --reward exact --prompts FILE)")
     return p
 
 
@@ -676,7 +680,7 @@ def main(argv=None):
         target, path = args.addition_sft
         if target not in ("cot", "direct"):
             raise UserError(f"--addition-sft: TARGET must be 'cot' or 'direct', not {target!r}")
-        rows = addition_sft(make_world(args.seed), target, args.split, args.with_carries)
+        rows = addition_sft(make_world(args.seed), target, args.split, args.with_carries, args.answer_only)
         atomic_write(path, jsonl(rows))
         print(f"{len(rows)} addition {args.split} examples ({target} targets) -> {path}")
         return

@@ -61,6 +61,9 @@ def test_both_targets_ask_the_same_problems(w):
     test = world.addition_sft(w, "cot", "test", with_carries=True)
     assert test and all(world.carries(*pair(e)) for e in test)
     assert len(test) < len(world.addition_sft(w, "cot", "test"))
+    rl = world.addition_sft(w, "cot", answer_only=True)   # RL prompts: the same question, the number to check
+    assert [(e["instruction"], e["input"]) for e in rl] == [(e["instruction"], e["input"]) for e in cot]
+    assert [e["output"] for e in rl] == [e["output"] for e in direct]
     with pytest.raises(ValueError):
         world.addition_sft(w, "steps")
 
