@@ -35,6 +35,14 @@ def exact_match(prediction, reference):
     return float(normalize(prediction) == normalize(reference))
 
 
+def number_match(prediction, reference):
+    """1.0 if the number after the worked steps (world.extract_answer_number: the last "The answer is N", or
+    an answer that is a bare number) equals the reference's; else 0.0. "... write 13. The answer is 132."
+    matches "132"; steps without a final answer match nothing."""
+    got = world.extract_answer_number(prediction)
+    return float(got is not None and got == world.extract_answer_number(reference))
+
+
 def words(text):
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
@@ -326,9 +334,10 @@ def format_ok(task, answer):
     return True
 
 
-def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64):
-    """Greedy answers to Alpaca examples -> exact-match accuracy and format adherence (the answer
-    ends with EOS and has the task's form). Returns (accuracy, format_adherence, predictions)."""
+def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64, judge=exact_match):
+    """Greedy answers to Alpaca examples -> accuracy by `judge` (exact match, or number_match for answers
+    after worked steps) and format adherence (the answer ends with EOS and has the task's form).
+    Returns (accuracy, format_adherence, predictions)."""
     correct = formatted = 0
     preds = []
     for chunk in batched(examples, batch):
@@ -338,10 +347,18 @@ def task_accuracy(model, enc, examples, task, max_new_tokens=24, batch=64):
         for e, out in zip(chunk, outs):
             text = enc.decode(strip_eos(out, enc)).strip()
             preds.append(text)
-            correct += exact_match(text, e["output"])
+            correct += judge(text, e["output"])
             formatted += bool(out) and out[-1] == eos_id(enc) and format_ok(task, text)
     n = max(1, len(examples))
     return correct / n, formatted / n, preds
+
+
+def addition_cot_accuracy(model, enc, examples, max_new_tokens=80, batch=64):
+    """Additions answered with worked steps: the prompt asks for the column steps (world.TASK_INSTRUCTIONS
+    "addition_cot", zero-shot), greedy decoding, and an answer counts when the number after the steps is
+    the sum (number_match). Returns (accuracy, format adherence, predictions) as task_accuracy does."""
+    worked = [{**e, "instruction": world.TASK_INSTRUCTIONS["addition_cot"]} for e in examples]
+    return task_accuracy(model, enc, worked, "addition", max_new_tokens, batch, judge=number_match)
 
 
 # ----------------------------------------------------------------------------- alignment

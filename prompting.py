@@ -135,15 +135,6 @@ def check_no_leak(shots, query, where="prompt"):
 
 # ----------------------------------------------------------------------------- choosing the examples
 
-def carries(a, b):
-    n, c = 0, 0
-    while a or b:
-        c = (a % 10 + b % 10 + c) >= 10
-        n += c
-        a, b = a // 10, b // 10
-    return n
-
-
 def addends(e):
     return [int(x) for x in e["input"].replace("?", "").split() if x.isdigit()]
 
@@ -162,7 +153,7 @@ def kind(task, e):
     if task == "facts":
         return fact_attribute(e["input"])
     if task == "addition":
-        return carries(*addends(e))
+        return world.carries(*addends(e))
     return e["output"]
 
 
@@ -170,7 +161,7 @@ def difficulty(task, e):
     """Simple < complex: fewer carries and digits for additions; shorter examples otherwise."""
     if task == "addition":
         a, b = addends(e)
-        return carries(a, b), len(str(a)) + len(str(b))
+        return world.carries(a, b), len(str(a)) + len(str(b))
     return len(e["input"]) + len(e["output"])
 
 
@@ -254,10 +245,7 @@ def contains_answer(pred, ref):
 
 
 def correct(pred, ref, metric):
-    if metric == "number":
-        got = world.extract_answer_number(pred)
-        return float(got is not None and got == world.extract_answer_number(ref))
-    return evals.exact_match(pred, ref)
+    return evals.number_match(pred, ref) if metric == "number" else evals.exact_match(pred, ref)
 
 
 class Evaluator:
@@ -386,7 +374,7 @@ def world_study(ev, args):
 def cot_study(ev, addition, args):
     """Direct answers vs worked steps, same shots (same problems), on test additions with carries."""
     pool = addition["train"]
-    test = [e for e in addition["test"] if carries(*addends(e))][:args.n]
+    test = [e for e in addition["test"] if world.carries(*addends(e))][:args.n]
     refs = [e["output"] for e in test]
     out = {"n": len(test), "direct": {}, "cot": {}}
     for k in int_list(args.cot_ks, "--cot-ks"):

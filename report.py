@@ -7,6 +7,8 @@ For each policy checkpoint (a directory of out/ with model.safetensors and confi
   val loss      nats per token on the held-out pre-training text (data.split_documents)
   fact recall   greedy cloze completion of facts of the world ("The flag of X is" -> colour)
   facts/sentiment/addition/story   exact-match accuracy on the TEST splits, greedy decoding
+  addition (CoT) the test additions with a carry, asked for worked column steps (zero-shot), counted by the
+                number after the steps (evals.addition_cot_accuracy): what the chain-of-thought SFT is for
   format        share of those answers that end with EOS and have the task's form
   region        exact-match accuracy on the held-out region's test questions (domain_facts): what domain
                 adaptation taught and instruction tuning, then RL with an exact-answer reward, bring out
@@ -42,10 +44,12 @@ from reward import load_reward_model, reward_scores
 from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
-CACHE_VERSION = 5  # bump when the figures of a row change, so cached rows are recomputed (4: --prompts beyond 64 are
-#                   sampled in chunks of 64, each with a generator of its own, training.chunk_seed; 5: the region column)
+CACHE_VERSION = 6  # bump when the figures of a row change, so cached rows are recomputed (4: --prompts beyond 64 are
+#                   sampled in chunks of 64, each with a generator of its own, training.chunk_seed; 5: the region column;
+#                   6: the addition (CoT) column)
 FRONTIER_FAMILIES = ("dpo", "ppo", "grpo", "rloo")
 SEED_KEYS = ("gold_reward", "on_topic_gold", "on_topic", "win_rate", "kl", "sentiment", "story", "facts", "addition",
+             "addition_cot",
              "drift_chosen", "drift_rejected")
 ORDER = ("pretrain", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo", "dpo",
          "dpo_from_base", "ppo", "grpo", "rloo")
@@ -150,6 +154,7 @@ def held_out_sets(args):
     review_prompts = sorted({data.format_prompt(e["instruction"], e["input"]) for e in tasks["review"]["test"]})
     return {"val_docs": val_docs, "cloze": world.fact_cloze(w)[:args.n], "items": w.items,
             "tasks": {t: tasks[t]["test"][:args.n] for t in TASKS}, "region": tasks["domain_facts"]["test"][:args.n],
+            "addition_carries": world.addition_sft(w, "direct", "test", with_carries=True)[:args.n],
             "review_prompts": review_prompts[:args.prompts]}
 
 
@@ -165,6 +170,7 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
         row[task], _ = acc, formats.append(fmt)
     row["format"] = sum(formats) / len(formats)
     row["region"] = evals.task_accuracy(model, enc, sets["region"], "domain_facts")[0]
+    row["addition_cot"] = evals.addition_cot_accuracy(model, enc, sets["addition_carries"])[0]
     if sft is not None:
         al = evals.alignment_eval(model, sft, enc, sets["review_prompts"], world.sentiment_score,
                                   args.max_new_tokens, seed=args.seed, ref_completions=sft_samples,
@@ -252,15 +258,16 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
              "gold = the sentiment score counted only for such reviews, -1 for the others "
              "(evals.on_topic_sentiment, the objective with headroom).", "",
              "| checkpoint | val loss | fact recall | facts | sentiment | addition | story | format | region | "
-             "gold reward (95% CI) | on-topic gold (95% CI) | win vs SFT | KL vs SFT | on topic | RM score | time |",
-             "|---|" + "---:|" * 15]
+             "addition (CoT) | gold reward (95% CI) | on-topic gold (95% CI) | win vs SFT | KL vs SFT | on topic | "
+             "RM score | time |",
+             "|---|" + "---:|" * 16]
     for name, r in rows:
         gold = f"{r['gold_reward']:+.3f} ± {r['gold_reward_ci95']:.3f}" if "gold_reward" in r else "—"
         topic = f"{r['on_topic_gold']:+.3f} ± {r['on_topic_gold_ci95']:.3f}" if "on_topic_gold" in r else "—"
         t = f"{r['time_s'] / 60:.1f} min" if r.get("time_s") else "—"
         lines.append(f"| {name} | {fmt(r['val_loss'])} | {fmt(r['fact_recall'], '.0%')} | " +
                      " | ".join(fmt(r[t_], ".0%") for t_ in TASKS) + f" | {fmt(r['format'], '.0%')} | "
-                     f"{fmt(r.get('region'), '.0%')} | {gold} | {topic} | "
+                     f"{fmt(r.get('region'), '.0%')} | {fmt(r.get('addition_cot'), '.0%')} | {gold} | {topic} | "
                      f"{fmt(r.get('win_rate'), '.0%')} | {fmt(r.get('kl'), '.2f')} | {fmt(r.get('on_topic'), '.0%')} | "
                      f"{fmt(r.get('rm_score'), '+.2f')} | {t} |")
     if aggregated:

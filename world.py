@@ -30,7 +30,7 @@ import time
 from collections import namedtuple
 from dataclasses import asdict, dataclass
 
-from common import ArgumentParser, atomic_write, positive_int, run_cli
+from common import ArgumentParser, UserError, atomic_write, positive_int, run_cli
 from data import format_completion, format_prompt
 
 
@@ -278,6 +278,44 @@ def extract_answer_number(text):
     if found or re.fullmatch(r"-?\d[\d,]*", bare):
         return int((found[-1] if found else bare).replace(",", ""))
     return None
+
+
+def carries(a, b):
+    """How many columns of a + b carry a 1 into the next: carries(58, 7) = 1, carries(999, 1) = 3."""
+    n, c = 0, 0
+    while a or b:
+        c = (a % 10 + b % 10 + c) >= 10
+        n += c
+        a, b = a // 10, b // 10
+    return n
+
+
+STEP = r"\d \+ \d(?: \+ 1)? = \d+, write \d+(?: carry 1)?\."
+
+
+def steps_well_formed(text):
+    """True if the text is worked column steps in addition_cot's form, then "The answer is N." and nothing
+    else: what the optional format reward of reasoning RL checks (not whether the steps are right)."""
+    return re.fullmatch(rf"(?:{STEP} )+The answer is \d+\.", text.strip()) is not None
+
+
+def addition_sft(world, target, split="train", with_carries=False, answer_only=False):
+    """The addition task's `split` as Alpaca records for SFT, the same problems for either target:
+    "cot" the worked column steps ("7 + 5 = 12, write 2 carry 1. ... The answer is 132.") under the
+    instruction to add column by column, "direct" the number alone ("132") under the instruction to answer
+    with a number. with_carries: only the sums where at least one column carries. answer_only: the output
+    is the number whatever the target (the prompts and answers of grpo.py --reward exact, which reads the
+    number after the steps)."""
+    if target not in ("cot", "direct"):
+        raise ValueError(f"target must be 'cot' or 'direct', not {target!r}")
+    rows = []
+    for e in task_sets(world)["addition"][split]:
+        a, b = map(int, re.findall(r"\d+", e["input"]))
+        if with_carries and not carries(a, b):
+            continue
+        output = e["output"] if answer_only or target == "direct" else e["cot"]
+        rows.append(example(TASK_INSTRUCTIONS["addition_cot" if target == "cot" else "addition"], e["input"], output))
+    return rows
 
 
 def random_pair(rng, excluded=()):
@@ -621,6 +659,12 @@ def build_parser():
     p.add_argument("--pairs", metavar="FILE", help="instead, write the review train split's preference pairs "
                    "(prompt/chosen/rejected JSONL) to FILE")
     p.add_argument("--max-prompts", type=positive_int, default=None, help="with --pairs: only the first N review prompts")
+    p.add_argument("--addition-sft", nargs=2, metavar=("TARGET", "FILE"), help="instead, write the addition task's "
+                   "--split as Alpaca JSONL to FILE, TARGET 'cot' (worked column steps) or 'direct' (the number)")
+    p.add_argument("--split", choices=SPLITS, default="train", help="with --addition-sft: which split")
+    p.add_argument("--with-carries", action="store_true", help="with --addition-sft: only sums with a carry")
+    p.add_argument("--answer-only", action="store_true", help="with --addition-sft: the number as the output "
+                   "(RL prompts: grpo.py --reward exact --prompts FILE)")
     return p
 
 
@@ -631,6 +675,14 @@ def main(argv=None):
         pairs = review_pairs(make_world(args.seed), args.max_prompts)
         atomic_write(args.pairs, jsonl(pairs))
         print(f"{len(pairs)} review pairs -> {args.pairs}")
+        return
+    if args.addition_sft:
+        target, path = args.addition_sft
+        if target not in ("cot", "direct"):
+            raise UserError(f"--addition-sft: TARGET must be 'cot' or 'direct', not {target!r}")
+        rows = addition_sft(make_world(args.seed), target, args.split, args.with_carries, args.answer_only)
+        atomic_write(path, jsonl(rows))
+        print(f"{len(rows)} addition {args.split} examples ({target} targets) -> {path}")
         return
     paths = write_default_data(args.out, args.seed, args.force)
     world = json.load(open(paths["world"]))

@@ -74,7 +74,7 @@ def test_answers_are_cut_where_the_next_example_begins():
     assert prompting.cut_answer(" line one\nline two\nInput: q", multiline=True) == "line one\nline two"
     assert prompting.contains_answer("The flag of Zowick is grey.", "grey") == 1.0
     assert prompting.contains_answer("greyish", "grey") == 0.0
-    assert prompting.carries(58, 7) == 1 and prompting.carries(12, 30) == 0 and prompting.carries(999, 1) == 3
+    assert world.carries(58, 7) == 1 and world.carries(12, 30) == 0 and world.carries(999, 1) == 3
 
 
 # ----------------------------------------------------------------------------- the exact decoder
