@@ -6,8 +6,10 @@
 #                            each stage's time)
 #   bash run.sh --sweep      also the sweeps: DPO beta 0.05 0.5 1 2 5, the KL coefficient 0.02 0.05 0.2 0.5 1
 #                            of PPO, GRPO and RLOO (about 20 minutes more)
-#   bash run.sh --all        everything: the sweeps, plus plain DPO (out/dpo_rpo0), DPO from the base model,
-#                            SFT after domain adaptation without rehearsal, the head-only reward model
+#   bash run.sh --all        everything: the sweeps, plus SFT with LoRA and QLoRA, domain adaptation, SFT
+#                            after it with rehearsal (and without), GRPO with an exact-answer reward on the
+#                            region's questions, plain DPO (out/dpo_rpo0), DPO from the base model, the
+#                            head-only reward model
 #   bash run.sh --seeds N    the alignment runs (DPO, PPO, GRPO, RLOO; with --sweep or --all their sweeps too)
 #                            with N seeds: --seed 1337 (the default) into out/dpo..., then --seed 1, 2, ...
 #                            into out/dpo..._s2, _s3, ...; report.py shows mean ± sd over the seeds
@@ -17,10 +19,11 @@
 #   bash run.sh --until NAME stop after stage NAME (pretrain, prompting, sft, ...; a wrong name lists them)
 #   bash run.sh --help       this text
 #
-# The main job: pretrain -> prompting (base model, no training) -> SFT full, LoRA, QLoRA -> domain adaptation
-# -> SFT with rehearsal of the text it read (out/domain_sft_replay) -> GRPO with an exact-answer reward on
-# the region's questions (out/domain_grpo) -> preference pairs -> reward model -> DPO (RPO alpha 1), PPO,
-# GRPO and RLOO from the SFT model -> report.py. "SFT alone" is the out/sft row of the report.
+# The main job: pretrain -> prompting (base model, no training) -> SFT -> preference pairs -> reward model
+# -> DPO (RPO alpha 1), PPO, GRPO and RLOO from the SFT model -> report.py. "SFT alone" is the out/sft row
+# of the report. --all (and --quick) insert after SFT: LoRA, QLoRA -> domain adaptation -> SFT with
+# rehearsal of the text it read (out/domain_sft_replay) -> GRPO with an exact-answer reward on the
+# region's questions (out/domain_grpo).
 # Each stage prints the command it runs, so any one can be rerun by hand; each prints "== NAME done in N s"
 # (python bench.py --run-log LOG tabulates them). Ctrl-C stops the pipeline: the stage in training saves a
 # resumable state, and `bash run.sh` again skips the finished stages and continues that one with --resume.
@@ -73,8 +76,8 @@ stage() {
   if [ "$FORCE" = 0 ] && finished "$done_file"; then
     echo "== $name: $done_file exists, skipped (--force to redo)"
   else
-    if [ "$FORCE" = 0 ] && [ -e "$dir/resume/state.safetensors" ]; then
-      resume=(--resume)
+    if [ -e "$dir/resume/state.safetensors" ]; then   # a stopped run: continue it, or with --force start afresh
+      if [ "$FORCE" = 0 ]; then resume=(--resume); else resume=(--force); fi
     fi
     echo "== $name: $* ${resume[*]}"
     local t0=$(date +%s)
@@ -140,15 +143,17 @@ pipeline() {
   stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
   stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
   stage sft        $OUT/sft/config.json        $PY sft.py --init $OUT/pretrain --out $OUT/sft $SFT
-  stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --out $OUT/sft_lora --lora 8 $SFT
-  stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
-  stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
-  if [ "$ALL" = 1 ]; then   # SFT on the adapted model without rehearsal: what the rehearsal is measured against
-    stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
+  if [ "$ALL" = 1 ] || [ "$QUICK" = 1 ]; then   # sft.py's other modes and the verifiable reward (--quick runs them too)
+    stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --out $OUT/sft_lora --lora 8 $SFT
+    stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
+    stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
+    if [ "$ALL" = 1 ]; then   # SFT on the adapted model without rehearsal: what the rehearsal is measured against
+      stage domain_sft $OUT/domain_sft/config.json $PY sft.py --init $OUT/domain --out $OUT/domain_sft $SFT
+    fi
+    stage domain_sft_replay $OUT/domain_sft_replay/config.json $PY sft.py --init $OUT/domain --replay 0.3 --out $OUT/domain_sft_replay $SFT
+    # RL with a verifiable reward: the region's training questions, 1 for the exact answer (quick: $GRPO shortens it)
+    stage domain_grpo $OUT/domain_grpo/config.json $PY grpo.py --init $OUT/domain_sft_replay --reward exact --task domain_facts --iters 100 --max-new-tokens 16 --out $OUT/domain_grpo $GRPO
   fi
-  stage domain_sft_replay $OUT/domain_sft_replay/config.json $PY sft.py --init $OUT/domain --replay 0.3 --out $OUT/domain_sft_replay $SFT
-  # RL with a verifiable reward: the region's training questions, 1 for the exact answer (quick: $GRPO shortens it)
-  stage domain_grpo $OUT/domain_grpo/config.json $PY grpo.py --init $OUT/domain_sft_replay --reward exact --task domain_facts --iters 100 --max-new-tokens 16 --out $OUT/domain_grpo $GRPO
   if [ "$QUICK" = 1 ]; then
     stage world_pairs $OUT/world_pairs.jsonl $PY world.py --pairs $OUT/world_pairs.jsonl --max-prompts 80
   fi

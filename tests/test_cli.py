@@ -323,17 +323,18 @@ def stages_of(*args):
 
 def test_run_sh_main_job_sweep_and_all():
     main = stages_of()
-    assert main == ["pretrain", "prompting", "sft", "sft_lora", "sft_qlora", "domain", "domain_sft_replay",
-                    "domain_grpo", "preferences", "reward", "dpo", "ppo", "grpo", "rloo", "report"]
+    assert main == ["pretrain", "prompting", "sft", "preferences", "reward", "dpo", "ppo", "grpo", "rloo", "report"]
     sweep = stages_of("--sweep")
     assert set(sweep) - set(main) == {*(f"dpo_beta{b}" for b in ("0.05", "0.5", "1", "2", "5")),
                                       *(f"{m}_kl{c}" for m in ("ppo", "grpo", "rloo") for c in ("0.02", "0.05", "0.2", "0.5", "1"))}
     every = stages_of("--all")
-    assert set(every) - set(sweep) == {"domain_sft", "reward_head", "dpo_rpo0", "dpo_from_base"}
+    assert set(every) - set(sweep) == {"sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo",
+                                       "reward_head", "dpo_rpo0", "dpo_from_base"}
     assert set(sweep) <= set(every) and every[-1] == "report"
     seeds = stages_of("--seeds", "2")
     assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}
-    assert "world_pairs" in stages_of("--quick")
+    quick = stages_of("--quick")   # toy size: the main job, sft.py's other modes and the verifiable reward
+    assert set(quick) - set(main) == {"world_pairs", "sft_lora", "sft_qlora", "domain", "domain_sft_replay", "domain_grpo"}
 
 
 @pytest.mark.parametrize("args, line", [
