@@ -233,7 +233,9 @@ def stage_specs(plan, work, stages):
 
 
 def stage_command(argv, device, out):
-    return [sys.executable, *argv, "--device", device, "--out", out, "--log-interval", "1"]
+    """--force: a stage stopped in an earlier check (Ctrl-C, a timeout) left its resumable state in OUT, which a
+    fresh run refuses without it."""
+    return [sys.executable, *argv, "--device", device, "--out", out, "--log-interval", "1", "--force"]
 
 
 def run_status(run):

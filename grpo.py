@@ -7,7 +7,7 @@ completions, and the other completions of the same prompt are the baseline of ea
     python grpo.py --scale-rewards none              # Dr. GRPO: no division by the group's standard deviation
     python grpo.py --kl-coef 0.2 --out out/grpo_kl0.2
     python grpo.py --reward gold                     # against the gold judge (world.sentiment_score) itself
-    python grpo.py --reward exact --init out/domain_sft_replay --task domain_facts --iters 100 --max-new-tokens 16 \
+    python grpo.py --reward exact --init out/domain_sft_replay --task domain_facts --iters 100 --max-new-tokens 16 \\
                    --out out/domain_grpo             # verifiable reward: 1 if the answer is the world's answer
     python grpo.py --reward exact --prompts qa.jsonl # your questions: Alpaca records whose 'output' is the answer
     python grpo.py --toy                             # exact check of both fixed points on a tabular policy
@@ -28,14 +28,10 @@ stored log pi_old: ratio = 1 on the first minibatch, and clipping measures only 
 Saved to OUT: the policy as a plain GPT checkpoint (config.json stage "grpo", "algorithm" grpo|rloo, the final
 metrics), metrics.jsonl, resume/.
 
-Under torchrun, as for PPO (rollout.py): the sampling chunks are shared by the processes and gathered, so every
-process holds the whole rollout and sees each group of G whole; scores and log-probs are computed on shares of
-the rows; each minibatch (a multiple of N) is split across the processes with the token weights of the whole
-minibatch times N, so DistributedDataParallel's average is the one-process gradient. The samples depend on
---sample-batch, not on N; lower it (default: the default 8 x 4 rollout in one chunk) so that every process
-samples. Only the first process writes OUT and prints; the model is saved before the final evaluation. Every
-process runs the final held-out evaluation (align.heldout_eval, each its share of the prompts); the greedy
-accuracies of --reward exact run on the first.
+Under torchrun, as for PPO (rollout.py): every process holds the whole rollout, so each group of G is seen whole,
+and the samples depend on --sample-batch, not on the number of processes (lower it so that every process samples).
+Only the first process writes OUT and prints; the model is saved before the final evaluation (align.heldout_eval,
+every process its share; the greedy accuracies of --reward exact on the first).
 
 Token averaging (--loss-agg, rollout.token_weights): seq-mean-token-mean (the GRPO paper: short completions'
 tokens weigh more), token-mean (DAPO) or token-sum-norm (default, Dr. GRPO: a constant B * --max-new-tokens, no
@@ -58,17 +54,17 @@ import torch
 
 import data
 import world
-from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval, k3_toy_fixed_point,
-                   kl_regularised_optimum, load_policy_and_reference, print_final, toy_problem, toy_token_logps)
-from common import ArgumentParser, UserError, positive_int, run_cli
+from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, heldout_eval, k3_toy_fixed_point,
+                   kl_regularised_optimum, print_final, toy_problem, toy_token_logps)
+from common import ArgumentParser, Rule, check_rules, no_effect, positive_int, run_cli
 from evals import exact_match, task_accuracy
-from gpt import check_same_tokenizer, save_checkpoint
-from reward import load_reward_model
-from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, checked_prompt_ids, forward_rows,
-                     kl_per_token, minibatches, prompt_indices, ratio_stats, sample_rollout, sampling_note,
-                     sequence_scores, setup_rl, token_weights, training_prompts)
-from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, load_train_state, lr_at, make_optimizer,
-                      optimizer_step, save_train_state, set_lr, wrap_model)
+from gpt import save_checkpoint
+from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, check_rl_inputs, checked_prompt_ids,
+                     forward_rows, kl_per_token, load_rl_models, minibatches, prompt_indices, ratio_stats,
+                     sample_rollout, sampling_note, sequence_scores, setup_rl, token_weights, training_prompts)
+from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, check_prompts_fit, final_evaluation,
+                      load_train_state, lr_at, make_optimizer, mark_finished, optimizer_step, save_train_state, set_lr,
+                      wrap_model)
 
 LOSS_AGGS = ("token-sum-norm", "seq-mean-token-mean", "token-mean")
 EXACT_TASKS = ("domain_facts", "facts", "addition")
@@ -109,15 +105,26 @@ def parse_args(argv=None):
     return args
 
 
+# what check_args refuses before any work, each rule with a command line that breaks it
+RULES = [
+    Rule(lambda a: a.advantage == "rloo" and a.scale_rewards == "group", "--scale-rewards group is GRPO's; RLOO's "
+         "advantage r_i - mean of the others is not scaled", ("--advantage", "rloo", "--scale-rewards", "group")),
+    Rule(lambda a: a.group_size < 2, "--group-size {a.group_size}: a group needs at least 2 completions to be its "
+         "own baseline", ("--group-size", "1")),
+    Rule(lambda a: (a.rollout_batch * a.group_size) % a.minibatch, "--rollout-batch {a.rollout_batch} x --group-size "
+         "{a.group_size} completions must be a multiple of --minibatch {a.minibatch}",
+         ("--rollout-batch", "3", "--group-size", "3", "--minibatch", "4")),
+    no_effect("--task", lambda a: a.reward != "exact" or a.prompts, "without --reward exact, nor with --prompts",
+              ("--reward", "gold", "--task", "facts")),
+]
+
+
 def check_args(args):
-    """The checks of options against each other, before any work; one line `error: ...` each."""
-    if args.advantage == "rloo" and args.scale_rewards == "group":
-        raise UserError("--scale-rewards group is GRPO's; RLOO's advantage r_i - mean of the others is not scaled")
-    if args.group_size < 2:
-        raise UserError(f"--group-size {args.group_size}: a group needs at least 2 completions to be its own baseline")
-    if (args.rollout_batch * args.group_size) % args.minibatch:
-        raise UserError(f"--rollout-batch x --group-size = {args.rollout_batch * args.group_size} completions must be "
-                        f"a multiple of --minibatch {args.minibatch}")
+    """Before any work: RULES, the prompt files, --init and --ref (language models, not reward models) and
+    --reward (a reward model, unless gold or exact), none of them --out; under --resume the run's own options."""
+    check_rules(args, RULES)
+    if not args.resume:
+        check_rl_inputs(args, judges=("gold", "exact"))
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -333,18 +340,6 @@ def grpo_update(model, optimizer, ro, args, rng, it=0, ctx=None, autocast=contex
 
 # ----------------------------------------------------------------------------- inputs and outputs
 
-def load_models(args, ctx):
-    """-> (policy, ref, rm or None, enc): policy and reference GPTs in eval mode (dropout off), the reference
-    and the reward model frozen."""
-    gpt, ref, enc = load_policy_and_reference(args.init, args.ref, ctx.device)
-    rm = None
-    if args.reward not in ("gold", "exact"):
-        rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
-        check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
-        rm = frozen(rm)
-    return gpt.eval(), ref, rm, enc
-
-
 def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, args, ctx):
     """One iteration: sample the groups of this iteration's prompts, then the clipped updates of model (the
     PolicyLogps, DDP-wrapped under torchrun); -> (the rollout, its figures for the log, over the whole rollout)."""
@@ -361,7 +356,7 @@ def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, a
                 "zero_std_groups": ro["zero_std"].item(), **stats}
 
 
-def final_eval(policy, ref, rm, enc, args, ctx):
+def final_eval(policy, ref, rm, enc, held_out, args, ctx):
     """With --reward exact: greedy exact-match accuracy of policy and reference on the task's test split and,
     as the forgetting check, on the other tasks' test splits (with --prompts: on --eval-prompts FILE, if given).
     Otherwise as ppo.py: the gold judge on held-out review prompts (gold reward, win rate against the reference,
@@ -388,35 +383,38 @@ def final_eval(policy, ref, rm, enc, args, ctx):
                     samples = [{"prompt": e["input"], "completion": p, "score": exact_reward(p, e["output"])}
                                for e, p in zip(tasks[task]["test"][:8], preds)]
         return metrics, samples
-    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
-    return heldout_eval(policy, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm, ctx=ctx)
+    return heldout_eval(policy, ref, enc, held_out, args.max_new_tokens, args.seed, ctx.autocast, rm=rm, ctx=ctx)
 
 
-def save(args, policy, optimizer, enc, step, metrics, samples=(), finished=False):
-    save_train_state(args.out, policy, optimizer, step, args=args)
+def held_out_prompts(args):
+    """The final evaluation's prompts, checked against the context before any step: --eval-prompts (review or a
+    file), or with --reward exact and --prompts the questions of --eval-prompts FILE; none for the world's tasks."""
+    if args.reward != "exact":
+        return eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    if not args.prompts or args.eval_prompts in ("review", "none"):
+        return []
+    return [p for p, _ in data.load_sft_examples(args.eval_prompts)][:args.eval_limit or None]
+
+
+def save(args, policy, optimizer, enc, step, metrics):
+    """The resumable state and the policy; config.json says "finished": false until mark_finished, after the final
+    evaluation (run.sh skips only finished runs)."""
+    save_train_state(args.out, policy, optimizer, step, extra={"metrics": metrics}, args=args)
     save_checkpoint(args.out, policy, enc, {"stage": "grpo", "algorithm": args.advantage, "args": vars(args),
-                                            "step": step, "metrics": metrics, "samples": list(samples),
-                                            "finished": finished})
-
-
-def stop_early(args, policy, optimizer, enc, step, row, ctx):
-    """Ctrl-C, SIGTERM or --stop-at: a resumable state in OUT, and how to continue."""
-    if ctx.master:
-        save(args, policy, optimizer, enc, step, {})
-        print(f"stopped at iteration {step}; continue with: python grpo.py --resume --out {args.out} "
-              "(and the same options)")
-    return {"stopped_at": step, **row}
+                                            "step": step, "metrics": metrics, "samples": [], "finished": False})
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)
     if args.toy:
         return toy_report()
+    check_args(args)
     t0, ctx = time.time(), setup_rl(args)
-    policy, ref, rm, enc = load_models(args, ctx)
+    policy, ref, rm, enc = load_rl_models(args, ctx.device, judges=("gold", "exact"))
+    held_out = held_out_prompts(args)
+    check_prompts_fit("--eval-prompts", held_out, enc, policy.config.block_size)
     if args.reward == "exact":
         prompts, prompt_ids, answers = exact_prompts(args, enc, policy.config.block_size)
     else:
@@ -428,7 +426,7 @@ def main(argv=None):
               + sampling_note(args.rollout_batch * args.group_size, args, ctx))
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
-    start = load_train_state(args.out, policy, optimizer)[0] if args.resume else 0
+    start, extra = load_train_state(args.out, policy, optimizer) if args.resume else (0, {})
     model = wrap_model(PolicyLogps(policy), ctx, compile=False)   # DDP under torchrun: it averages the gradients
     stop, log = StopFlag(), MetricsLog(args.out, args.iters, ctx.master, resume=args.resume)
     window = LogWindow(log, args, ctx.master)
@@ -437,16 +435,21 @@ def main(argv=None):
         ro, row = iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, answers, it, args, ctx)
         window.add(it + 1, row, optimizer.param_groups[0]["lr"], ro, "gold" if "gold" in row else "score")
         if stop.requested_anywhere(ctx) or it + 1 == args.stop_at:
-            return stop_early(args, policy, optimizer, enc, it + 1, row, ctx)
+            if ctx.master:
+                save(args, policy, optimizer, enc, it + 1, {})
+                print(f"stopped at iteration {it + 1}; continue with: python grpo.py --resume --out {args.out}")
+            return {"stopped_at": it + 1, **row}
 
-    metrics = {f"train_{k}": v for k, v in window.means.items()}
-    if ctx.master:   # the trained model first: an error in the evaluation must not lose it
-        save(args, policy, optimizer, enc, args.iters, metrics, finished=True)
-    with ctx.autocast():   # a fresh context: heldout_eval enters one of its own inside
-        evaluated, samples = final_eval(policy, ref, rm, enc, args, ctx)
+    # the trained model first, then the final evaluation: an error there never costs the model (a --resume at the
+    # last iteration, after such an error, runs the evaluation alone)
+    metrics = {f"train_{k}": v for k, v in window.means.items()} or dict(extra.get("metrics", {}))
+    if ctx.master:
+        save(args, policy, optimizer, enc, args.iters, metrics)
+    with final_evaluation(args.out, "python grpo.py"), ctx.autocast():   # a fresh autocast: heldout_eval enters its own
+        evaluated, samples = final_eval(policy, ref, rm, enc, held_out, args, ctx)
     metrics.update(evaluated, time_s=round(time.time() - t0, 1))
     if ctx.master:
-        save(args, policy, optimizer, enc, args.iters, metrics, samples, finished=True)
+        mark_finished(args.out, metrics, samples=list(samples))
         print_final(metrics, samples)
     return metrics
 

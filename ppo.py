@@ -43,17 +43,17 @@ import torch
 import torch.nn as nn
 
 import world
-from align import (TOY_Y1, add_policy_args, add_run_args, eval_prompts, frozen, heldout_eval, kl_regularised_optimum,
-                   load_policy_and_reference, print_final, print_toy_table, toy_problem, toy_token_logps)
-from common import (ArgumentParser, UserError, atomic_save_safetensors, nonneg_float, positive_float, positive_int,
-                    prob, run_cli)
-from gpt import check_same_tokenizer, save_checkpoint, token_logprobs
-from reward import load_reward_model
-from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, forward_rows, kl_per_token, minibatches,
-                     prompt_indices, ratio_stats, sample_rollout, sampling_note, sequence_scores, setup_rl,
-                     training_prompts)
-from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, load_train_state, lr_at, make_optimizer,
-                      optimizer_step, save_train_state, set_lr, wrap_model)
+from align import (TOY_Y1, add_policy_args, add_run_args, eval_prompts, heldout_eval, kl_regularised_optimum,
+                   print_final, print_toy_table, toy_problem, toy_token_logps)
+from common import (ArgumentParser, Rule, atomic_save_safetensors, check_rules, no_effect, nonneg_float,
+                    positive_float, positive_int, prob, run_cli)
+from gpt import save_checkpoint, token_logprobs
+from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, check_rl_inputs, forward_rows,
+                     kl_per_token, load_rl_models, minibatches, prompt_indices, ratio_stats, sample_rollout,
+                     sampling_note, sequence_scores, setup_rl, training_prompts)
+from training import (MetricsLog, StopFlag, all_reduce_mean, check_finite, check_prompts_fit, final_evaluation,
+                      load_train_state, lr_at, make_optimizer, mark_finished, optimizer_step, save_train_state, set_lr,
+                      wrap_model)
 
 
 def build_parser():
@@ -90,12 +90,25 @@ def parse_args(argv=None):
     return args
 
 
+# what check_args refuses before any work, each rule with a command line that breaks it
+RULES = [
+    Rule(lambda a: a.rollout_batch % a.minibatch, "--rollout-batch {a.rollout_batch} must be a multiple of "
+         "--minibatch {a.minibatch}", ("--rollout-batch", "6", "--minibatch", "4")),
+    Rule(lambda a: a.critic_init == "reward" and a.reward == "gold", "--critic-init reward needs a reward model, "
+         "not --reward gold", ("--reward", "gold", "--critic-init", "reward")),
+    no_effect("--shape-gamma", lambda a: a.reward_shape != "discounted", "without --reward-shape discounted",
+              ("--shape-gamma", "0.5")),
+    no_effect("--horizon", lambda a: not a.target_kl, "without --target-kl: beta is fixed", ("--horizon", "500")),
+]
+
+
 def check_args(args):
-    """The checks of options against each other, before any work; one line `error: ...` each."""
-    if args.rollout_batch % args.minibatch:
-        raise UserError(f"--rollout-batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}")
-    if args.critic_init == "reward" and args.reward == "gold":
-        raise UserError("--critic-init reward needs a reward model, not --reward gold")
+    """Before any work: RULES, the prompt files, --init and --ref (language models, not reward models) and
+    --reward (a reward model), none of them --out; under --resume the run's own options, checked when it started."""
+    check_rules(args, RULES)
+    if args.resume:
+        return
+    check_rl_inputs(args, judges=("gold",))
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -321,12 +334,7 @@ def save_value_head(out_dir, v_head):
 def load_models(args, ctx):
     """-> (policy: ActorCritic, ref, reward model or None for the gold judge, enc). The policy and value
     head train; the reference and the reward model are frozen."""
-    gpt, ref, enc = load_policy_and_reference(args.init, args.ref, ctx.device)
-    rm = None
-    if args.reward != "gold":
-        rm, rm_enc, _ = load_reward_model(args.reward, ctx.device)
-        check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
-        rm = frozen(rm)
+    gpt, ref, rm, enc = load_rl_models(args, ctx.device, judges=("gold",))
     policy = ActorCritic(gpt)
     if args.critic_init == "reward":
         value_head_from_reward(policy.v_head, rm)
@@ -347,18 +355,18 @@ def iteration(policy, model, ref, rm, enc, optimizer, prompt_ids, it, beta, args
                 "eos": ro["ended"].mean().item(), "len": ro["length"].mean().item(), **stats}
 
 
-def final_eval(policy, ref, rm, enc, args, ctx):
+def final_eval(policy, ref, rm, enc, prompts, args, ctx):
     """The gold judge on held-out prompts, policy against the reference (the SFT model); under torchrun every
     process samples its share of the prompts and all get the same figures (align.heldout_eval)."""
-    prompts = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
     return heldout_eval(policy.gpt, ref, enc, prompts, args.max_new_tokens, args.seed, ctx.autocast, rm=rm, ctx=ctx)
 
 
-def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
-    save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta}, args=args)
-    save_checkpoint(args.out, policy.gpt, enc, {"stage": "ppo", "args": vars(args), "step": it,
-                                                "metrics": metrics, "samples": list(samples),
-                                                "finished": it == args.iters})
+def save(args, policy, optimizer, enc, it, beta, metrics):
+    """The resumable state, the model and its value head; config.json says "finished": false until
+    mark_finished, after the final evaluation (run.sh skips only finished runs)."""
+    save_train_state(args.out, policy, optimizer, it, extra={"kl_coef": beta, "metrics": metrics}, args=args)
+    save_checkpoint(args.out, policy.gpt, enc, {"stage": "ppo", "args": vars(args), "step": it, "metrics": metrics,
+                                                "samples": [], "finished": False})
     save_value_head(args.out, policy.v_head)
 
 
@@ -367,11 +375,13 @@ def save(args, policy, optimizer, enc, it, beta, metrics, samples=()):
 def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
-    check_args(args)
     if args.toy:
         return toy_report()
+    check_args(args)
     ctx = setup_rl(args)
     policy, ref, rm, enc = load_models(args, ctx)
+    held_out = eval_prompts(args.eval_prompts, args.world_seed, args.eval_limit)
+    check_prompts_fit("--eval-prompts", held_out, enc, policy.gpt.config.block_size)
     prompts, prompt_ids = training_prompts(args, enc, policy.gpt.config.block_size)
     if ctx.master:
         print(f"prompts: {len(prompts)}; {args.iters} iterations of {args.rollout_batch} rollouts, reward "
@@ -379,10 +389,8 @@ def main(argv=None):
               "without the position embeddings" + sampling_note(args.rollout_batch, args, ctx))
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, ctx=ctx)
-    start, beta = 0, args.kl_coef
-    if args.resume:
-        start, extra = load_train_state(args.out, policy, optimizer)
-        beta = extra["kl_coef"]
+    start, extra = load_train_state(args.out, policy, optimizer) if args.resume else (0, {})
+    beta = extra.get("kl_coef", args.kl_coef)
     model = wrap_model(policy, ctx, compile=False)   # DDP under torchrun: it averages the gradients
     stop = StopFlag()
     window = LogWindow(MetricsLog(args.out, args.iters, ctx.master, resume=args.resume), args, ctx.master)
@@ -400,13 +408,17 @@ def main(argv=None):
                 print(f"stopped at iteration {done}; continue with: python ppo.py --resume --out {args.out}")
             return {"stopped_at": done, **row}
 
-    metrics = {**{f"train_{k}": v for k, v in window.means.items()}, "kl_coef_final": beta}
-    if ctx.master:   # the trained model first: an error in the evaluation must not lose it
+    # the trained model first, then the final evaluation: an error there never costs the model (a --resume at the
+    # last iteration, after such an error, runs the evaluation alone)
+    metrics = ({**{f"train_{k}": v for k, v in window.means.items()}, "kl_coef_final": beta} if window.means
+               else dict(extra.get("metrics", {})))
+    if ctx.master:
         save(args, policy, optimizer, enc, args.iters, beta, metrics)
-    heldout, samples = final_eval(policy, ref, rm, enc, args, ctx)
+    with final_evaluation(args.out, "python ppo.py"):
+        heldout, samples = final_eval(policy, ref, rm, enc, held_out, args, ctx)
     metrics.update(heldout, time_s=round(time.time() - t0, 1))
     if ctx.master:
-        save(args, policy, optimizer, enc, args.iters, beta, metrics, samples)
+        mark_finished(args.out, metrics, samples=list(samples))
         print_final(metrics, samples)
     return metrics
 

@@ -28,13 +28,15 @@ import torch.nn as nn
 
 import data
 import world
-from common import UserError, nonneg_float, positive_float, positive_int
+from align import frozen, load_policy_and_reference
+from common import (UserError, check_input_files, check_out_is_not_an_input, nonneg_float, positive_float,
+                    positive_int)
 from evals import strip_eos
-from gpt import generate, token_logprobs
-from reward import reward_scores
+from gpt import check_same_tokenizer, generate, token_logprobs
+from reward import load_reward_model, reward_scores
 from tokenizer import eos_id, pad_id
-from training import (add_optimizer_args, all_reduce_max, check_divisible, chunk_seed, gather_chunks, gather_rows,
-                      my_chunks, rank_slice, setup)
+from training import (add_optimizer_args, all_reduce_max, check_divisible, check_policy, chunk_seed, gather_chunks,
+                      gather_rows, init_model, my_chunks, rank_slice, setup)
 
 
 # ----------------------------------------------------------------------------- the options both stages take
@@ -58,6 +60,36 @@ def add_rollout_args(p, rollout_batch, rows):
     p.add_argument("--no-eos-penalty", type=nonneg_float, default=1.0, help="subtracted from the score of a completion "
                    "that never emits EOS (0 = none)")
     return p
+
+
+def check_rl_inputs(args, judges):
+    """The inputs of a run, before any work (a stage's check_args, not under --resume): the prompt files are
+    files, --init and --ref are language models, --reward (unless one of the judges) is a reward model, and
+    --out is none of them; one line `error: ...` each."""
+    check_input_files("--prompts", args.prompts)
+    check_input_files("--eval-prompts", [] if args.eval_prompts in ("review", "none") else args.eval_prompts)
+    check_policy(args.init, "--init", hint="python sft.py")
+    check_policy(args.ref, "--ref", hint="python sft.py")
+    inputs = {"--init": args.init, "--ref": args.ref}
+    if args.reward not in judges:
+        stage = init_model(args.reward, "--reward", hint="python reward.py")[1]
+        if stage != "reward":
+            raise UserError(f"--reward {args.reward} is a {stage!r} checkpoint, not a reward model; make one with "
+                            f"`python reward.py`, or pass {' or '.join(judges)}")
+        inputs["--reward"] = args.reward
+    check_out_is_not_an_input(args.out, inputs)
+
+
+def load_rl_models(args, device, judges):
+    """-> (policy GPT in eval mode, frozen reference, frozen reward model or None for one of the judges, enc); the
+    reward model must share the policy's tokenizer."""
+    policy, ref, enc = load_policy_and_reference(args.init, args.ref, device)
+    policy.eval()
+    if args.reward in judges:
+        return policy, ref, None, enc
+    rm, rm_enc, _ = load_reward_model(args.reward, device)
+    check_same_tokenizer(enc, rm_enc, f"the reward model {args.reward}", f"the policy {args.init}")
+    return policy, ref, frozen(rm), enc
 
 
 # ----------------------------------------------------------------------------- the KL estimators

@@ -101,7 +101,7 @@ def test_the_defaults_break_no_rule_and_the_rules_are_counted():
         assert not [r.message for r in module.RULES if r.broken(args)], name
     counts = {name: len(module.RULES) for name, module in stages.items()}
     print(f"{sum(counts.values())} cross-option rules tried in {len(counts)} stages: {counts}")
-    assert {"pretrain", "sft", "reward", "dpo"} <= set(counts) and sum(counts.values()) == len(CROSS_OPTION_RULES)
+    assert {"pretrain", "sft", "reward", "dpo", "ppo", "grpo"} <= set(counts) and sum(counts.values()) == len(CROSS_OPTION_RULES)
 
 
 def test_a_value_inside_the_range_is_taken_and_converted():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import common
 import gpu_check
 from gpt import GPT, GPTConfig, cross_entropy_loss
 from gpu_check import (Budget, check_sampled, check_stage, compare_losses, compile_gain, finish_logged, markdown,
@@ -157,7 +158,9 @@ def test_the_gpu_plan_parses_in_every_stage_and_in_bench(tmp_path):
         if name == "grpo" and not os.path.exists(os.path.join(ROOT, "grpo.py")):
             continue
         cmd = gpu_check.stage_command(argv, "cuda", str(tmp_path / name))
-        args = importlib.import_module(script).parse_args(cmd[2:])
-        assert args.device == "cuda" and args.log_interval == 1 and args.out == str(tmp_path / name)
+        module = importlib.import_module(script)
+        args = module.parse_args(cmd[2:])
+        assert args.device == "cuda" and args.log_interval == 1 and args.out == str(tmp_path / name) and args.force
+        common.check_rules(args, module.RULES)   # nor at a rule between its options
     b = bench.parse_args([*plan["bench"].split(), "--device", "cuda", "--compile", "--json", str(tmp_path / "b.json")])
     assert (b.n_layer, b.n_embd, b.block_size, b.vocab_size, b.compile) == (12, 768, 1024, 50257, True)

@@ -148,7 +148,7 @@ def tiny_rollout(model, enc, args):
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
     prompts = [enc.encode_ordinary(p) for p in ("the kettle", "an excellent pie .")]
-    return grpo.make_rollout(model.eval(), grpo.frozen(ref), None, enc, prompts, None, args, 3)
+    return grpo.make_rollout(model.eval(), align.frozen(ref), None, enc, prompts, None, args, 3)
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
@@ -243,6 +243,10 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt, tiny):
 def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
     cfg = run_with_a_failing_final_eval(grpo, run_args(ckpt, "kept", "--iters", "1"), ckpt / "kept", monkeypatch)
     assert cfg["step"] == 1 and "train_loss" in cfg["metrics"]
+    monkeypatch.undo()
+    m = grpo.main(["--resume", "--out", str(ckpt / "kept")])   # no iteration runs: the evaluation alone
+    cfg = json.load(open(ckpt / "kept" / "config.json"))
+    assert cfg["finished"] is True and m["train_loss"] == cfg["metrics"]["train_loss"] and "win_rate" in m
 
 
 def test_rloo_with_exact_reward_on_a_questions_file(ckpt):

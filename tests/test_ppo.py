@@ -12,7 +12,7 @@ import align
 import ppo
 import rollout
 from common import UserError, read_safetensors
-from gpt import GPT, GPTConfig, save_checkpoint
+from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from tokenizer import eos_id, pad_id
 from conftest import torchrun
 
@@ -273,19 +273,28 @@ def test_resume_is_exact_and_checkpoint_is_a_plain_gpt(ckpt):
 
 
 def run_with_a_failing_final_eval(stage, argv, out, monkeypatch):
-    """stage.main(argv) with its final evaluation raising -> OUT's config.json: the model was saved before."""
+    """stage.main(argv) with its final evaluation raising: one line naming the error and how to evaluate again
+    -> OUT's config.json: the model was saved before, not marked finished."""
     def broken(*_):
         raise RuntimeError("the evaluation failed")
     monkeypatch.setattr(stage, "final_eval", broken)
-    with pytest.raises(RuntimeError, match="evaluation failed"):
+    with pytest.raises(UserError, match=r"final evaluation failed \(RuntimeError: the evaluation failed") as e:
         stage.main(argv)
-    assert (out / "model.safetensors").exists()
-    return json.load(open(out / "config.json"))
+    assert "\n" not in str(e.value) and f"{stage.__name__}.py --resume --out {out}" in str(e.value)
+    assert (out / "model.safetensors").exists() and "broken" in (out / "eval_error.txt").read_text()
+    load_checkpoint(str(out))
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["finished"] is False
+    return cfg
 
 
 def test_an_error_in_the_final_evaluation_keeps_the_trained_model(ckpt, monkeypatch):
     cfg = run_with_a_failing_final_eval(ppo, run_args(ckpt, "kept", "--iters", "1"), ckpt / "kept", monkeypatch)
     assert cfg["step"] == 1 and "train_pg_loss" in cfg["metrics"] and (ckpt / "kept" / "value_head.safetensors").exists()
+    monkeypatch.undo()
+    m = ppo.main(["--resume", "--out", str(ckpt / "kept")])   # no iteration runs: the evaluation alone
+    cfg = json.load(open(ckpt / "kept" / "config.json"))
+    assert cfg["finished"] is True and m["train_pg_loss"] == cfg["metrics"]["train_pg_loss"] and "win_rate" in m
 
 
 def test_dropout_checkpoint_ratio_is_one_on_the_first_minibatch(ckpt, tiny):

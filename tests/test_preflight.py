@@ -12,6 +12,8 @@ import torch
 
 import dpo
 import gpt
+import grpo
+import ppo
 import preferences
 import pretrain
 import reward
@@ -171,6 +173,33 @@ def test_a_directory_where_files_are_expected_names_the_files(tmp_path, ckpts):
     refused(dpo.main, ["--init", wide, "--data", d, "--out", str(tmp_path / "o")], f"--data {d} is a directory")
     refused(reward.main, ["--init", wide, "--data", d, "--out", str(tmp_path / "o")], f"--data {d} is a directory")
     refused(pretrain.main, ["--data", d, "--out", str(tmp_path / "o")], f"--data {d} is a directory")
+
+
+def test_the_rl_stages_answer_the_issue_rows_in_one_line(ckpts):
+    d = str(ckpts / "jsonl")
+    assert_one_line(cli("ppo.py", "--prompts", d), f"--prompts {d} is a directory", "pairs.jsonl")
+    assert_one_line(cli("grpo.py", "--reward", "out/reward", "--task", "facts"),
+                    "--task has no effect without --reward exact")
+
+
+@pytest.mark.parametrize("stage", [ppo, grpo], ids=["ppo", "grpo"])
+def test_the_rl_stages_check_their_checkpoints_and_paths_before_any_work(stage, tmp_path, ckpts):
+    wide, rm, out = str(ckpts / "wide"), str(ckpts / "rm"), str(tmp_path / "o")
+    run = ["--reward", rm, "--threads", "1", "--out", out]
+    refused(stage.main, ["--init", rm, *run], "--init", "is a reward model")
+    refused(stage.main, ["--init", wide, "--ref", rm, *run], "--ref", "is a reward model")
+    refused(stage.main, ["--init", wide, "--reward", wide, "--out", out], f"--reward {wide} is a 'sft' checkpoint")
+    refused(stage.main, ["--init", wide, "--reward", str(tmp_path / "none"), "--out", out], "no checkpoint at",
+            "python reward.py")
+    refused(stage.main, ["--init", wide, "--reward", rm, "--out", rm], f"--out {rm} is the --reward directory")
+    refused(stage.main, ["--init", wide, *run, "--eval-prompts", str(ckpts / "jsonl")], "--eval-prompts", "directory")
+    assert not os.path.exists(out)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 40}) + "\n")
+    refused(stage.main, ["--init", str(ckpts / "base"), "--reward", "gold", "--prompts", str(ckpts / "prompts.jsonl"),
+                         "--eval-prompts", str(long), "--threads", "1", "--out", out],
+            "--eval-prompts: a prompt of", "context of 32")
+    assert not os.path.exists(os.path.join(out, "config.json")) and not os.path.exists(os.path.join(out, "metrics.jsonl"))
 
 
 def test_sample_refuses_an_empty_prompt_a_file_and_a_directory_of_checkpoints(ckpts):
