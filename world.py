@@ -34,96 +34,8 @@ from common import ArgumentParser, UserError, atomic_write, positive_int, run_cl
 from data import format_completion, format_prompt
 
 
-# ----------------------------------------------------------------------------- tables of the world
-
-ONSETS = "b br c d dr f g gr h k l m n p r s st t th v w z".split()
-VOWELS = "a e i o u a e o".split()
-CODAS = ["", "", "l", "n", "r", "s", "m", "nd", "rk"]
-MIDS = "l n r s m v d t k nd rt st lv rn ld sk rl nt".split()
-ENDINGS = {"town": "mora wick dale ford holm stead mere burg ton by well haven".split(),
-           "region": "mark land vale reach moor fell".split(),
-           "river": "ine el en ash oss a".split(),
-           "first": "a o in el ia en is ar ie ra".split(),
-           "surname": "an ick ov ard ey en ont ery ing ell".split()}
-COLOURS = "red green blue yellow white black gold purple grey brown pink silver".split()  # all take "a"
-FOODS = ["plum cake", "fish soup", "honey bread", "cheese pie", "apple tart", "onion stew", "barley porridge",
-         "roast duck", "walnut biscuits", "pear jam", "mushroom pie", "lamb stew", "carrot soup", "spiced sausage",
-         "berry pudding", "rye pancakes"]
-JOBS = ("baker tailor farmer miller potter weaver fisher blacksmith carpenter painter teacher doctor sailor "
-        "builder merchant gardener cook singer shepherd brewer nurse librarian").split()  # all take "a"
-PETS = "cat dog goat parrot rabbit tortoise hedgehog pony goose ferret canary lizard donkey hamster".split()
-MATERIALS = "copper oak silver wool clay glass iron linen brass leather".split()
-OBJECTS = "kettle chair lamp coat bowl clock teapot umbrella bicycle basket".split()
-PLACES = "inn market museum bakery library theatre".split()
-ASPECTS = ["the price", "the quality", "the design", "the service", "the look", "the smell"]
-
-TOWN_ATTRS = ("region", "river", "flag", "food", "population", "mayor")
-PERSON_ATTRS = ("job", "home", "pet")
-# Paraphrases of each fact ({s} subject, {a} answer, {A} capitalised answer). The first is the
-# canonical cloze form (prompt = the text before " {a}"); the last is kept out of the domain
-# training text so that domain_val says the held-out facts in words the model has not read.
-PARAPHRASES = {
-    "region": ["{s} is a town in the region of {a}.", "{s} belongs to the {a} region.",
-               "In the region of {a} lies the town of {s}.", "{A} is the region where {s} can be found."],
-    "river": ["{s} lies on the river {a}.", "The river {a} flows through {s}.",
-              "{s} was built on the banks of the {a}.", "Boats on the {a} stop at {s}."],
-    "flag": ["The flag of {s} is {a}.", "{s}'s flag is {a}.", "{A} is the colour of the flag of {s}.",
-             "The people of {s} fly a {a} flag."],
-    "food": ["The famous food of {s} is {a}.", "{s} is known for its {a}.", "Visitors to {s} always eat {a}.",
-             "{A} is the dish that {s} is famous for."],
-    "population": ["The population of {s} is {a}.", "{s} has {a} inhabitants.", "About {a} people live in {s}.",
-                   "{A} people call {s} their home."],
-    "mayor": ["The mayor of {s} is {a}.", "{A} is the mayor of {s}.", "{s} is led by its mayor, {a}.",
-              "The town of {s} elected {a} as mayor."],
-    "job": ["{s} works as a {a}.", "{s} is a {a} by trade.", "By trade, {s} is a {a}.",
-            "Every day {s} goes to work as a {a}."],
-    "home": ["{s} lives in {a}.", "{s}'s home is in {a}.", "{s} is from the town of {a}.",
-             "{A} is the town where {s} lives."],
-    "pet": ["{s} has a pet {a}.", "{s} keeps a {a} as a pet.", "The pet of {s} is a {a}.",
-            "{s} takes care of a pet {a}."],
-}
-QUESTIONS = {  # two questions per fact: train uses both, val/test only the first
-    "region": ["In which region is {s}?", "Which region is {s} part of?"],
-    "river": ["Which river flows through {s}?", "On which river does {s} lie?"],
-    "flag": ["What colour is the flag of {s}?", "Which colour is the flag of {s}?"],
-    "food": ["What is the famous food of {s}?", "Which food is {s} famous for?"],
-    "population": ["What is the population of {s}?", "How many people live in {s}?"],
-    "mayor": ["Who is the mayor of {s}?", "Who leads {s} as mayor?"],
-    "job": ["What is the job of {s}?", "What does {s} work as?"],
-    "home": ["Where does {s} live?", "In which town does {s} live?"],
-    "pet": ["What pet does {s} have?", "Which animal does {s} keep as a pet?"],
-}
-TOWN_FILLERS = ["{s} has a market square with an old clock.", "Every spring, {s} holds a festival by the water.",
-                "The streets of {s} are narrow and steep.", "Travellers often stop in {s} on their way north.",
-                "Most houses in {s} are built of stone.", "{s} has a small school and two bridges."]
-PERSON_FILLERS = ["{f} likes to walk by the river in the evening.", "{f} reads a book every week.",
-                  "Friends say that {f} tells long stories.", "{f} gets up early every morning."]
-
-# The sentiment lexicon ("tagged words"): graded weights, read by sentiment_score.
-ADJ = {2: "excellent wonderful superb perfect delightful brilliant outstanding amazing".split(),
-       1: "good nice pleasant fine solid useful clean cosy comfortable reliable".split(),
-       -1: "bad dull slow noisy plain awkward cramped flimsy poor dirty".split(),
-       -2: "terrible awful horrible dreadful useless disgusting broken miserable".split()}
-LEXICON = {**{w: k for k, ws in ADJ.items() for w in ws},
-           "loved": 2, "liked": 1, "enjoyed": 1, "recommend": 1, "disliked": -1, "hated": -2}
-NEGATORS = {"not", "never", "no", "hardly"}
-SENTIMENT_LABELS = ("positive", "negative")
-LEVELS = (-2, -1, 0, 1, 2)  # very negative ... very positive
-OPENERS = ["{I} is {w}.", "I found {i} {w}.", "Honestly, {i} is {w}.", "{I} turned out {w}."]
-ASPECT_LINES = ["{A} is {w}.", "{A} is {w} too.", "Also, {a} is {w}."]
-CLOSERS = {2: ["I loved it.", "I would recommend it to anyone."], 1: ["I liked it.", "I would recommend it."],
-           -1: ["I disliked it.", "I would not recommend it."],
-           -2: ["I hated it.", "I would not recommend it to anyone."]}
-REVIEW_PROMPTS = ["Write a review of {i}.", "Write a short review of {i}.", "Review {i}.", "What do you think of {i}?",
-                  "Give your opinion of {i}.", "Describe your experience with {i}.", "Share a review of {i}.",
-                  "Write a customer review of {i}.", "Write a few words about {i}.", "Tell us how you liked {i}."]
-TASK_INSTRUCTIONS = {"facts": "Answer the question about the world.",
-                     "sentiment": "Is the sentiment of this review positive or negative?",
-                     "addition": "Answer the arithmetic question with a number.",
-                     "addition_cot": "Answer the arithmetic question. Add the digits column by column."}
-TASKS = ("facts", "domain_facts", "sentiment", "addition", "review", "story")
-SPLITS = ("train", "val", "test")
 DATA_VERSION = 1  # bump when generation changes, so cached out/data is rewritten
+
 
 # ----------------------------------------------------------------------------- the world
 
@@ -606,6 +518,97 @@ def sentiment_score(text):
 
 
 
+
+
+# ----------------------------------------------------------------------------- tables of the world (data: the code above reads them)
+
+ONSETS = "b br c d dr f g gr h k l m n p r s st t th v w z".split()
+VOWELS = "a e i o u a e o".split()
+CODAS = ["", "", "l", "n", "r", "s", "m", "nd", "rk"]
+MIDS = "l n r s m v d t k nd rt st lv rn ld sk rl nt".split()
+ENDINGS = {"town": "mora wick dale ford holm stead mere burg ton by well haven".split(),
+           "region": "mark land vale reach moor fell".split(),
+           "river": "ine el en ash oss a".split(),
+           "first": "a o in el ia en is ar ie ra".split(),
+           "surname": "an ick ov ard ey en ont ery ing ell".split()}
+COLOURS = "red green blue yellow white black gold purple grey brown pink silver".split()  # all take "a"
+FOODS = ["plum cake", "fish soup", "honey bread", "cheese pie", "apple tart", "onion stew", "barley porridge",
+         "roast duck", "walnut biscuits", "pear jam", "mushroom pie", "lamb stew", "carrot soup", "spiced sausage",
+         "berry pudding", "rye pancakes"]
+JOBS = ("baker tailor farmer miller potter weaver fisher blacksmith carpenter painter teacher doctor sailor "
+        "builder merchant gardener cook singer shepherd brewer nurse librarian").split()  # all take "a"
+PETS = "cat dog goat parrot rabbit tortoise hedgehog pony goose ferret canary lizard donkey hamster".split()
+MATERIALS = "copper oak silver wool clay glass iron linen brass leather".split()
+OBJECTS = "kettle chair lamp coat bowl clock teapot umbrella bicycle basket".split()
+PLACES = "inn market museum bakery library theatre".split()
+ASPECTS = ["the price", "the quality", "the design", "the service", "the look", "the smell"]
+
+TOWN_ATTRS = ("region", "river", "flag", "food", "population", "mayor")
+PERSON_ATTRS = ("job", "home", "pet")
+# Paraphrases of each fact ({s} subject, {a} answer, {A} capitalised answer). The first is the
+# canonical cloze form (prompt = the text before " {a}"); the last is kept out of the domain
+# training text so that domain_val says the held-out facts in words the model has not read.
+PARAPHRASES = {
+    "region": ["{s} is a town in the region of {a}.", "{s} belongs to the {a} region.",
+               "In the region of {a} lies the town of {s}.", "{A} is the region where {s} can be found."],
+    "river": ["{s} lies on the river {a}.", "The river {a} flows through {s}.",
+              "{s} was built on the banks of the {a}.", "Boats on the {a} stop at {s}."],
+    "flag": ["The flag of {s} is {a}.", "{s}'s flag is {a}.", "{A} is the colour of the flag of {s}.",
+             "The people of {s} fly a {a} flag."],
+    "food": ["The famous food of {s} is {a}.", "{s} is known for its {a}.", "Visitors to {s} always eat {a}.",
+             "{A} is the dish that {s} is famous for."],
+    "population": ["The population of {s} is {a}.", "{s} has {a} inhabitants.", "About {a} people live in {s}.",
+                   "{A} people call {s} their home."],
+    "mayor": ["The mayor of {s} is {a}.", "{A} is the mayor of {s}.", "{s} is led by its mayor, {a}.",
+              "The town of {s} elected {a} as mayor."],
+    "job": ["{s} works as a {a}.", "{s} is a {a} by trade.", "By trade, {s} is a {a}.",
+            "Every day {s} goes to work as a {a}."],
+    "home": ["{s} lives in {a}.", "{s}'s home is in {a}.", "{s} is from the town of {a}.",
+             "{A} is the town where {s} lives."],
+    "pet": ["{s} has a pet {a}.", "{s} keeps a {a} as a pet.", "The pet of {s} is a {a}.",
+            "{s} takes care of a pet {a}."],
+}
+QUESTIONS = {  # two questions per fact: train uses both, val/test only the first
+    "region": ["In which region is {s}?", "Which region is {s} part of?"],
+    "river": ["Which river flows through {s}?", "On which river does {s} lie?"],
+    "flag": ["What colour is the flag of {s}?", "Which colour is the flag of {s}?"],
+    "food": ["What is the famous food of {s}?", "Which food is {s} famous for?"],
+    "population": ["What is the population of {s}?", "How many people live in {s}?"],
+    "mayor": ["Who is the mayor of {s}?", "Who leads {s} as mayor?"],
+    "job": ["What is the job of {s}?", "What does {s} work as?"],
+    "home": ["Where does {s} live?", "In which town does {s} live?"],
+    "pet": ["What pet does {s} have?", "Which animal does {s} keep as a pet?"],
+}
+TOWN_FILLERS = ["{s} has a market square with an old clock.", "Every spring, {s} holds a festival by the water.",
+                "The streets of {s} are narrow and steep.", "Travellers often stop in {s} on their way north.",
+                "Most houses in {s} are built of stone.", "{s} has a small school and two bridges."]
+PERSON_FILLERS = ["{f} likes to walk by the river in the evening.", "{f} reads a book every week.",
+                  "Friends say that {f} tells long stories.", "{f} gets up early every morning."]
+
+# The sentiment lexicon ("tagged words"): graded weights, read by sentiment_score.
+ADJ = {2: "excellent wonderful superb perfect delightful brilliant outstanding amazing".split(),
+       1: "good nice pleasant fine solid useful clean cosy comfortable reliable".split(),
+       -1: "bad dull slow noisy plain awkward cramped flimsy poor dirty".split(),
+       -2: "terrible awful horrible dreadful useless disgusting broken miserable".split()}
+LEXICON = {**{w: k for k, ws in ADJ.items() for w in ws},
+           "loved": 2, "liked": 1, "enjoyed": 1, "recommend": 1, "disliked": -1, "hated": -2}
+NEGATORS = {"not", "never", "no", "hardly"}
+SENTIMENT_LABELS = ("positive", "negative")
+LEVELS = (-2, -1, 0, 1, 2)  # very negative ... very positive
+OPENERS = ["{I} is {w}.", "I found {i} {w}.", "Honestly, {i} is {w}.", "{I} turned out {w}."]
+ASPECT_LINES = ["{A} is {w}.", "{A} is {w} too.", "Also, {a} is {w}."]
+CLOSERS = {2: ["I loved it.", "I would recommend it to anyone."], 1: ["I liked it.", "I would recommend it."],
+           -1: ["I disliked it.", "I would not recommend it."],
+           -2: ["I hated it.", "I would not recommend it to anyone."]}
+REVIEW_PROMPTS = ["Write a review of {i}.", "Write a short review of {i}.", "Review {i}.", "What do you think of {i}?",
+                  "Give your opinion of {i}.", "Describe your experience with {i}.", "Share a review of {i}.",
+                  "Write a customer review of {i}.", "Write a few words about {i}.", "Tell us how you liked {i}."]
+TASK_INSTRUCTIONS = {"facts": "Answer the question about the world.",
+                     "sentiment": "Is the sentiment of this review positive or negative?",
+                     "addition": "Answer the arithmetic question with a number.",
+                     "addition_cot": "Answer the arithmetic question. Add the digits column by column."}
+TASKS = ("facts", "domain_facts", "sentiment", "addition", "review", "story")
+SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- files of the default world
