@@ -23,7 +23,6 @@ The stages section (not in the default --only, bench_stages.py) runs the stage f
 import argparse
 import json
 import os
-import re
 import time
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 import data
 from bench_common import (device_peak_flops, flops_per_token, interleaved, machine, median, mfu, print_memory, print_rl,
-                          print_sample, print_train, sync, table)
+                          print_run_log, print_sample, print_train, run_log_times, sync)
 from bench_stages import bench_stages, print_stages
 from common import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, run_cli
 from gpt import GPT, GPTConfig, PRESETS, completion_logprobs, cross_entropy_loss, generate, token_logprobs
@@ -478,28 +477,6 @@ def bench_memory(args, ctx):
         out[mode] = row
         del model, optimizer, trainable
     return out
-
-
-# ----------------------------------------------------------------------------- run.sh's log
-
-def run_log_times(text):
-    """run.sh's log -> [(stage, seconds)] from its "== NAME done in N s" lines, in order, and the total from
-    "== pipeline finished in N s" (None if the run did not finish)."""
-    times = [(m[1], int(m[2])) for m in re.finditer(r"^== (\S+) done in (\d+) s$", text, re.M)]
-    total = re.search(r"^== pipeline finished in (\d+) s", text, re.M)
-    return times, int(total[1]) if total else None
-
-
-def print_run_log(path):
-    times, total = run_log_times(data.read_utf8(path))
-    if not times:
-        raise UserError(f"{path}: no '== NAME done in N s' lines; pass the output of bash run.sh")
-    ran = sum(t for _, t in times)
-    table(f"stage wall times ({path}; {len(times)} stages run, skipped ones not listed)", ["stage", "s", "min", "share"],
-          [[name, t, f"{t / 60:.1f}", f"{100 * t / ran:.0f}%"] for name, t in times] +
-          [["all stages", ran, f"{ran / 60:.1f}", "100%"]] +
-          ([["pipeline (with the shell)", total, f"{total / 60:.1f}", ""]] if total is not None else []))
-    return {"stages": dict(times), "total_s": total}
 
 
 def main(argv=None):

@@ -1,13 +1,17 @@
 """What every section of bench.py uses: FLOPs per token and MFU, timing runs side by side, and the printed
-tables (fmt, table, and one print_* per section)."""
+tables (fmt, table, and one print_* per section), and the stage times of run.sh's log."""
 
 import datetime
 import os
 import platform
+import re
 import statistics
 import time
 
 import torch
+
+import data
+from common import UserError
 
 # dense bf16 peak of one GPU (tensor cores, no sparsity), in FLOP/s; matched against the device name
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -146,3 +150,25 @@ def print_memory(mem, args, ctx):
            for m, r in mem.items()])
     if not ctx.cuda:
         print("(CPU: no peak-memory counter; activations are the bytes autograd saved, measured by hooks)")
+
+
+# ----------------------------------------------------------------------------- run.sh's log
+
+def run_log_times(text):
+    """run.sh's log -> [(stage, seconds)] from its "== NAME done in N s" lines, in order, and the total from
+    "== pipeline finished in N s" (None if the run did not finish)."""
+    times = [(m[1], int(m[2])) for m in re.finditer(r"^== (\S+) done in (\d+) s$", text, re.M)]
+    total = re.search(r"^== pipeline finished in (\d+) s", text, re.M)
+    return times, int(total[1]) if total else None
+
+
+def print_run_log(path):
+    times, total = run_log_times(data.read_utf8(path))
+    if not times:
+        raise UserError(f"{path}: no '== NAME done in N s' lines; pass the output of bash run.sh")
+    ran = sum(t for _, t in times)
+    table(f"stage wall times ({path}; {len(times)} stages run, skipped ones not listed)", ["stage", "s", "min", "share"],
+          [[name, t, f"{t / 60:.1f}", f"{100 * t / ran:.0f}%"] for name, t in times] +
+          [["all stages", ran, f"{ran / 60:.1f}", "100%"]] +
+          ([["pipeline (with the shell)", total, f"{total / 60:.1f}", ""]] if total is not None else []))
+    return {"stages": dict(times), "total_s": total}
