@@ -13,7 +13,9 @@
 #   bash run.sh --seeds N    the alignment runs (DPO, PPO, GRPO, RLOO; with --sweep or --all their sweeps too)
 #                            with N seeds: --seed 1337 (the default) into out/dpo..., then --seed 1, 2, ...
 #                            into out/dpo..._s2, _s3, ...; report.py shows mean ± sd over the seeds
-#   bash run.sh --quick      the same stages at toy size, a few minutes (tests/test_run.py runs it)
+#   bash run.sh --quick      the main job at toy size, about a minute (tests/test_run.py runs it)
+#   bash run.sh --plan       print each stage and the command it would run, run nothing (with any of
+#                            the options above: `bash run.sh --all --seeds 3 --plan`)
 #   bash run.sh --force      redo stages whose output already exists (default: skip them)
 #   bash run.sh --out DIR    write everything under DIR instead of out/
 #   bash run.sh --until NAME stop after stage NAME (pretrain, prompting, sft, ...; a wrong name lists them)
@@ -21,9 +23,9 @@
 #
 # The main job: pretrain -> prompting (base model, no training) -> SFT -> preference pairs -> reward model
 # -> DPO (RPO alpha 1), PPO, GRPO and RLOO from the SFT model -> report.py. "SFT alone" is the out/sft row
-# of the report. --all (and --quick) insert after SFT: LoRA, QLoRA -> domain adaptation -> SFT with
-# rehearsal of the text it read (out/domain_sft_replay) -> GRPO with an exact-answer reward on the
-# region's questions (out/domain_grpo).
+# of the report. --all inserts after SFT: LoRA, QLoRA -> domain adaptation -> SFT with rehearsal of the
+# text it read (out/domain_sft_replay) -> GRPO with an exact-answer reward on the region's questions
+# (out/domain_grpo).
 # Each stage prints the command it runs, so any one can be rerun by hand; each prints "== NAME done in N s"
 # (python bench.py --run-log LOG tabulates them). Ctrl-C stops the pipeline: the stage in training saves a
 # resumable state, and `bash run.sh` again skips the finished stages and continues that one with --resume.
@@ -33,13 +35,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 fail() { echo "run.sh: $*" >&2; exit 2; }
-OUT=out QUICK=0 FORCE=0 UNTIL="" SEEDS=1 SWEEP=0 ALL=0
+OUT=out QUICK=0 FORCE=0 UNTIL="" SEEDS=1 SWEEP=0 ALL=0 SHOW_PLAN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --force) FORCE=1 ;;
     --sweep) SWEEP=1 ;;
     --all) ALL=1 SWEEP=1 ;;
+    --plan) SHOW_PLAN=1 ;;
     --out) [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "--out needs a directory"; OUT="$2"; shift ;;
     --until) [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "--until needs a stage name"; UNTIL="$2"; shift ;;
     --seeds) [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || fail "--seeds needs a positive integer"; SEEDS="$2"; shift ;;
@@ -66,11 +69,15 @@ finished() {
 # stage NAME DONE_FILE command...: run unless finished (and not --force); a stage whose directory holds
 # a resumable state (stopped by Ctrl-C) continues with --resume; one that fails stops the pipeline.
 # DONE_FILE "-": it always runs. While PLAN=1 it only records NAME in STAGES (so --until is checked
-# before anything runs).
+# before anything runs), and prints NAME and the command with --plan.
 PLAN=0 STAGES=()
 stage() {
   local name=$1 done_file=$2; shift 2
-  if [ "$PLAN" = 1 ]; then STAGES+=("$name"); return; fi
+  if [ "$PLAN" = 1 ]; then
+    STAGES+=("$name")
+    if [ "$SHOW_PLAN" = 1 ]; then echo "$name: $*"; fi
+    return
+  fi
   local dir resume=() code=0
   dir=$(dirname "$done_file")
   if [ "$FORCE" = 0 ] && finished "$done_file"; then
@@ -96,9 +103,9 @@ stage() {
 }
 
 if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be good
-  PRE="--n-layer 2 --n-head 2 --n-embd 64 --vocab-size 512 --max-iters 40 --eval-interval 1000 --recall-limit 20 --eval-tokens 4096"
+  PRE="--n-layer 2 --n-head 2 --n-embd 64 --vocab-size 512 --batch-size 8 --max-iters 40 --eval-interval 1000 --recall-limit 20 --eval-tokens 4096"
   PROMPT="--n 8 --ks 0,2 --cot-ks 0,1 --study-k 2 --orderings 2"
-  SFT="--max-iters 12 --eval-n 8 --recall-limit 20"
+  SFT="--max-iters 12 --batch-size 8 --eval-n 8 --recall-limit 20"
   # a toy SFT model writes no real reviews (every sample ties), so quick mode takes pairs from the
   # world's own review data (two reviews of different sentiment per prompt) through --labels
   PREF="--labels $OUT/world_pairs.jsonl"
@@ -143,7 +150,7 @@ pipeline() {
   stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
   stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
   stage sft        $OUT/sft/config.json        $PY sft.py --init $OUT/pretrain --out $OUT/sft $SFT
-  if [ "$ALL" = 1 ] || [ "$QUICK" = 1 ]; then   # sft.py's other modes and the verifiable reward (--quick runs them too)
+  if [ "$ALL" = 1 ]; then   # sft.py's other modes and the verifiable reward
     stage sft_lora   $OUT/sft_lora/config.json   $PY sft.py --init $OUT/pretrain --out $OUT/sft_lora --lora 8 $SFT
     stage sft_qlora  $OUT/sft_qlora/config.json  $PY sft.py --init $OUT/pretrain --out $OUT/sft_qlora --qlora 8 $SFT
     stage domain     $OUT/domain/config.json     $PY sft.py --mode domain --init $OUT/pretrain --out $OUT/domain $SFT
@@ -174,6 +181,7 @@ if [ -n "$UNTIL" ] && [[ " ${STAGES[*]} " != *" $UNTIL "* ]]; then
   more=""; [ "$ALL" = 0 ] && more=" (--sweep and --all add more)"
   fail "unknown stage '$UNTIL' for --until; the stages of this run: ${STAGES[*]}$more"
 fi
+if [ "$SHOW_PLAN" = 1 ]; then exit 0; fi
 START=$(date +%s)
 mkdir -p "$OUT"
 pipeline

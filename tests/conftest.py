@@ -1,3 +1,6 @@
+import contextlib
+import importlib
+import io
 import os
 import re
 import shlex
@@ -5,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # gloo can abort a process while it tears down after its work is done ("terminate called without an active
@@ -42,6 +47,31 @@ def torchrun(script, argv, cwd, nproc=2, timeout=240):
         r = subprocess.run(cmd, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def run_script(script, *argv):
+    """`python script argv` run in this process, as its last line runs it (common.run_cli(main), which
+    test_layout checks every command has) -> a subprocess.CompletedProcess with the exit code, stdout and
+    stderr. It tests the same code as the command and saves the interpreter's start and torch's import
+    (1.5-2 s) per call; a test about the process itself (signals, a closed pipe, torchrun) runs the command.
+    An exception run_cli lets through is printed as the interpreter prints it, with exit code 1."""
+    main = importlib.import_module(script.removesuffix(".py")).main
+    out, err = io.StringIO(), io.StringIO()
+    sigterm, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                common.run_cli(lambda: main(list(map(str, argv))))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 def quick_pretrain_options():

@@ -15,12 +15,11 @@ import time
 import pytest
 import torch
 
-import common
 import world
 from common import RANGED_TYPES, UserError, atomic_save_safetensors, atomic_write, claim_output_dir
 from gpt import GPT, GPTConfig, save_checkpoint
 from training import MetricsLog, make_optimizer, run_finished, save_train_state
-from conftest import sigint_default
+from conftest import run_script, sigint_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every module with a command line (a build_parser function): a stage added later is covered without a new test
@@ -148,7 +147,7 @@ def test_out_naming_a_file_or_an_uncreatable_directory_is_one_line(tmp_path):
         claim_output_dir(str(tmp_path / "f"))
     with pytest.raises(UserError, match="cannot create"):
         claim_output_dir(str(tmp_path / "f" / "sub"))
-    assert_one_line(cli("pretrain.py", "--out", str(tmp_path / "f")), 2, "--out", "is a file")
+    assert_one_line(run_script("pretrain.py", "--out", str(tmp_path / "f")), 2, "--out", "is a file")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
@@ -188,7 +187,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_the_lock_goes_at_exit(tmp_p
     first = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "locked"
-        r = cli("pretrain.py", "--out", out)
+        r = run_script("pretrain.py", "--out", out)
         assert_one_line(r, 2, f"{out} is in use by process {first.pid}", "another --out")
     finally:
         first.terminate()
@@ -240,7 +239,7 @@ def test_a_signal_in_the_loop_saves_the_state_exits_non_zero_and_never_looks_fin
 # ----------------------------------------------------------------------------- --resume
 
 def run_pretrain(*args):
-    return cli("pretrain.py", *args)
+    return run_script("pretrain.py", *args)
 
 
 def test_resume_takes_the_runs_options_and_refuses_a_changed_one(tmp_path, corpus):
@@ -314,11 +313,16 @@ def test_run_sh_resumes_a_stopped_stage_instead_of_skipping_it(quick_pipeline):
 
 
 def stages_of(*args):
-    """The stages a run.sh command would run, from its refusal of an unknown --until (nothing runs)."""
+    """The stages a run.sh command would run, from its --plan (nothing runs); its refusal of an unknown
+    --until names the same stages."""
+    r = run_sh(*args, "--plan")
+    assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
+    names = [line.split(": ")[0] for line in r.stdout.splitlines()]
     r = run_sh(*args, "--until", "no_such_stage")
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert r.stderr.startswith("run.sh: unknown stage 'no_such_stage' for --until; the stages of this run: ")
-    return r.stderr.split(": ")[-1].split(" (")[0].split()
+    assert r.stderr.split(": ")[-1].split(" (")[0].split() == names
+    return names
 
 
 def test_run_sh_main_job_sweep_and_all():
@@ -333,8 +337,8 @@ def test_run_sh_main_job_sweep_and_all():
     assert set(sweep) <= set(every) and every[-1] == "report"
     seeds = stages_of("--seeds", "2")
     assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}
-    quick = stages_of("--quick")   # toy size: the main job, sft.py's other modes and the verifiable reward
-    assert set(quick) - set(main) == {"world_pairs", "sft_lora", "sft_qlora", "domain", "domain_sft_replay", "domain_grpo"}
+    quick = stages_of("--quick")   # the main job at toy size, its pairs written by the world
+    assert set(quick) - set(main) == {"world_pairs"} and set(main) <= set(quick)
 
 
 @pytest.mark.parametrize("args, line", [
@@ -357,7 +361,7 @@ def test_run_sh_refuses_bad_arguments_in_one_line_before_running_anything(tmp_pa
 def test_run_sh_help_is_its_header_and_complete():
     r = run_sh("--help")
     assert r.returncode == 0 and r.stdout.startswith("The pipeline of the guide")
-    for option in ("--sweep", "--all", "--seeds N", "--quick", "--force", "--out DIR", "--until NAME", "--help"):
+    for option in ("--sweep", "--all", "--seeds N", "--quick", "--plan", "--force", "--out DIR", "--until NAME", "--help"):
         assert f"bash run.sh {option}" in r.stdout, option
     assert "set -euo" not in r.stdout and r.stdout.rstrip().endswith(".")
 

@@ -1,9 +1,6 @@
 """The bad-input matrix: each case ends in ONE line naming the file (and line), a non-zero exit, no
 traceback, and nothing written over what existed."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,16 +8,16 @@ import torch
 import pretrain
 import world
 from common import UserError, read_safetensors
+from conftest import run_script
 from gpt import GPT, GPTConfig, save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
         "--batch-size", "4", "--recall-limit", "0", "--eval-tokens", "256"]
 INIT_TINY = ["--batch-size", "4", "--recall-limit", "0", "--eval-tokens", "256"]  # the shape is --init's
 
 
 def cli(*args):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = run_script(*args)
     return r.returncode, r.stderr.strip()
 
 

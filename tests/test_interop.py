@@ -7,8 +7,6 @@ dependencies of the project); everything else builds its Hugging Face files by h
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from safetensors.torch import save_file
 
 import data
 from common import UserError, read_safetensors, unique_state_dict
+from conftest import run_script
 from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from hf import INDEX_FILE, export_hf, plan_shards, shard_name
 from tokenizer import tokenizer_fingerprint
@@ -232,8 +231,7 @@ def test_sharded_directory_refuses_a_missing_shard_and_index_mismatches(tmp_path
     os.remove(os.path.join(d, last))
     with pytest.raises(UserError, match=f"shard {last} is missing"):
         load_checkpoint(d)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "gpt.py"), "import", d, str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("gpt.py", "import", d, tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and last in r.stderr
     d, index = fresh("unlisted")  # a shard holds a tensor the index does not name
     name = "transformer.h.0.attn.c_attn.bias"
@@ -309,8 +307,7 @@ def test_import_refuses_what_it_cannot_load(tmp_path, hf_model, monkeypatch):
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, hf_model):
     d = write_hf_dir(str(tmp_path / "hf"), hf_model, activation_function="relu")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "gpt.py"), "import", d, str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("gpt.py", "import", d, tmp_path / "o")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "activation_function" in r.stderr
 

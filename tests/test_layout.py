@@ -126,3 +126,13 @@ def test_stage_mains_are_short_and_have_no_nested_functions():
                            if n is not f and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     assert not long, long
     assert not nested, nested
+
+
+def test_every_command_ends_in_run_cli_of_main():
+    """`python X.py` runs exactly run_cli(main), so conftest.run_script, which calls that in the test's
+    process, tests what the command runs (sample.py adds a Ctrl-C line around it for its chat)."""
+    commands = [m for m, path in MODULES.items() if '\nif __name__ == "__main__":' in open(path, encoding="utf-8").read()]
+    assert {"pretrain", "sft", "dpo", "report", "sample"} <= set(commands)
+    for m in commands:
+        tail = open(MODULES[m], encoding="utf-8").read().split('\nif __name__ == "__main__":\n')[-1]
+        assert "    run_cli(main)\n" in tail and "run_cli(lambda" not in tail, m

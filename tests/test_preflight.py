@@ -19,8 +19,8 @@ import pretrain
 import reward
 import sample
 import sft
-import world
 from common import UserError, atomic_save_safetensors, check_device
+from conftest import run_script
 from gpt import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def test_the_device_line_from_the_real_command():
     (["--preset", "gpt2", "--n-layer", "2"], "--n-layer has no effect with --preset gpt2"),
 ])
 def test_pretrain_shape_and_sizes_are_refused_when_parsed(argv, needle):
-    assert_one_line(cli("pretrain.py", *argv), needle)
+    assert_one_line(run_script("pretrain.py", *argv), needle)
 
 
 def test_a_context_too_short_for_the_evaluation_prompts_is_refused_before_the_corpus_is_tokenized(tmp_path):
@@ -177,8 +177,8 @@ def test_a_directory_where_files_are_expected_names_the_files(tmp_path, ckpts):
 
 def test_the_rl_stages_answer_the_issue_rows_in_one_line(ckpts):
     d = str(ckpts / "jsonl")
-    assert_one_line(cli("ppo.py", "--prompts", d), f"--prompts {d} is a directory", "pairs.jsonl")
-    assert_one_line(cli("grpo.py", "--reward", "out/reward", "--task", "facts"),
+    assert_one_line(run_script("ppo.py", "--prompts", d), f"--prompts {d} is a directory", "pairs.jsonl")
+    assert_one_line(run_script("grpo.py", "--reward", "out/reward", "--task", "facts"),
                     "--task has no effect without --reward exact")
 
 
@@ -203,10 +203,10 @@ def test_the_rl_stages_check_their_checkpoints_and_paths_before_any_work(stage, 
 
 
 def test_sample_refuses_an_empty_prompt_a_file_and_a_directory_of_checkpoints(ckpts):
-    assert_one_line(cli("sample.py", str(ckpts / "wide"), ""), "the prompt is empty")
-    assert_one_line(cli("sample.py", str(ckpts / "wide" / "model.safetensors"), "Hi"), "is a file",
+    assert_one_line(run_script("sample.py", str(ckpts / "wide"), ""), "the prompt is empty")
+    assert_one_line(run_script("sample.py", str(ckpts / "wide" / "model.safetensors"), "Hi"), "is a file",
                     f"({ckpts / 'wide'})")
-    assert_one_line(cli("sample.py", str(ckpts), "Hi"), "is not a checkpoint but holds", str(ckpts / "base"))
+    assert_one_line(run_script("sample.py", str(ckpts), "Hi"), "is not a checkpoint but holds", str(ckpts / "base"))
 
 
 def test_export_then_import_keeps_the_stage(tmp_path, ckpts):
@@ -219,7 +219,7 @@ def test_export_then_import_keeps_the_stage(tmp_path, ckpts):
 
 @pytest.mark.parametrize("script", ["tokenizer.py", "quant4.py"])
 def test_help_is_help(script):
-    r = cli(script, "--help")
+    r = run_script(script, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage:") and "trained" not in r.stdout.split("\n")[0], r.stdout
 
 

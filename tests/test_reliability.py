@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
-import torch
 
 import world
 from common import UserError
-from gpt import GPT, load_checkpoint, save_checkpoint
+from conftest import run_script
+from gpt import load_checkpoint, save_checkpoint
 from training import load_train_state, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +24,6 @@ def small_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(text)
     return str(path)
-
-
-def run_stage(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240, **kw)
 
 
 def final_loss(out):
@@ -47,14 +43,23 @@ def wait_for_step(proc, out, step, timeout=120):
     raise AssertionError("the run never reached the step")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """-> (the pretrain.py options of the signal tests, the final loss of the run never interrupted), that run
+    made once in this process for both signals (one thread, like the runs it is compared with)."""
+    tmp = tmp_path_factory.mktemp("signal")
+    common = ["pretrain.py", "--data", small_corpus(tmp), *TINY, "--max-iters", "40", "--eval-interval", "1000",
+              "--threads", "1"]
+    r = run_script(*common, "--out", tmp / "full")
+    assert r.returncode == 0, r.stderr
+    return common, final_loss(tmp / "full")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_resumable_state_and_resume_ends_at_the_same_loss(tmp_path, sig):
-    corpus = small_corpus(tmp_path)
-    common = ["pretrain.py", "--data", corpus, *TINY, "--max-iters", "400", "--eval-interval", "1000"]
-    full = str(tmp_path / "full")
-    assert run_stage([*common, "--max-iters", "40", "--out", full]).returncode == 0
+def test_signal_saves_a_resumable_state_and_resume_ends_at_the_same_loss(tmp_path, sig, uninterrupted):
+    common, full_loss = uninterrupted
     out = str(tmp_path / "interrupted")
-    proc = subprocess.Popen([sys.executable, *common, "--max-iters", "40", "--out", out], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, *common, "--out", out], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(proc, out, 3)
     proc.send_signal(sig)
@@ -63,9 +68,9 @@ def test_signal_saves_a_resumable_state_and_resume_ends_at_the_same_loss(tmp_pat
     if "stopped at step" not in stdout:  # the signal came after the last step: nothing to resume
         pytest.skip("the run finished before the signal arrived")
     assert "Traceback" not in stderr and signal.Signals(sig).name in stderr
-    resumed = run_stage([*common, "--max-iters", "40", "--out", out, "--resume"])
+    resumed = run_script(*common, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert final_loss(out) == final_loss(full)
+    assert final_loss(out) == full_loss
 
 
 def test_sigkill_during_checkpoint_writes_leaves_the_last_checkpoint_loadable(tmp_path):

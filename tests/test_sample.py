@@ -12,6 +12,7 @@ import torch
 import data
 import sample
 from common import UserError
+from conftest import run_script
 from gpt import GPT, GPTConfig, generate, load_checkpoint, save_checkpoint
 from hf import export_hf
 from tokenizer import eos_id, pad_id
@@ -106,8 +107,7 @@ def test_piped_lines_are_answered_one_by_one(ckpts, small_enc):
 
 
 def test_bad_checkpoint_or_option_is_one_line_exit_2(tmp_path, ckpts):
-    r = subprocess.run([sys.executable, "sample.py", str(tmp_path / "nothing"), "hi"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = run_script("sample.py", tmp_path / "nothing", "hi")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert r.stderr.startswith("error: no checkpoint at")
     for bad, name in [(["--top-p", "0"], "--top-p"), (["--temperature", "-1"], "--temperature"),
