@@ -101,3 +101,16 @@ def test_cli_writes_a_split_and_refuses_a_bad_target(tmp_path, w):
     assert [json.loads(line) for line in open(path)] == world.addition_sft(w, "direct", "test", with_carries=True)
     with pytest.raises(UserError, match="TARGET"):
         world.main(["--addition-sft", "steps", str(tmp_path / "x.jsonl")])
+
+
+def test_more_training_sums_never_a_held_out_sum(w):
+    sets = world.task_sets(w)["addition"]
+    held = {pair(e) for k in ("val", "test") for e in sets[k]}
+    rows = world.addition_sft(w, "cot", n_train=3000)
+    pairs = [pair(r) for r in rows]
+    assert len(rows) == 3000 and len(set(pairs)) == 3000 and not set(pairs) & held
+    assert rows[:1000] == world.addition_sft(w, "cot")  # the split's 1000 first, then new ones
+    direct = world.addition_sft(w, "direct", n_train=3000)
+    assert [r["input"] for r in direct] == [r["input"] for r in rows]  # both targets, the same problems
+    assert all(world.extract_answer_number(r["output"]) == sum(pair(r)) for r in rows[1000:])
+    assert len(world.addition_sft(w, "cot", n_train=10)) == 10
