@@ -7,6 +7,7 @@ import pytest
 
 import data
 import evals
+import grpo
 import world
 from common import UserError
 
@@ -114,3 +115,14 @@ def test_more_training_sums_never_a_held_out_sum(w):
     assert [r["input"] for r in direct] == [r["input"] for r in rows]  # both targets, the same problems
     assert all(world.extract_answer_number(r["output"]) == sum(pair(r)) for r in rows[1000:])
     assert len(world.addition_sft(w, "cot", n_train=10)) == 10
+
+
+def test_format_reward_counts_the_form_not_the_truth():
+    right = world.addition_cot(47, 85)                                      # well formed, right
+    wrong = "7 + 5 = 11, write 1 carry 1. 4 + 8 + 1 = 13, write 13. The answer is 131."  # well formed, wrong
+    bare = "The answer is 132."                                             # right, no steps
+    r = grpo.format_reward([right, wrong, bare, right + " More."], 0.25)
+    assert r.tolist() == [0.25, 0.25, 0.0, 0.0]
+    assert [grpo.exact_reward(t, "132") for t in (right, wrong, bare)] == [1.0, 0.0, 1.0]
+    with pytest.raises(UserError, match="--format-reward has no effect"):  # only the exact reward reads steps
+        grpo.main(["--reward", "gold", "--format-reward", "0.1"])
