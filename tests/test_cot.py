@@ -102,6 +102,10 @@ def test_cli_writes_a_split_and_refuses_a_bad_target(tmp_path, w):
     assert [json.loads(line) for line in open(path)] == world.addition_sft(w, "direct", "test", with_carries=True)
     with pytest.raises(UserError, match="TARGET"):
         world.main(["--addition-sft", "steps", str(tmp_path / "x.jsonl")])
+    world.main(["--n-train", "1100", "--addition-sft", "cot", str(path)])
+    assert [json.loads(line) for line in open(path)] == world.addition_sft(w, "cot", n_train=1100)
+    with pytest.raises(UserError, match="--n-train"):  # val and test keep their size
+        world.main(["--split", "test", "--n-train", "1100", "--addition-sft", "cot", str(path)])
 
 
 def test_more_training_sums_never_a_held_out_sum(w):
