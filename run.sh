@@ -156,7 +156,7 @@ cot_rows() {
     done
   done
   stage cot_rl_prompts $C/data/rl_prompts.jsonl $PY world.py --n-train 20000 --answer-only --addition-sft cot $C/data/rl_prompts.jsonl
-  stage cot_grpo $C/grpo/config.json $PY grpo.py --init $C/sft_cot_s1 --reward exact --prompts $C/data/rl_prompts.jsonl --eval-prompts none --iters 30 --rollout-batch 8 --group-size 8 --minibatch 16 --max-new-tokens 64 --lr 1e-4 --out $C/grpo
+  stage cot_grpo $C/grpo/config.json $PY grpo.py --init $C/sft_cot_s1 --reward exact --prompts $C/data/rl_prompts.jsonl --eval-prompts none --iters 30 --rollout-batch 16 --group-size 8 --minibatch 32 --max-new-tokens 72 --lr 5e-5 --seed 1 --out $C/grpo
   stage cot_eval_grpo $C/grpo/eval/results.json $PY prompting.py --init $C/grpo --task-file $C/data/cot_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/grpo/eval
 }
 
