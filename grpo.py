@@ -56,7 +56,7 @@ import data
 import world
 from align import (TOY_ANSWERS, add_policy_args, add_run_args, eval_prompts, heldout_eval, k3_toy_fixed_point,
                    kl_regularised_optimum, print_final, toy_problem, toy_token_logps)
-from common import ArgumentParser, Rule, check_rules, no_effect, positive_int, run_cli
+from common import ArgumentParser, Rule, check_rules, no_effect, nonneg_float, positive_int, run_cli
 from evals import exact_match, task_accuracy
 from gpt import save_checkpoint
 from rollout import (LogWindow, PolicyLogps, UpdateStats, add_rollout_args, check_rl_inputs, checked_prompt_ids,
@@ -78,6 +78,8 @@ def build_parser():
                    "world.sentiment_score) or 'exact' (1 if the answer equals the known answer, else 0)")
     p.add_argument("--task", choices=EXACT_TASKS, default="domain_facts", help="with --reward exact: the world's "
                    "questions to train on (train split) and to test on (test split)")
+    p.add_argument("--format-reward", type=nonneg_float, default=0.0, metavar="W", help="with --reward exact: + W "
+                   "for a completion in the worked column steps' form (format_reward)")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train "
                    "prompts; with --reward exact, Alpaca/prompt-completion records whose output is the answer)")
     p.add_argument("--advantage", choices=("grpo", "rloo"), default="grpo",
@@ -116,6 +118,7 @@ RULES = [
          ("--rollout-batch", "3", "--group-size", "3", "--minibatch", "4")),
     no_effect("--task", lambda a: a.reward != "exact" or a.prompts, "without --reward exact, nor with --prompts",
               ("--reward", "gold", "--task", "facts")),
+    no_effect("--format-reward", lambda a: a.reward != "exact", "without --reward exact", ("--format-reward", "1")),
 ]
 
 
@@ -201,6 +204,11 @@ def exact_reward(text, answer):
         got = world.extract_answer_number(text)
         return float(got is not None and got == int(answer.strip().replace(",", "")))
     return exact_match(text, answer)
+
+
+def format_reward(texts, w):
+    """The optional format reward: w * 1[worked column steps, then "The answer is N."] (world.steps_well_formed)."""
+    return torch.tensor([w * world.steps_well_formed(t) for t in texts], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- the exact check
@@ -300,7 +308,7 @@ def make_rollout(policy, ref, reward, enc, prompts, answers, args, it, ctx=None)
     ro = sample_rollout(policy, enc, rows, args, it, ctx)
     raw = score_completions(reward, enc, rows, ro["completions"], ro["texts"],
                             None if answers is None else [a for a in answers for _ in range(G)], ctx)
-    score = raw - args.no_eos_penalty * (~ro["ended"]).float()
+    score = raw - args.no_eos_penalty * (~ro["ended"]).float() + format_reward(ro["texts"], args.format_reward)
     old_per_token_logps, ref_per_token_logps = (forward_rows(PolicyLogps(m), ro, args.temperature, ctx)[0]
                                                 for m in (policy, ref))
     mask = ro["mask"]

@@ -46,6 +46,8 @@ def build_parser():
                    "12 heads, 768 wide, context 1024, vocab 50257); overrides --n-layer/--n-head/--n-embd/--block-size "
                    "and --vocab-size (the model's vocabulary is the tokenizer's: a small corpus may give a BPE with fewer)")
     p.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary, 256 bytes + merges + EOS")
+    p.add_argument("--split-digits", action="store_true", help="the tokenizer writes every digit as its own token "
+                   "(as LLaMA does; saved in tokenizer.json); default: numbers of up to 3 digits, merged as BPE learns")
     p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
     p.add_argument("--n-layer", type=positive_int, default=4)
     p.add_argument("--n-head", type=positive_int, default=4)
@@ -84,6 +86,8 @@ RULES = [
     *[no_effect(o, lambda a: a.init, "with --init: the model is the checkpoint's", ("--init", "ckpt", o, value))
       for o, value in (("--preset", "gpt2"), ("--vocab-size", "512"), ("--n-layer", "2"), ("--n-head", "2"),
                        ("--n-embd", "64"), ("--dropout", "0.1"))],
+    no_effect("--split-digits", lambda a: a.init, "with --init: the tokenizer is the checkpoint's",
+              ("--init", "ckpt", "--split-digits")),
     *[no_effect(o, lambda a: a.preset, "with --preset {a.preset}, which sets the model's shape",
                 ("--preset", "gpt2", o, "64")) for o in SHAPE_OPTIONS],
     Rule(lambda a: a.n_embd % a.n_head, "--n-embd {a.n_embd} must be divisible by --n-head {a.n_head}: each head "
@@ -171,7 +175,7 @@ def model_and_tokenizer(args, train_docs):
         return model, enc
     saved = os.path.join(args.out, "tokenizer.json")
     enc = load_tokenizer(saved) if args.resume and os.path.exists(saved) else \
-        train_tokenizer("\n\n".join(train_docs), args.vocab_size)
+        train_tokenizer("\n\n".join(train_docs), args.vocab_size, args.split_digits)
     config = GPTConfig(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     return GPT(config), enc

@@ -9,7 +9,7 @@
 #   bash run.sh --all        everything: the sweeps, plus SFT with LoRA and QLoRA, domain adaptation, SFT
 #                            after it with rehearsal (and without), GRPO with an exact-answer reward on the
 #                            region's questions, plain DPO (out/dpo_rpo0), DPO from the base model, the
-#                            head-only reward model
+#                            head-only reward model; and the chain-of-thought block (out/cot, docs/cot.md)
 #   bash run.sh --seeds N    the alignment runs (DPO, PPO, GRPO, RLOO; with --sweep or --all their sweeps too)
 #                            with N seeds: --seed 1337 (the default) into out/dpo..., then --seed 1, 2, ...
 #                            into out/dpo..._s2, _s3, ...; report.py shows mean ± sd over the seeds
@@ -146,6 +146,27 @@ seeds() {
   done
 }
 
+# --all: chain of thought on additions (docs/cot.md), its own block. A small base model whose tokenizer writes
+# every digit as a token; on the same 20000 training sums (none a val or test sum), SFT on worked column steps
+# against SFT on the bare number, 3 seeds each, each scored on the 167 held-out additions with a carry by the
+# number after the steps; then GRPO with the exact-answer reward on top of the first worked-steps model.
+cot_rows() {
+  local C=$OUT/cot t s
+  stage cot_pretrain $C/pretrain/config.json $PY pretrain.py --split-digits --n-layer 2 --n-head 4 --n-embd 128 --max-iters 300 --eval-interval 300 --recall-limit 0 --seed 1 --out $C/pretrain
+  for t in cot direct; do
+    stage cot_data_$t $C/data/${t}_train.jsonl $PY world.py --n-train 20000 --addition-sft $t $C/data/${t}_train.jsonl
+    stage cot_val_$t  $C/data/${t}_val.jsonl $PY world.py --split val --addition-sft $t $C/data/${t}_val.jsonl
+    stage cot_test_$t $C/data/${t}_test.jsonl $PY world.py --split test --with-carries --addition-sft $t $C/data/${t}_test.jsonl
+    for s in 1 2 3; do
+      stage cot_sft_${t}_s$s $C/sft_${t}_s$s/config.json $PY sft.py --init $C/pretrain --data $C/data/${t}_train.jsonl --val-data $C/data/${t}_val.jsonl --max-iters 1000 --batch-size 32 --lr 1e-3 --recall-limit 0 --eval-n 50 --seed $s --out $C/sft_${t}_s$s
+      stage cot_eval_${t}_s$s $C/sft_${t}_s$s/eval/results.json $PY prompting.py --init $C/sft_${t}_s$s --task-file $C/data/${t}_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/sft_${t}_s$s/eval
+    done
+  done
+  stage cot_rl_prompts $C/data/rl_prompts.jsonl $PY world.py --n-train 20000 --answer-only --addition-sft cot $C/data/rl_prompts.jsonl
+  stage cot_grpo $C/grpo/config.json $PY grpo.py --init $C/sft_cot_s1 --reward exact --prompts $C/data/rl_prompts.jsonl --eval-prompts none --iters 30 --rollout-batch 16 --group-size 8 --minibatch 32 --max-new-tokens 72 --lr 5e-5 --seed 1 --out $C/grpo
+  stage cot_eval_grpo $C/grpo/eval/results.json $PY prompting.py --init $C/grpo --task-file $C/data/cot_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/grpo/eval
+}
+
 pipeline() {
   stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
   stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
@@ -173,6 +194,7 @@ pipeline() {
   if [ "$ALL" = 1 ]; then
     stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
   fi
+  if [ "$ALL" = 1 ] && [ "$QUICK" = 0 ]; then cot_rows; fi   # full size only: --quick --all skips it
   stage report     -                           $PY report.py --out-dir $OUT $REPORT
 }
 

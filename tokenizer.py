@@ -2,7 +2,9 @@
 
 How it works (the GPT-2 / GPT-4 recipe):
   1. A regex splits text into chunks (words with their leading space, numbers of at most three
-     digits, punctuation runs, whitespace), so a merge never crosses a chunk boundary.
+     digits, punctuation runs, whitespace), so a merge never crosses a chunk boundary. With
+     split_digits (pretrain.py --split-digits, as LLaMA does) every digit is a chunk of its own, so
+     every number is written digit by digit and no merge ever makes a multi-digit token.
   2. Every chunk starts as its UTF-8 bytes: tokens 0..255 are the 256 bytes, so any string
      (any language, emoji, control characters) can be encoded and decoded exactly.
   3. Training repeats: count adjacent token pairs over all chunks (weighted by how often the
@@ -39,10 +41,13 @@ from common import ArgumentParser, UserError, atomic_write_json, run_cli
 # non-letter, numbers of 1-3 digits, punctuation runs, newlines, other whitespace.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+# The same pattern with one digit per chunk: "347" is three tokens, not one.
+SPLIT_DIGITS_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+PATTERNS = (SPLIT_PATTERN, SPLIT_DIGITS_PATTERN)
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
-def bpe_merges(text, n_merges):
+def bpe_merges(text, n_merges, pattern=SPLIT_PATTERN):
     """Learn n_merges BPE merges on text. Returns [(left_id, right_id), ...]; merge i makes id 256+i.
 
     Chunk counts are collected once; pair counts are then updated incrementally (only the chunks
@@ -50,7 +55,7 @@ def bpe_merges(text, n_merges):
     Ties between equally frequent pairs go to the smallest (left, right) ids: deterministic."""
     for special in (EOS, PAD):  # special tokens are document separators, never merge material
         text = text.replace(special, "\n")
-    chunk_counts = collections.Counter(regex.findall(SPLIT_PATTERN, text))
+    chunk_counts = collections.Counter(regex.findall(pattern, text))
     words = [list(w.encode("utf-8")) for w in chunk_counts]
     freq = list(chunk_counts.values())
     pairs = collections.Counter()          # (a, b) -> weighted count over all chunks
@@ -87,8 +92,8 @@ def bpe_merges(text, n_merges):
     return merges
 
 
-def encoding_from_merges(merges, name="bpe"):
-    """tiktoken.Encoding whose ranks are: byte b -> b, merge i -> 256 + i; then EOS, PAD."""
+def encoding_from_merges(merges, name="bpe", pattern=SPLIT_PATTERN):
+    """tiktoken.Encoding whose ranks are: byte b -> b, merge i -> 256 + i; then EOS, PAD; chunks split by pattern."""
     vocab = [bytes([b]) for b in range(256)]
     for a, b in merges:
         vocab.append(vocab[a] + vocab[b])
@@ -96,16 +101,18 @@ def encoding_from_merges(merges, name="bpe"):
     if len(ranks) != len(vocab):
         raise UserError(f"tokenizer {name!r}: two merges make the same token; the file is corrupt")
     n = len(vocab)
-    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={EOS: n, PAD: n + 1}, explicit_n_vocab=n + 2)
 
 
-def train_tokenizer(text, vocab_size=4096):
-    """Byte-level BPE with vocab_size tokens in all: 256 bytes + merges + EOS + PAD."""
+def train_tokenizer(text, vocab_size=4096, split_digits=False):
+    """Byte-level BPE with vocab_size tokens in all: 256 bytes + merges + EOS + PAD. split_digits: one
+    token per digit (the chunks of SPLIT_DIGITS_PATTERN)."""
     if vocab_size < 258:
         raise UserError(f"--vocab-size must be at least 258 (256 bytes + 2 special tokens), not {vocab_size}")
-    merges = bpe_merges(text, vocab_size - 258)
-    enc = encoding_from_merges(merges, name=f"bpe{256 + len(merges) + 2}")
+    pattern = SPLIT_DIGITS_PATTERN if split_digits else SPLIT_PATTERN
+    merges = bpe_merges(text, vocab_size - 258, pattern)
+    enc = encoding_from_merges(merges, name=f"bpe{256 + len(merges) + 2}", pattern=pattern)
     enc._merges = merges  # kept for save_tokenizer
     return enc
 
@@ -121,7 +128,7 @@ def pad_id(enc):
 
 def tokenizer_json(enc):
     if hasattr(enc, "_merges"):
-        return {"type": "bpe", "name": enc.name, "pattern": SPLIT_PATTERN,
+        return {"type": "bpe", "name": enc.name, "pattern": enc._pat_str,
                 "merges": [list(m) for m in enc._merges], "special_tokens": {EOS: enc.n_vocab - 2, PAD: enc.n_vocab - 1}}
     if enc.name == "gpt2":
         return {"type": "tiktoken", "name": "gpt2"}
@@ -158,7 +165,11 @@ def load_tokenizer(path):
         for i, m in enumerate(merges))
     if not ok:
         raise UserError(f"{path}: 'merges' must be a list of [left_id, right_id] pairs of earlier tokens")
-    enc = encoding_from_merges([tuple(m) for m in merges], name=spec.get("name", "bpe"))
+    pattern = spec.get("pattern", SPLIT_PATTERN)
+    if pattern not in PATTERNS:
+        raise UserError(f"{path}: unknown split 'pattern' (this version reads numbers of 1-3 digits or one digit "
+                        "per chunk: tokenizer.SPLIT_PATTERN or SPLIT_DIGITS_PATTERN)")
+    enc = encoding_from_merges([tuple(m) for m in merges], name=spec.get("name", "bpe"), pattern=pattern)
     enc._merges = [tuple(m) for m in merges]
     return enc
 

@@ -211,22 +211,36 @@ def steps_well_formed(text):
     return re.fullmatch(rf"(?:{STEP} )+The answer is \d+\.", text.strip()) is not None
 
 
-def addition_sft(world, target, split="train", with_carries=False, answer_only=False):
+def addition_sft(world, target, split="train", with_carries=False, answer_only=False, n_train=None):
     """The addition task's `split` as Alpaca records for SFT, the same problems for either target:
     "cot" the worked column steps ("7 + 5 = 12, write 2 carry 1. ... The answer is 132.") under the
     instruction to add column by column, "direct" the number alone ("132") under the instruction to answer
     with a number. with_carries: only the sums where at least one column carries. answer_only: the output
     is the number whatever the target (the prompts and answers of grpo.py --reward exact, which reads the
-    number after the steps)."""
+    number after the steps). n_train (train split only): that many problems, see addition_train."""
     if target not in ("cot", "direct"):
         raise ValueError(f"target must be 'cot' or 'direct', not {target!r}")
+    sets = task_sets(world)["addition"]
     rows = []
-    for e in task_sets(world)["addition"][split]:
+    for e in (addition_train(sets, n_train, world.seed) if n_train and split == "train" else sets[split]):
         a, b = map(int, re.findall(r"\d+", e["input"]))
         if with_carries and not carries(a, b):
             continue
         output = e["output"] if answer_only or target == "direct" else e["cot"]
         rows.append(example(TASK_INSTRUCTIONS["addition_cot" if target == "cot" else "addition"], e["input"], output))
+    return rows
+
+
+def addition_train(sets, n, seed):
+    """n training additions: the train split's first n, then (past its 1000) new pairs drawn with their
+    own seed, never a val or test pair nor one drawn before, so a held-out sum stays unseen."""
+    pair = lambda e: tuple(sorted(map(int, re.findall(r"\d+", e["input"]))))
+    taken = {pair(e) for k in ("train", "val", "test") for e in sets[k]}
+    rows, rng = list(sets["train"][:n]), random.Random(f"{seed}/addition-train")
+    while len(rows) < n:
+        a, b = random_pair(rng, taken)
+        taken.add((min(a, b), max(a, b)))
+        rows.append(addition_example(a, b))
     return rows
 
 
@@ -666,6 +680,8 @@ def build_parser():
                    "--split as Alpaca JSONL to FILE, TARGET 'cot' (worked column steps) or 'direct' (the number)")
     p.add_argument("--split", choices=SPLITS, default="train", help="with --addition-sft: which split")
     p.add_argument("--with-carries", action="store_true", help="with --addition-sft: only sums with a carry")
+    p.add_argument("--n-train", type=positive_int, default=None, help="with --addition-sft --split train: this many "
+                   "problems (default: the split's 1000; more are drawn apart from every val and test sum)")
     p.add_argument("--answer-only", action="store_true", help="with --addition-sft: the number as the output "
                    "(RL prompts: grpo.py --reward exact --prompts FILE)")
     return p
@@ -683,7 +699,10 @@ def main(argv=None):
         target, path = args.addition_sft
         if target not in ("cot", "direct"):
             raise UserError(f"--addition-sft: TARGET must be 'cot' or 'direct', not {target!r}")
-        rows = addition_sft(make_world(args.seed), target, args.split, args.with_carries, args.answer_only)
+        if args.n_train and args.split != "train":
+            raise UserError(f"--n-train sizes the train split; the {args.split} split has a fixed size")
+        rows = addition_sft(make_world(args.seed), target, args.split, args.with_carries, args.answer_only,
+                            args.n_train)
         atomic_write(path, jsonl(rows))
         print(f"{len(rows)} addition {args.split} examples ({target} targets) -> {path}")
         return

@@ -332,8 +332,11 @@ def test_run_sh_main_job_sweep_and_all():
     assert set(sweep) - set(main) == {*(f"dpo_beta{b}" for b in ("0.05", "0.5", "1", "2", "5")),
                                       *(f"{m}_kl{c}" for m in ("ppo", "grpo", "rloo") for c in ("0.02", "0.05", "0.2", "0.5", "1"))}
     every = stages_of("--all")
+    cot = {"cot_pretrain", "cot_rl_prompts", "cot_grpo", "cot_eval_grpo",   # the chain-of-thought block (docs/cot.md)
+           *(f"cot_{k}_{t}" for k in ("data", "val", "test") for t in ("cot", "direct")),
+           *(f"cot_{k}_{t}_s{s}" for k in ("sft", "eval") for t in ("cot", "direct") for s in (1, 2, 3))}
     assert set(every) - set(sweep) == {"sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo",
-                                       "reward_head", "dpo_rpo0", "dpo_from_base"}
+                                       "reward_head", "dpo_rpo0", "dpo_from_base", *cot}
     assert set(sweep) <= set(every) and every[-1] == "report"
     seeds = stages_of("--seeds", "2")
     assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}

@@ -7,6 +7,7 @@ import pytest
 
 import data
 import evals
+import grpo
 import world
 from common import UserError
 
@@ -101,3 +102,31 @@ def test_cli_writes_a_split_and_refuses_a_bad_target(tmp_path, w):
     assert [json.loads(line) for line in open(path)] == world.addition_sft(w, "direct", "test", with_carries=True)
     with pytest.raises(UserError, match="TARGET"):
         world.main(["--addition-sft", "steps", str(tmp_path / "x.jsonl")])
+    world.main(["--n-train", "1100", "--addition-sft", "cot", str(path)])
+    assert [json.loads(line) for line in open(path)] == world.addition_sft(w, "cot", n_train=1100)
+    with pytest.raises(UserError, match="--n-train"):  # val and test keep their size
+        world.main(["--split", "test", "--n-train", "1100", "--addition-sft", "cot", str(path)])
+
+
+def test_more_training_sums_never_a_held_out_sum(w):
+    sets = world.task_sets(w)["addition"]
+    held = {pair(e) for k in ("val", "test") for e in sets[k]}
+    rows = world.addition_sft(w, "cot", n_train=3000)
+    pairs = [pair(r) for r in rows]
+    assert len(rows) == 3000 and len(set(pairs)) == 3000 and not set(pairs) & held
+    assert rows[:1000] == world.addition_sft(w, "cot")  # the split's 1000 first, then new ones
+    direct = world.addition_sft(w, "direct", n_train=3000)
+    assert [r["input"] for r in direct] == [r["input"] for r in rows]  # both targets, the same problems
+    assert all(world.extract_answer_number(r["output"]) == sum(pair(r)) for r in rows[1000:])
+    assert len(world.addition_sft(w, "cot", n_train=10)) == 10
+
+
+def test_format_reward_counts_the_form_not_the_truth():
+    right = world.addition_cot(47, 85)                                      # well formed, right
+    wrong = "7 + 5 = 11, write 1 carry 1. 4 + 8 + 1 = 13, write 13. The answer is 131."  # well formed, wrong
+    bare = "The answer is 132."                                             # right, no steps
+    r = grpo.format_reward([right, wrong, bare, right + " More."], 0.25)
+    assert r.tolist() == [0.25, 0.25, 0.0, 0.0]
+    assert [grpo.exact_reward(t, "132") for t in (right, wrong, bare)] == [1.0, 0.0, 1.0]
+    with pytest.raises(UserError, match="--format-reward has no effect"):  # only the exact reward reads steps
+        grpo.main(["--reward", "gold", "--format-reward", "0.1"])

@@ -2,9 +2,10 @@ import json
 import random
 
 import pytest
+import regex
 
 from common import UserError
-from tokenizer import (EOS, PAD, bpe_merges, eos_id, gpt2_tokenizer, load_tokenizer, pad_id, save_tokenizer,
+from tokenizer import (EOS, PAD, SPLIT_DIGITS_PATTERN, SPLIT_PATTERN, bpe_merges, eos_id, gpt2_tokenizer, load_tokenizer, pad_id, save_tokenizer,
                        tokenizer_fingerprint, train_tokenizer)
 
 
@@ -101,3 +102,42 @@ def test_gpt2_from_hf_files(tmp_path):
     enc = gpt2_tokenizer(str(tmp_path))
     assert enc.encode_ordinary(" a") == [256] and eos_id(enc) == 257 and pad_id(enc) == eos_id(enc)
     assert enc.decode(enc.encode_ordinary("é ab\n")) == "é ab\n"
+
+
+@pytest.fixture(scope="module")
+def text_with_numbers(small_text):
+    return small_text + "\n\n" + " ".join(f"{a} + {b} = {a + b}" for a in range(0, 400, 7) for b in (5, 58, 347))
+
+
+def test_default_tokenizer_is_unchanged_by_the_digit_option(text_with_numbers):
+    # the fingerprint the code had before --split-digits existed: same merges, same pattern, same JSON
+    enc = train_tokenizer(text_with_numbers, 300)
+    assert tokenizer_fingerprint(enc) == "973fc5ddddb40724"
+    assert regex.findall(enc._pat_str, "x 12345") == ["x", " ", "123", "45"]  # numbers still chunk by three
+    assert regex.findall(SPLIT_DIGITS_PATTERN, "x 12345") == ["x", " ", "1", "2", "3", "4", "5"]
+
+
+def test_split_digits_every_digit_its_own_token_and_round_trip(tmp_path, text_with_numbers):
+    enc = train_tokenizer(text_with_numbers, 300, split_digits=True)
+    assert enc._pat_str == SPLIT_DIGITS_PATTERN != SPLIT_PATTERN
+    for t in range(enc.n_vocab - 2):  # no learned token holds a digit next to anything else
+        tok = enc.decode_single_token_bytes(t)
+        assert not any(chr(c).isdigit() for c in tok) or len(tok) == 1
+    s = "What is 347 + 58? 7 + 8 = 15, write 5 carry 1. The answer is 405."
+    ids = enc.encode_ordinary(s)
+    assert enc.decode(ids) == s
+    assert [enc.decode([i]) for i in enc.encode_ordinary("347 + 1058")][:3] == ["3", "4", "7"]
+    assert sum(enc.decode([i]).isdigit() for i in ids) == sum(c.isdigit() for c in s)  # one token per digit
+    path = tmp_path / "tokenizer.json"
+    save_tokenizer(enc, path)  # the checkpoint carries the option: the loaded tokenizer splits digits too
+    assert json.loads(path.read_text())["pattern"] == SPLIT_DIGITS_PATTERN
+    enc2 = load_tokenizer(path)
+    assert enc2.encode_ordinary(s) == ids and tokenizer_fingerprint(enc2) == tokenizer_fingerprint(enc)
+    assert tokenizer_fingerprint(enc) != tokenizer_fingerprint(train_tokenizer(text_with_numbers, 300))
+
+
+def test_unknown_split_pattern_is_a_clear_error(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"type": "bpe", "merges": [], "pattern": r"\w+"}))
+    with pytest.raises(UserError, match="pattern"):
+        load_tokenizer(path)
