@@ -249,12 +249,12 @@ COST_KEYS = ("agreement", "rm_accuracy", "rloo_gold", "rloo_on_topic_gold", "dpo
 
 
 def label_source_costs(out_dir, rows, reward_rows):
-    """What a label source costs downstream, mean ± sd over seeds: -> [(X, seeds, {key: (mean, sd)})] for every
+    """What a label source costs downstream, mean ± sd over seeds: -> [(X, seeds, {key: (mean, sd)}, {key: runs})] for every
     source X whose pairs are OUT/preferences_X (seed K > 1: preferences_X_sK, run.sh's suffix), with the runs of
     the same seed trained on them: the labels' agreement with gold on the held-out pairs (meta.json), the reward
     model reward_X's accuracy on the held-out pairs as gold orders them (reward_pairs_path), and the gold reward and
     on-topic gold of RLOO on that reward model (rloo_X) and of DPO on those pairs (dpo_X). A run that is missing
-    is left out of its column's mean."""
+    is left out of its column's mean: seeds counts the pairs, {key: runs} those of each column."""
     rows, reward_rows = dict(rows), dict(reward_rows)
     by_source = {}
     for meta_path in sorted(glob.glob(os.path.join(out_dir, "preferences_*", "meta.json"))):
@@ -269,11 +269,12 @@ def label_source_costs(out_dir, rows, reward_rows):
             "rm_accuracy": reward_rows.get(f"reward_{source}{suffix}", {}).get("pairwise_accuracy"),
             "rloo_gold": rloo.get("gold_reward"), "rloo_on_topic_gold": rloo.get("on_topic_gold"),
             "dpo_gold": dpo.get("gold_reward"), "dpo_on_topic_gold": dpo.get("on_topic_gold")})
-    return [(source, len(runs), {k: mean_sd([r[k] for r in runs]) for k in COST_KEYS}) for source, runs in by_source.items()]
+    return [(source, len(runs), {k: mean_sd([r[k] for r in runs]) for k in COST_KEYS},
+             {k: sum(r[k] is not None for r in runs) for k in COST_KEYS}) for source, runs in by_source.items()]
 
 
 def cost_lines(costs):
-    """Markdown for label_source_costs."""
+    """Markdown for label_source_costs; a column with fewer runs than the source has seeds says how many (n=2)."""
     if not costs:
         return []
     cols = (("agreement", ".1f", 100), ("rm_accuracy", ".1f", 100), ("rloo_gold", "+.3f", 1),
@@ -281,11 +282,13 @@ def cost_lines(costs):
     lines = ["", "## What each label source costs (preferences_X -> reward_X -> rloo_X, and dpo_X; mean ± sd over seeds)", "",
              "agreement: the labels' agreement with gold on the held-out pairs gold does not tie (%); RM accuracy: the "
              "reward model trained on those labels, on the held-out pairs as gold orders them (%); gold, on-topic gold: "
-             "of the RLOO policy trained on that reward model and of DPO trained on the same pairs (table above).", "",
+             "of the RLOO policy trained on that reward model and of DPO trained on the same pairs (table above); (n=K): a "
+             "figure over K of the seeds only.", "",
              "| label source | seeds | agreement, held-out | RM accuracy vs gold | RLOO gold | RLOO on-topic gold | "
              "DPO gold | DPO on-topic gold |", "|---|" + "---:|" * 7]
-    for source, n, stats in costs:
-        lines.append(f"| {source} | {n} | " + " | ".join(pm(stats[k], spec, scale) for k, spec, scale in cols) + " |")
+    for source, n, stats, runs in costs:
+        cells = [pm(stats[k], spec, scale) + ("" if runs[k] in (0, n) else f" (n={runs[k]})") for k, spec, scale in cols]
+        lines.append(f"| {source} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -500,12 +503,12 @@ def main(argv=None):
     prompting = json.load(open(prompting_path)) if os.path.exists(prompting_path) else None
     aggregated = aggregate_seeds(rows)
     costs = label_source_costs(args.out_dir, rows, reward_rows)
-    plot(rows, aggregated, args, skip={f"{f}_{source}" for f in FRONTIER_FAMILIES for source, _, _ in costs})
+    plot(rows, aggregated, args, skip={f"{f}_{source}" for f in FRONTIER_FAMILIES for source, *_ in costs})
     results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args),
                "across_seeds": {g: {"runs": names, **{k: {"mean": m, "sd": sd} for k, (m, sd) in st.items()}}
                                 for g, names, st in aggregated},
-               "label_sources": {x: {"seeds": n, **{k: {"mean": m, "sd": sd} for k, (m, sd) in st.items()}}
-                                 for x, n, st in costs}}
+               "label_sources": {x: {"seeds": n, **{k: {"mean": m, "sd": sd, "runs": runs[k]} for k, (m, sd) in st.items()}}
+                                 for x, n, st, runs in costs}}
     with open(os.path.join(report_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = os.path.join(args.out_dir, "report.md")

@@ -76,7 +76,7 @@ def test_label_source_costs_group_the_runs_of_each_source_across_seeds(tmp_path)
             ("dpo_rougeL", {"gold_reward": 0.1, "on_topic_gold": -0.2}), ("rloo", {"gold_reward": 0.9})]
     reward_rows = [("reward_gold", {"pairwise_accuracy": 0.99}), ("reward_rougeL_s3", {"pairwise_accuracy": 0.7}),
                    ("reward", {"pairwise_accuracy": 0.5})]
-    costs = {x: (n, st) for x, n, st in report.label_source_costs(str(tmp_path), rows, reward_rows)}
+    costs = {x: (n, st) for x, n, st, _ in report.label_source_costs(str(tmp_path), rows, reward_rows)}
     assert set(costs) == {"gold", "rougeL"}
     n, st = costs["gold"]
     assert n == 2 and st["agreement"] == (1.0, 0.0) and st["rm_accuracy"] == (0.99, None)
@@ -86,7 +86,7 @@ def test_label_source_costs_group_the_runs_of_each_source_across_seeds(tmp_path)
     assert n == 3 and st["agreement"][0] == pytest.approx(0.7) and st["agreement"][1] == pytest.approx(0.1)
     assert st["rm_accuracy"] == (0.7, None) and st["dpo_on_topic_gold"] == (-0.2, None)
     lines = report.cost_lines(report.label_source_costs(str(tmp_path), rows, reward_rows))
-    assert "| gold | 2 | 100.0 ± 0.0 | 99.0 | +0.700 ± 0.141 | +0.500 ± 0.141 | — | — |" in lines
+    assert "| gold | 2 | 100.0 ± 0.0 | 99.0 (n=1) | +0.700 ± 0.141 | +0.500 ± 0.141 | — | — |" in lines
     # each reward model on the held-out pairs of its own source, as gold orders them; others on the main job's
     (tmp_path / "preferences_gold_s2" / "val_gold.jsonl").write_text("")
     assert report.reward_pairs_path("reward_gold_s2", str(tmp_path)) == str(tmp_path / "preferences_gold_s2" / "val_gold.jsonl")
