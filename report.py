@@ -254,7 +254,8 @@ def label_source_costs(out_dir, rows, reward_rows):
     the same seed trained on them: the labels' agreement with gold on the held-out pairs (meta.json), the reward
     model reward_X's accuracy on the held-out pairs as gold orders them (reward_pairs_path), and the gold reward and
     on-topic gold of RLOO on that reward model (rloo_X) and of DPO on those pairs (dpo_X). A run that is missing
-    is left out of its column's mean: seeds counts the pairs, {key: runs} those of each column."""
+    is left out of its column's mean: seeds counts the pairs, {key: runs} those of each column. Sources in the order
+    of their labels' agreement with gold, highest first."""
     rows, reward_rows = dict(rows), dict(reward_rows)
     by_source = {}
     for meta_path in sorted(glob.glob(os.path.join(out_dir, "preferences_*", "meta.json"))):
@@ -269,8 +270,9 @@ def label_source_costs(out_dir, rows, reward_rows):
             "rm_accuracy": reward_rows.get(f"reward_{source}{suffix}", {}).get("pairwise_accuracy"),
             "rloo_gold": rloo.get("gold_reward"), "rloo_on_topic_gold": rloo.get("on_topic_gold"),
             "dpo_gold": dpo.get("gold_reward"), "dpo_on_topic_gold": dpo.get("on_topic_gold")})
-    return [(source, len(runs), {k: mean_sd([r[k] for r in runs]) for k in COST_KEYS},
-             {k: sum(r[k] is not None for r in runs) for k in COST_KEYS}) for source, runs in by_source.items()]
+    costs = [(source, len(runs), {k: mean_sd([r[k] for r in runs]) for k in COST_KEYS},
+              {k: sum(r[k] is not None for r in runs) for k in COST_KEYS}) for source, runs in by_source.items()]
+    return sorted(costs, key=lambda c: -(c[2]["agreement"][0] or 0))   # the cleanest labels first
 
 
 def cost_lines(costs):

@@ -65,6 +65,7 @@ def test_label_source_costs_group_the_runs_of_each_source_across_seeds(tmp_path)
     def meta(run, val):
         (tmp_path / run).mkdir()
         (tmp_path / run / "meta.json").write_text(json.dumps({"gold_agreement": {"val": val, "train": 0.5}}))
+    meta("preferences_aaa", 0.5)
     meta("preferences_gold", 1.0)
     meta("preferences_gold_s2", 1.0)
     meta("preferences_rougeL", 0.6)
@@ -77,7 +78,7 @@ def test_label_source_costs_group_the_runs_of_each_source_across_seeds(tmp_path)
     reward_rows = [("reward_gold", {"pairwise_accuracy": 0.99}), ("reward_rougeL_s3", {"pairwise_accuracy": 0.7}),
                    ("reward", {"pairwise_accuracy": 0.5})]
     costs = {x: (n, st) for x, n, st, _ in report.label_source_costs(str(tmp_path), rows, reward_rows)}
-    assert set(costs) == {"gold", "rougeL"}
+    assert list(costs) == ["gold", "rougeL", "aaa"]   # the cleanest labels first, whatever the names
     n, st = costs["gold"]
     assert n == 2 and st["agreement"] == (1.0, 0.0) and st["rm_accuracy"] == (0.99, None)
     assert st["rloo_gold"][0] == pytest.approx(0.7) and st["rloo_gold"][1] == pytest.approx(math.sqrt(0.02))
