@@ -24,7 +24,8 @@ and for reward models: pairwise accuracy on held-out preference pairs. It writes
 out/report/results.json, and, when matplotlib is installed, loss curves and the gold reward-KL
 frontiers of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Runs that differ only by seed (out/dpo,
 out/dpo_s2, out/dpo_s3 from `bash run.sh --seeds 3`) are also summarised as mean ± sd, and the
-frontier plots those means with error bars on both axes. Results are cached per checkpoint (keyed
+frontier plots those means with error bars on both axes. Runs on other label sources (out/preferences_X ->
+reward_X -> rloo_X, and dpo_X, per seed: run.sh --all) make the table of what each label source costs. Results are cached per checkpoint (keyed
 by the weights' size and modification time), so a second run takes seconds.
 """
 
@@ -188,9 +189,18 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
     return row
 
 
-def evaluate_reward_model(path, args):
-    """Pairwise accuracy of a reward model on the held-out preference pairs."""
-    pairs_path = os.path.join(args.out_dir, "preferences", "val.jsonl")
+def reward_pairs_path(name, out_dir):
+    """The held-out pairs a reward model is measured on: reward_X[_sK], trained on the labels of one label source,
+    on preferences_X[_sK]/val_gold.jsonl (the same held-out pairs as the gold judge orders them, so its accuracy is
+    against gold whatever labels it learned); any other on OUT/preferences/val.jsonl."""
+    source = os.path.join(out_dir, "preferences" + name[len("reward"):], "val_gold.jsonl")
+    if name.startswith("reward_") and os.path.exists(source):
+        return source
+    return os.path.join(out_dir, "preferences", "val.jsonl")
+
+
+def evaluate_reward_model(path, pairs_path, args):
+    """Pairwise accuracy of a reward model on the held-out preference pairs at pairs_path."""
     if not os.path.exists(pairs_path):
         return {}
     rm, enc, _ = load_reward_model(path, args.device)
@@ -232,6 +242,55 @@ def label_source_lines(out_dir):
                          f"{fmt(m['gold_agreement']['train'], '.1%')} | {fmt(m.get('gold_ties', {}).get('val'), '.1%')} | "
                          f"{fmt(m.get('position_consistency'), '.1%')} | "
                          f"{m['train_pairs']} |")
+    return lines
+
+
+COST_KEYS = ("agreement", "rm_accuracy", "rloo_gold", "rloo_on_topic_gold", "dpo_gold", "dpo_on_topic_gold")
+
+
+def label_source_costs(out_dir, rows, reward_rows):
+    """What a label source costs downstream, mean ± sd over seeds: -> [(X, seeds, {key: (mean, sd)}, {key: runs})] for every
+    source X whose pairs are OUT/preferences_X (seed K > 1: preferences_X_sK, run.sh's suffix), with the runs of
+    the same seed trained on them: the labels' agreement with gold on the held-out pairs (meta.json), the reward
+    model reward_X's accuracy on the held-out pairs as gold orders them (reward_pairs_path), and the gold reward and
+    on-topic gold of RLOO on that reward model (rloo_X) and of DPO on those pairs (dpo_X). A run that is missing
+    is left out of its column's mean: seeds counts the pairs, {key: runs} those of each column. Sources in the order
+    of their labels' agreement with gold, highest first."""
+    rows, reward_rows = dict(rows), dict(reward_rows)
+    by_source = {}
+    for meta_path in sorted(glob.glob(os.path.join(out_dir, "preferences_*", "meta.json"))):
+        run = os.path.basename(os.path.dirname(meta_path))
+        meta = json.load(open(meta_path))
+        if "gold_agreement" not in meta:
+            continue
+        source, suffix = seed_group(run)[len("preferences_"):], run[len(seed_group(run)):]
+        rloo, dpo = rows.get(f"rloo_{source}{suffix}", {}), rows.get(f"dpo_{source}{suffix}", {})
+        by_source.setdefault(source, []).append({
+            "agreement": meta["gold_agreement"]["val"],
+            "rm_accuracy": reward_rows.get(f"reward_{source}{suffix}", {}).get("pairwise_accuracy"),
+            "rloo_gold": rloo.get("gold_reward"), "rloo_on_topic_gold": rloo.get("on_topic_gold"),
+            "dpo_gold": dpo.get("gold_reward"), "dpo_on_topic_gold": dpo.get("on_topic_gold")})
+    costs = [(source, len(runs), {k: mean_sd([r[k] for r in runs]) for k in COST_KEYS},
+              {k: sum(r[k] is not None for r in runs) for k in COST_KEYS}) for source, runs in by_source.items()]
+    return sorted(costs, key=lambda c: -(c[2]["agreement"][0] or 0))   # the cleanest labels first
+
+
+def cost_lines(costs):
+    """Markdown for label_source_costs; a column with fewer runs than the source has seeds says how many (n=2)."""
+    if not costs:
+        return []
+    cols = (("agreement", ".1f", 100), ("rm_accuracy", ".1f", 100), ("rloo_gold", "+.3f", 1),
+            ("rloo_on_topic_gold", "+.3f", 1), ("dpo_gold", "+.3f", 1), ("dpo_on_topic_gold", "+.3f", 1))
+    lines = ["", "## What each label source costs (preferences_X -> reward_X -> rloo_X, and dpo_X; mean ± sd over seeds)", "",
+             "agreement: the labels' agreement with gold on the held-out pairs gold does not tie (%); RM accuracy: the "
+             "reward model trained on those labels, on the held-out pairs as gold orders them (%); gold, on-topic gold: "
+             "of the RLOO policy trained on that reward model and of DPO trained on the same pairs (table above); (n=K): a "
+             "figure over K of the seeds only.", "",
+             "| label source | seeds | agreement, held-out | RM accuracy vs gold | RLOO gold | RLOO on-topic gold | "
+             "DPO gold | DPO on-topic gold |", "|---|" + "---:|" * 7]
+    for source, n, stats, runs in costs:
+        cells = [pm(stats[k], spec, scale) + ("" if runs[k] in (0, n) else f" (n={runs[k]})") for k, spec, scale in cols]
+        lines.append(f"| {source} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -314,13 +373,15 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
         f.write("\n".join(lines) + "\n")
 
 
-def frontier_points(aggregated):
+def frontier_points(aggregated, skip=()):
     """{series: [{"kl": (mean, sd), "gold_reward": ..., "on_topic_gold": ..., "label": "beta2"}] sorted by KL}
-    for the DPO, PPO, GRPO and RLOO runs from the SFT model (dpo_from_base starts elsewhere and is left out)."""
+    for the DPO, PPO, GRPO and RLOO runs from the SFT model (dpo_from_base starts elsewhere and is left out, as
+    are the series in skip: the runs on other label sources, rloo_X and dpo_X)."""
     curves = {}
     for group, _, st in aggregated:
         name = series(group)
-        if name.split("_")[0] in FRONTIER_FAMILIES and name != "dpo_from_base" and st["kl"][0] is not None:
+        if name.split("_")[0] in FRONTIER_FAMILIES and name != "dpo_from_base" and name not in skip \
+                and st["kl"][0] is not None:
             swept = [p for p in group.split("_")[1:] if p.startswith(("beta", "kl"))]
             curves.setdefault(name, []).append({"kl": st["kl"], "gold_reward": st["gold_reward"],
                                                 "on_topic_gold": st["on_topic_gold"],
@@ -328,7 +389,7 @@ def frontier_points(aggregated):
     return {k: sorted(v, key=lambda p: p["kl"][0]) for k, v in curves.items()}
 
 
-def plot(rows, aggregated, args):
+def plot(rows, aggregated, args, skip=()):
     """Loss curves of every stage; gold reward and on-topic gold against KL for the DPO, PPO, GRPO and RLOO
     sweeps, mean ± sd over seeds on both axes (the analogue of the DPO paper's sentiment frontier).
     Skipped with a note when matplotlib is not installed."""
@@ -362,7 +423,7 @@ def plot(rows, aggregated, args):
         fig.tight_layout()
         fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
-    curves = frontier_points(aggregated)
+    curves = frontier_points(aggregated, skip)
     if not curves:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -432,9 +493,10 @@ def main(argv=None):
         rows.append((name, row))
     reward_rows = []
     for name, path, config in reward_models:
-        key = cache_key(path, args)
+        pairs_path = reward_pairs_path(name, args.out_dir)
+        key = cache_key(path, args, pairs_path)
         if cache.get(name, {}).get("key") != key:
-            cache[name] = {"key": key, "row": evaluate_reward_model(path, args)}
+            cache[name] = {"key": key, "row": evaluate_reward_model(path, pairs_path, args)}
         reward_rows.append((name, dict(cache[name]["row"], time_s=stage_time(path, config))))
     with open(cache_path, "w") as f:
         json.dump(cache, f)
@@ -442,14 +504,17 @@ def main(argv=None):
     prompting_path = os.path.join(args.out_dir, "prompting", "results.json")
     prompting = json.load(open(prompting_path)) if os.path.exists(prompting_path) else None
     aggregated = aggregate_seeds(rows)
-    plot(rows, aggregated, args)
+    costs = label_source_costs(args.out_dir, rows, reward_rows)
+    plot(rows, aggregated, args, skip={f"{f}_{source}" for f in FRONTIER_FAMILIES for source, *_ in costs})
     results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args),
                "across_seeds": {g: {"runs": names, **{k: {"mean": m, "sd": sd} for k, (m, sd) in st.items()}}
-                                for g, names, st in aggregated}}
+                                for g, names, st in aggregated},
+               "label_sources": {x: {"seeds": n, **{k: {"mean": m, "sd": sd, "runs": runs[k]} for k, (m, sd) in st.items()}}
+                                 for x, n, st, runs in costs}}
     with open(os.path.join(report_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = os.path.join(args.out_dir, "report.md")
-    write_markdown(rows, aggregated, reward_rows, prompting, args, md, label_source_lines(args.out_dir))
+    write_markdown(rows, aggregated, reward_rows, prompting, args, md, label_source_lines(args.out_dir) + cost_lines(costs))
     print(open(md).read().split("## Samples")[0])
     print(f"wrote {md} in {time.time() - t0:.0f}s")
     return results

@@ -9,7 +9,9 @@
 #   bash run.sh --all        everything: the sweeps, plus SFT with LoRA and QLoRA, domain adaptation, SFT
 #                            after it with rehearsal (and without), GRPO with an exact-answer reward on the
 #                            region's questions, plain DPO (out/dpo_rpo0), DPO from the base model, the
-#                            head-only reward model; and the chain-of-thought block (out/cot, docs/cot.md)
+#                            head-only reward model, the LLM judge and what each label source costs (the
+#                            gold lexicon, the judge, BERTScore, ROUGE-L -> reward model -> RLOO, and DPO;
+#                            docs/judges.md), and the chain-of-thought block (out/cot, docs/cot.md)
 #   bash run.sh --seeds N    the alignment runs (DPO, PPO, GRPO, RLOO; with --sweep or --all their sweeps too)
 #                            with N seeds: --seed 1337 (the default) into out/dpo..., then --seed 1, 2, ...
 #                            into out/dpo..._s2, _s3, ...; report.py shows mean ± sd over the seeds
@@ -167,6 +169,22 @@ cot_rows() {
   stage cot_eval_grpo $C/grpo/eval/results.json $PY prompting.py --init $C/grpo --task-file $C/data/cot_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/grpo/eval
 }
 
+# label_sources K: what each label source costs (docs/judges.md), seed number K as in seeds(): pairs of the SFT
+# model's samples labelled by the gold lexicon, the LLM judge (out/judge), BERTScore and ROUGE-L against reference
+# reviews -> a reward model on each (measured on the held-out pairs as gold orders them) -> RLOO on it, and DPO on
+# the same pairs; out/preferences_X, reward_X, rloo_X, dpo_X (+ _sK). report.py groups them across seeds.
+label_sources() {
+  local s=$1 SFX="" SEED="" src name P
+  if [ "$s" != 1 ]; then SFX="_s$s" SEED="--seed $((s - 1))"; fi
+  for src in gold:sentiment llm:llm:$OUT/judge bertscore:bertscore rougeL:rougeL; do
+    name=${src%%:*} P=$OUT/preferences_${src%%:*}$SFX
+    stage preferences_$name$SFX $P/val_gold.jsonl $PY preferences.py --init $OUT/sft --task review --judge ${src#*:} --out $P $SEED
+    stage reward_$name$SFX $OUT/reward_$name$SFX/config.json $PY reward.py --init $OUT/sft --data $P/train.jsonl --val-data $P/val_gold.jsonl --out $OUT/reward_$name$SFX $SEED
+    stage rloo_$name$SFX $OUT/rloo_$name$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward_$name$SFX --advantage rloo --out $OUT/rloo_$name$SFX $SEED
+    stage dpo_$name$SFX $OUT/dpo_$name$SFX/config.json $PY dpo.py --init $OUT/sft --data $P/train.jsonl --out $OUT/dpo_$name$SFX $SEED
+  done
+}
+
 pipeline() {
   stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
   stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
@@ -193,6 +211,10 @@ pipeline() {
   for s in $(seq 1 "$SEEDS"); do seeds "$s"; done
   if [ "$ALL" = 1 ]; then
     stage dpo_from_base $OUT/dpo_from_base/config.json $PY dpo.py --init $OUT/pretrain --data $OUT/preferences/train.jsonl --out $OUT/dpo_from_base $DPO
+  fi
+  if [ "$ALL" = 1 ]; then   # what each label source costs: the LLM judge, then label_sources for each seed
+    stage judge $OUT/judge/config.json $PY judge.py --init $OUT/pretrain --out $OUT/judge
+    for s in $(seq 1 "$SEEDS"); do label_sources "$s"; done
   fi
   if [ "$ALL" = 1 ] && [ "$QUICK" = 0 ]; then cot_rows; fi   # full size only: --quick --all skips it
   stage report     -                           $PY report.py --out-dir $OUT $REPORT

@@ -335,8 +335,12 @@ def test_run_sh_main_job_sweep_and_all():
     cot = {"cot_pretrain", "cot_rl_prompts", "cot_grpo", "cot_eval_grpo",   # the chain-of-thought block (docs/cot.md)
            *(f"cot_{k}_{t}" for k in ("data", "val", "test") for t in ("cot", "direct")),
            *(f"cot_{k}_{t}_s{s}" for k in ("sft", "eval") for t in ("cot", "direct") for s in (1, 2, 3))}
+    costs = {"judge", *(f"{k}_{x}" for k in ("preferences", "reward", "rloo", "dpo")   # docs/judges.md
+                        for x in ("gold", "llm", "bertscore", "rougeL"))}
     assert set(every) - set(sweep) == {"sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo",
-                                       "reward_head", "dpo_rpo0", "dpo_from_base", *cot}
+                                       "reward_head", "dpo_rpo0", "dpo_from_base", *cot, *costs}
+    every2 = stages_of("--all", "--seeds", "2")   # the label sources run for every seed
+    assert {f"{x}_s2" for x in costs - {"judge"}} <= set(every2) and "judge_s2" not in every2
     assert set(sweep) <= set(every) and every[-1] == "report"
     seeds = stages_of("--seeds", "2")
     assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}

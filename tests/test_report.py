@@ -1,4 +1,5 @@
 """report.py's own measures (the rest of the report is exercised end to end by tests/test_run.py)."""
+import json
 import math
 
 import pytest
@@ -58,3 +59,40 @@ def test_frontier_points_follow_each_series_sorted_by_kl():
     assert set(curves) == {"dpo", "ppo"}
     assert [p["label"] for p in curves["dpo"]] == ["beta2", "default"]
     assert curves["ppo"][0]["on_topic_gold"] == (-0.4, 0.02) and math.isclose(curves["dpo"][0]["kl"][0], 1.0)
+
+
+def test_label_source_costs_group_the_runs_of_each_source_across_seeds(tmp_path):
+    def meta(run, val):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "meta.json").write_text(json.dumps({"gold_agreement": {"val": val, "train": 0.5}}))
+    meta("preferences_aaa", 0.5)
+    meta("preferences_gold", 1.0)
+    meta("preferences_gold_s2", 1.0)
+    meta("preferences_rougeL", 0.6)
+    meta("preferences_rougeL_s2", 0.7)
+    meta("preferences_rougeL_s3", 0.8)
+    (tmp_path / "preferences").mkdir()   # the main job's pairs: no source of its own
+    (tmp_path / "preferences" / "meta.json").write_text(json.dumps({"gold_agreement": {"val": 1.0}}))
+    rows = [("rloo_gold", {"gold_reward": 0.8, "on_topic_gold": 0.6}), ("rloo_gold_s2", {"gold_reward": 0.6, "on_topic_gold": 0.4}),
+            ("dpo_rougeL", {"gold_reward": 0.1, "on_topic_gold": -0.2}), ("rloo", {"gold_reward": 0.9})]
+    reward_rows = [("reward_gold", {"pairwise_accuracy": 0.99}), ("reward_rougeL_s3", {"pairwise_accuracy": 0.7}),
+                   ("reward", {"pairwise_accuracy": 0.5})]
+    costs = {x: (n, st) for x, n, st, _ in report.label_source_costs(str(tmp_path), rows, reward_rows)}
+    assert list(costs) == ["gold", "rougeL", "aaa"]   # the cleanest labels first, whatever the names
+    n, st = costs["gold"]
+    assert n == 2 and st["agreement"] == (1.0, 0.0) and st["rm_accuracy"] == (0.99, None)
+    assert st["rloo_gold"][0] == pytest.approx(0.7) and st["rloo_gold"][1] == pytest.approx(math.sqrt(0.02))
+    assert st["dpo_gold"] == (None, None)                    # no DPO run on the gold source
+    n, st = costs["rougeL"]
+    assert n == 3 and st["agreement"][0] == pytest.approx(0.7) and st["agreement"][1] == pytest.approx(0.1)
+    assert st["rm_accuracy"] == (0.7, None) and st["dpo_on_topic_gold"] == (-0.2, None)
+    lines = report.cost_lines(report.label_source_costs(str(tmp_path), rows, reward_rows))
+    assert "| gold | 2 | 100.0 ± 0.0 | 99.0 (n=1) | +0.700 ± 0.141 | +0.500 ± 0.141 | — | — |" in lines
+    # each reward model on the held-out pairs of its own source, as gold orders them; others on the main job's
+    (tmp_path / "preferences_gold_s2" / "val_gold.jsonl").write_text("")
+    assert report.reward_pairs_path("reward_gold_s2", str(tmp_path)) == str(tmp_path / "preferences_gold_s2" / "val_gold.jsonl")
+    assert report.reward_pairs_path("reward_gold", str(tmp_path)) == str(tmp_path / "preferences" / "val.jsonl")
+    assert report.reward_pairs_path("reward_head", str(tmp_path)) == str(tmp_path / "preferences" / "val.jsonl")
+    agg = [("rloo", ["rloo"], {"kl": (5.0, None), "gold_reward": (0.8, None), "on_topic_gold": (0.6, None)}),
+           ("rloo_gold", ["rloo_gold"], {"kl": (4.0, None), "gold_reward": (0.7, None), "on_topic_gold": (0.5, None)})]
+    assert set(report.frontier_points(agg, skip={"rloo_gold"})) == {"rloo"}
