@@ -9,6 +9,7 @@ It imports no other module of the project, so any module may import it.
 
 import argparse
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from typing import Callable, NamedTuple
 
 import torch
@@ -389,6 +391,26 @@ def guard_streams():
         sys.stdout = StreamGuard(sys.stdout)
     if not isinstance(sys.stderr, StreamGuard):
         sys.stderr = StreamGuard(sys.stderr)
+
+
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and SIGTERM wait until the block ends, then arrive as usual (the first one): for a call into a
+    library's thread pool (tiktoken's encode_ordinary_batch), where an exception raised in the middle of
+    its locking leaves the pool's workers waiting forever and the process hung. Python runs signal
+    handlers in the main thread only, so off it the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def run_cli(main):

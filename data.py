@@ -28,7 +28,7 @@ import re
 import numpy as np
 import torch
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, signals_deferred
 
 
 # ----------------------------------------------------------------------------- the template
@@ -101,7 +101,9 @@ def completion_batch(prompts, completions, pad_id, side="right"):
 def encode_documents(docs, enc):
     """Documents -> one flat token array EOS d1 EOS d2 ... dn EOS (int64): how every stage sees text."""
     ids = [enc.eot_token]
-    for d in enc.encode_ordinary_batch(docs):
+    with signals_deferred():   # a Ctrl-C inside tiktoken's thread pool would hang the process
+        batch = enc.encode_ordinary_batch(docs)
+    for d in batch:
         ids += d + [enc.eot_token]
     return np.array(ids, dtype=np.int64)
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import data
 import world
 from common import UserError
 from conftest import run_script
@@ -111,3 +112,25 @@ def test_no_pickle_eval_or_exec_in_the_code():
         if name.endswith(".py"):
             for i, line in enumerate(open(os.path.join(ROOT, name)), 1):
                 assert not banned.search(line), f"{name}:{i}: {line.strip()}"
+
+
+def test_a_signal_inside_tiktokens_thread_pool_arrives_after_it(small_enc):
+    """Ctrl-C while encode_ordinary_batch runs (before the fix it could leave the pool's workers waiting on a
+    lock the interrupted main thread held: a hung pretrain.py, seen in run.sh's Ctrl-C test): the batch
+    finishes, then the KeyboardInterrupt comes, and signals flow again after it."""
+    class Enc:
+        eot_token = small_enc.eot_token
+
+        def encode_ordinary_batch(self, docs):
+            os.kill(os.getpid(), signal.SIGINT)   # delivered now, were it not deferred
+            time.sleep(0.05)
+            self.finished = True
+            return [small_enc.encode_ordinary(d) for d in docs]
+
+    enc = Enc()
+    with pytest.raises(KeyboardInterrupt):
+        data.encode_documents(["one doc", "two docs"], enc)
+    assert enc.finished
+    with pytest.raises(KeyboardInterrupt):   # nothing left blocked
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
