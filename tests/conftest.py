@@ -31,6 +31,16 @@ def sigint_default():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """Each test leaves SIGINT's and SIGTERM's handlers as it found them: a stage run in this process
+    installs its own (training.StopFlag), and a later test that sends itself a signal must not meet them."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 def torchrun(script, argv, cwd, nproc=2, timeout=240):
     """The project's `script` under torchrun, nproc gloo processes on CPU, one thread each, on a free port (so
     parallel test runs never collide) -> the finished process, asserted to exit 0. Run once more if a process
@@ -57,7 +67,8 @@ def run_script(script, *argv):
     An exception run_cli lets through is printed as the interpreter prints it, with exit code 1."""
     main = importlib.import_module(script.removesuffix(".py")).main
     out, err = io.StringIO(), io.StringIO()
-    sigterm, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -69,7 +80,8 @@ def run_script(script, *argv):
                 traceback.print_exc()
                 code = 1
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 

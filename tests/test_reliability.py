@@ -128,6 +128,8 @@ def test_a_signal_inside_tiktokens_thread_pool_arrives_after_it(small_enc):
             return [small_enc.encode_ordinary(d) for d in docs]
 
     enc = Enc()
+    # Python's own Ctrl-C handler, whatever this process started with (a shell's background job ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt):
         data.encode_documents(["one doc", "two docs"], enc)
     assert enc.finished
