@@ -4,10 +4,12 @@ import io
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import pytest
@@ -44,17 +46,22 @@ def signal_handlers_restored():
 def torchrun(script, argv, cwd, nproc=2, timeout=240):
     """The project's `script` under torchrun, nproc gloo processes on CPU, one thread each, on a free port (so
     parallel test runs never collide) -> the finished process, asserted to exit 0. Run once more if a process
-    died of gloo's teardown abort: the test then checks the results of a run that completed, so the retry
-    hides nothing it asserts."""
+    died of gloo's teardown abort, from cwd as it was before the first try (a run stopped with --stop-at has
+    saved its state by then, and the same command would refuse to overwrite it): the test then checks the
+    results of a run that completed, so the retry hides nothing it asserts. The outputs live under cwd."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            "--", os.path.join(ROOT, script), *map(str, argv)]   # "--": the script's options are not torchrun's
     kw = dict(cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout, capture_output=True, text=True)
-    r = subprocess.run(cmd, **kw)
-    if r.returncode != 0 and GLOO_TEARDOWN_ABORT in r.stderr:
+    with tempfile.TemporaryDirectory() as before:
+        shutil.copytree(cwd, before, dirs_exist_ok=True)
         r = subprocess.run(cmd, **kw)
+        if r.returncode != 0 and GLOO_TEARDOWN_ABORT in r.stderr:
+            shutil.rmtree(cwd)
+            shutil.copytree(before, cwd)
+            r = subprocess.run(cmd, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
