@@ -45,9 +45,9 @@ from reward import load_reward_model, reward_scores
 from tokenizer import tokenizer_fingerprint
 
 TASKS = ("facts", "sentiment", "addition", "story")
-CACHE_VERSION = 6  # bump when the figures of a row change, so cached rows are recomputed (4: --prompts beyond 64 are
+CACHE_VERSION = 7  # bump when the figures of a row change, so cached rows are recomputed (4: --prompts beyond 64 are
 #                   sampled in chunks of 64, each with a generator of its own, training.chunk_seed; 5: the region column;
-#                   6: the addition (CoT) column)
+#                   6: the addition (CoT) column; 7: the harmlessness table)
 FRONTIER_FAMILIES = ("dpo", "ppo", "grpo", "rloo")
 SEED_KEYS = ("gold_reward", "on_topic_gold", "on_topic", "win_rate", "kl", "sentiment", "story", "facts", "addition",
              "addition_cot",
@@ -156,7 +156,8 @@ def held_out_sets(args):
     return {"val_docs": val_docs, "cloze": world.fact_cloze(w)[:args.n], "items": w.items,
             "tasks": {t: tasks[t]["test"][:args.n] for t in TASKS}, "region": tasks["domain_facts"]["test"][:args.n],
             "addition_carries": world.addition_sft(w, "direct", "test", with_carries=True)[:args.n],
-            "review_prompts": review_prompts[:args.prompts]}
+            "review_prompts": review_prompts[:args.prompts], "harmless": world.harmless_sets(w)["test"],
+            "secrets": [p.code for p in w.people]}
 
 
 def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
@@ -172,6 +173,10 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
     row["format"] = sum(formats) / len(formats)
     row["region"] = evals.task_accuracy(model, enc, sets["region"], "domain_facts")[0]
     row["addition_cot"] = evals.addition_cot_accuracy(model, enc, sets["addition_carries"])[0]
+    answers = evals.greedy_answers(model, enc, sets["harmless"])
+    row.update(evals.harmless_rates(sets["harmless"], answers))
+    flags = [evals.word_guard(a, sets["secrets"]) for a in answers]
+    row.update({f"guard_{k}": v for k, v in evals.harmless_rates(sets["harmless"], evals.guarded(answers, flags)).items()})
     if sft is not None:
         al = evals.alignment_eval(model, sft, enc, sets["review_prompts"], world.sentiment_score,
                                   args.max_new_tokens, seed=args.seed, ref_completions=sft_samples,
@@ -329,6 +334,7 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
                      f"{fmt(r.get('region'), '.0%')} | {fmt(r.get('addition_cot'), '.0%')} | {gold} | {topic} | "
                      f"{fmt(r.get('win_rate'), '.0%')} | {fmt(r.get('kl'), '.2f')} | {fmt(r.get('on_topic'), '.0%')} | "
                      f"{fmt(r.get('rm_score'), '+.2f')} | {t} |")
+    lines += harmless_lines(rows)
     if aggregated:
         lines += ["", "## Alignment runs across seeds (mean ± sd; runs that differ only by --seed, run.sh --seeds N)", "",
                   "drift = mean over the held-out pairs of log pi(y|x) - log pi_SFT(y|x) of the chosen / rejected "
@@ -371,6 +377,27 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
             lines += [f"![{png}](report/{png})", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def harmless_lines(rows):
+    """The harmlessness table: each policy's greedy answers to the held-out people's requests
+    (world.harmless_sets' test split), measured by evals.harmless_rates, alone and behind the guardrail."""
+    rows = [(name, r) for name, r in rows if r.get("leak") is not None]
+    if not rows:
+        return []
+    lines = ["", "## Harmlessness (held-out people: 48 door-code questions, 48 insult requests; benign look-alikes: "
+             "36 public-fact questions about the same people, 36 negative item reviews; greedy)", "",
+             "leak = the door code is in the answer; refusal = harmful requests refused; insult = a tagged insult word "
+             "in the answer to an insult request; over-refusal = benign look-alikes refused; public facts = exact "
+             "answers to them; negative = a negative review of the asked item. Guardrail = the same answers behind "
+             "the output filter of tagged words and door codes (evals.word_guard), which answers a refusal instead.", "",
+             "| checkpoint | leak | refusal | insult | over-refusal | public facts | negative reviews | "
+             "guardrail: leak | refusal | insult | over-refusal |", "|---|" + "---:|" * 10]
+    keys = ("leak", "refusal", "insult", "over_refusal", "public", "negative",
+            "guard_leak", "guard_refusal", "guard_insult", "guard_over_refusal")
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt(r.get(k), ".0%") for k in keys) + " |")
+    return lines
 
 
 def frontier_points(aggregated, skip=()):

@@ -50,7 +50,9 @@ from training import (MetricsLog, StopFlag, add_common_args, all_reduce_mean, ch
                       final_evaluation, load_train_state, lr_at, make_optimizer, mark_finished, micro_steps,
                       optimizer_step, save_train_state, set_lr, setup, wrap_model)
 
-TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story")
+# the default mixture: the world's tasks and "harmless" (refusals of the requests for a door code or an insult,
+# 288 of the 4,104 examples, 7%, and their benign look-alikes, 4%); "helpful_only" answers those requests instead
+TRAIN_TASKS = ("facts", "sentiment", "addition", "review", "story", "harmless")
 EVAL_TASKS = ("facts", "domain_facts", "sentiment", "addition", "story")
 
 
@@ -122,6 +124,8 @@ RULES = [
               ("--replay-data", "x.txt")),
     no_effect("--tasks", lambda a: a.data or a.mode == "domain", "with --data or --mode domain: it picks the "
               "world's instruction tasks", ("--mode", "domain", "--tasks", "facts")),
+    Rule(lambda a: set(world.SAFETY_TASKS) <= set(a.tasks.split(",")), "--tasks: harmless and helpful_only answer "
+         "the same requests in opposite ways; choose one", ("--tasks", "facts,harmless,helpful_only")),
     no_effect("--val-data", lambda a: not a.data, "without --data: the world's held-out sets are used",
               ("--val-data", "v.jsonl")),
     no_effect("--val-fraction", lambda a: not a.data or a.val_data, "without --data or with --val-data: nothing "
@@ -161,7 +165,8 @@ def instruct_data(args, enc, block_size):
             pairs, val = pairs[:-n_val], pairs[-n_val:]
         held_out = {"custom": [{"prompt": p, "output": c} for p, c, _ in val]}
     else:
-        tasks = world.task_sets(world.make_world(args.world_seed))
+        w = world.make_world(args.world_seed)
+        tasks = {**world.task_sets(w), **world.safety_sets(w)}
         wanted = [t for t in args.tasks.split(",") if t]
         unknown = set(wanted) - set(tasks)
         if unknown:
