@@ -8,6 +8,7 @@ judge, and write (prompt, chosen, rejected) pairs for the reward model and DPO.
     python preferences.py --judge llm:out/judge         # a larger LLM as judge (judge.py), both orders
     python preferences.py --task review --judge bertscore   # review prompts, against a positive reference review
     python preferences.py --labels pairs.jsonl --judge llm:out/judge   # relabel pairs made elsewhere
+    python preferences.py --task hh --out out/preferences_hh   # + the requests to refuse and their look-alikes
     python preferences.py --pairs best-worst --n 8 --temperature 1.2
     torchrun --nproc_per_node=4 -- preferences.py --n 8 # sampling split across 4 processes, the same files
 
@@ -26,6 +27,11 @@ each pair of a prompt's completions is judged in both orders (evals.judge_pairs)
 its mean probability of winning, sigmoid(v), against the prompt's other completions. Exact duplicates,
 completions cut off at --max-new-tokens (no EOS) and pairs with equal scores are dropped and counted.
 `--pairs all` keeps every pair of distinct scores, `--pairs best-worst` the best against the worst of each prompt.
+`--task harmless` samples the world's requests for a door code or an insult and their benign look-alikes
+(world.harmless_sets, split by person) and scores them with the harmlessness judge (evals.harmless_score: a
+refusal is preferred on a harmful request, a correct answer to a refusal on a benign one); the world's own refusal
+and answer join the samples, so every prompt has a pair. `--task hh` adds the review prompts, judged by the
+lexicon: the combined helpful-and-harmless preference set, for reward.py and dpo.py.
 
 Written to OUT: train.jsonl and val.jsonl, one pair a line
     {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
@@ -55,8 +61,9 @@ import world
 from common import (ArgumentParser, UserError, atomic_write, atomic_write_json, check_input_files,
                     check_out_is_not_an_input, fraction0, nonneg_int, positive_float, positive_int, positive_prob,
                     run_cli)
-from evals import (asked_item, bertscore, bleu, check_judge_template, exact_match, idf_weights, jaccard,
-                   judge_instruction, judge_pairs, layer_embeddings, rouge_l, rouge_n, strip_eos, verdict_token_ids)
+from evals import (asked_item, bertscore, bleu, check_judge_template, exact_match, harmless_score, idf_weights,
+                   jaccard, judge_instruction, judge_pairs, layer_embeddings, rouge_l, rouge_n, strip_eos,
+                   verdict_token_ids)
 from gpt import check_same_tokenizer, generate, load_checkpoint
 from tokenizer import eos_id, pad_id
 from training import add_threads_arg, check_policy, chunk_seed, gather_chunks, my_chunks, setup
@@ -73,6 +80,9 @@ def judge_spec(text):
 
 
 judge_spec.bad_values = ["nope", "llm:"]
+
+
+HARMLESS_TASKS = ("harmless", "hh")
 
 
 def needs_reference(judge):
@@ -93,8 +103,10 @@ def build_parser():
     p.add_argument("--judge-layer", type=nonneg_int, default=None, help="bertscore's hidden layer, 0 = the "
                    "embeddings (default: the middle block, n_layer // 2)")
     p.add_argument("--idf", action="store_true", help="bertscore: weight tokens by idf over the train references")
-    p.add_argument("--task", choices=("auto", "review", "facts"), default="auto",
-                   help="default-world prompts: review (sentiment judge) or facts (reference judges); auto picks")
+    p.add_argument("--task", choices=("auto", "review", "facts", "harmless", "hh"), default="auto",
+                   help="default-world prompts: review (sentiment judge) or facts (reference judges); auto picks; "
+                   "harmless: the requests to refuse and their look-alikes (harmlessness judge); hh: review and "
+                   "harmless prompts together, the combined helpful-and-harmless preference set")
     p.add_argument("--prompts", default=None, help="your prompts (.jsonl/.json: prompt, Alpaca or messages; "
                    "reference judges need Alpaca 'output' or 'completion'); split by prompt with --val-fraction")
     p.add_argument("--labels", default=None, help="preference pairs made elsewhere (prompt/chosen/rejected JSONL, "
@@ -127,6 +139,9 @@ def parse_args(argv=None):
     args.judge = args.judge or "sentiment"
     if args.task == "auto":
         args.task = "facts" if needs_reference(args.judge) else "review"
+    if args.task in HARMLESS_TASKS and (args.judge != "sentiment" or args.prompts or args.labels):
+        raise UserError(f"--task {args.task} takes the world's prompts and its own judges (the harmlessness judge, "
+                        f"and the lexicon for reviews); leave out --judge, --prompts and --labels")
     check_input_files("--prompts", args.prompts)
     check_input_files("--labels", args.labels)
     if not args.labels:  # the policy that samples: a language model, not a reward model, and not --out
@@ -159,6 +174,8 @@ def load_prompt_sets(args):
             first.setdefault(p, ref)
         items = list(first.items())
         train, val = split_by_prompt(items, lambda x: x[0], args.val_fraction, args.seed)
+    elif args.task in HARMLESS_TASKS:
+        train, val = harmless_prompt_sets(args)
     else:
         w = world.make_world(args.world_seed)
         tasks = world.task_sets(w)[args.task]
@@ -175,6 +192,32 @@ def load_prompt_sets(args):
     if not train:
         raise UserError(f"{args.prompts or 'the world'}: no prompts to sample from")
     return train, val
+
+
+def harmless_prompt_sets(args):
+    """-> (train, val) for --task harmless / hh: each harmless_sets prompt with its example as the 'reference' (the
+    harmlessness judge reads its kind, secret and answer), and for hh the review prompts too (reference None)."""
+    w = world.make_world(args.world_seed)
+    sets, reviews = world.harmless_sets(w), world.task_sets(w)["review"]
+    out = []
+    for split in ("train", "val"):
+        items = {data.format_prompt(e["instruction"], e["input"]): e for e in sets[split]}
+        if args.task == "hh":
+            items.update({data.format_prompt(e["instruction"], e["input"]): None for e in reviews[split]})
+        out.append(list(items.items()))
+    return out
+
+
+def world_answers(example):
+    """The world's two answers to a harmless prompt, which join the policy's samples so that every prompt has a
+    pair whatever the policy does: the refusal and the harmful answer (a harmful request), or the right answer and
+    the refusal a model over-refusing would give (a look-alike: the door-code refusal for a public fact, the insult
+    refusal for a negative review). Written as completions are: a leading space, no EOS."""
+    if example["kind"] in world.HARMFUL:
+        texts = (world.REFUSALS[example["kind"]], example["unsafe"])
+    else:
+        texts = (example["output"], world.REFUSALS["secret" if example["kind"] == "public" else "insult"])
+    return [data.format_completion(t) for t in texts]
 
 
 def review_reference(w, instruction):
@@ -194,6 +237,14 @@ def pointwise_scores(fn, prompt, texts, ref):
 
 def sentiment_scores(prompt, texts, ref):
     return [world.sentiment_score(t.strip()) for t in texts]
+
+
+def hh_scores(prompt, texts, ref):
+    """--task harmless / hh: the harmlessness judge (evals.harmless_score) on a harmless prompt (its reference is the
+    world's example), the lexicon on a review prompt (reference None)."""
+    if ref is None:
+        return sentiment_scores(prompt, texts, ref)
+    return [harmless_score(ref, t.strip()) for t in texts]
 
 
 def bertscore_scores(encoder, idf, prompt, texts, ref):
@@ -246,6 +297,8 @@ def load_llm_judge(path, template, policy_enc, device):
 def make_judge(args, policy_enc, device, refs, counts):
     """-> score(prompt, texts, reference or None) -> [floats] for --judge; refs: the train references (for
     bertscore's idf)."""
+    if args.task in HARMLESS_TASKS:
+        return hh_scores
     if args.judge == "sentiment":
         return sentiment_scores
     if args.judge.startswith("llm:"):
@@ -320,6 +373,10 @@ def sample_and_score(model, enc, items, judge, args, split, ctx, counts):
             else:
                 seen.add(text)
                 texts.append(text)
+        if isinstance(ref, dict):   # a harmless prompt: the world's refusal and answer join the samples
+            extra = [t for t in world_answers(ref) if t not in seen]
+            counts["world_answers"] += len(extra)
+            texts += extra
         groups.append((prompt, texts, judge(prompt, texts, ref) if texts else []))
     return groups
 
@@ -406,7 +463,7 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     counts = {k: 0 for k in ("sampled", "eos", "truncated", "empty", "duplicates", "ties", "judged_pairs",
-                             "position_consistent")}
+                             "position_consistent", "world_answers")}
     groups_path = os.path.join(args.out, "val_groups.jsonl")
     meta = {"args": vars(args)}
     ctx = setup(args)

@@ -10,23 +10,22 @@ For each policy checkpoint (a directory of out/ with model.safetensors and confi
   addition (CoT) the test additions with a carry, asked for worked column steps (zero-shot), counted by the
                 number after the steps (evals.addition_cot_accuracy): what the chain-of-thought SFT is for
   format        share of those answers that end with EOS and have the task's form
-  region        exact-match accuracy on the held-out region's test questions (domain_facts): what domain
-                adaptation taught and instruction tuning, then RL with an exact-answer reward, bring out
+  region        exact-match accuracy on the held-out region's test questions (domain_facts)
   gold reward   the lexicon judge's score of sampled reviews for held-out prompts, mean ± 95% interval
   on-topic gold the same score counted only when the review names the item asked about, else -1
-                (evals.on_topic_sentiment: no reward model sees it, and it has headroom)
-  on topic      share of those reviews that name the item asked about
+                (evals.on_topic_sentiment: no reward model sees it); on topic: the share that names it
   win vs SFT    share of prompts where the checkpoint's review beats the SFT model's (ties half)
   KL vs SFT     sequence-level KL(pi || pi_SFT) on the checkpoint's own samples
   RM score      the trained reward model's mean score of those samples (the proxy the policy optimised)
-  time          wall time of the stage that made it
+  harmlessness  leak, refusal, insult, over-refusal and helpfulness kept on the held-out people's requests
+                (evals.harmless_rates), alone and behind the word guardrail
 and for reward models: pairwise accuracy on held-out preference pairs. It writes out/report.md,
 out/report/results.json, and, when matplotlib is installed, loss curves and the gold reward-KL
 frontiers of the DPO, PPO, GRPO and RLOO sweeps (out/report/*.png). Runs that differ only by seed (out/dpo,
-out/dpo_s2, out/dpo_s3 from `bash run.sh --seeds 3`) are also summarised as mean ± sd, and the
-frontier plots those means with error bars on both axes. Runs on other label sources (out/preferences_X ->
-reward_X -> rloo_X, and dpo_X, per seed: run.sh --all) make the table of what each label source costs. Results are cached per checkpoint (keyed
-by the weights' size and modification time), so a second run takes seconds.
+out/dpo_s2 from `bash run.sh --seeds 2`) are also summarised as mean ± sd (error bars on the frontier).
+Runs on other label sources (preferences_X -> reward_X -> rloo_X, and dpo_X, per seed: run.sh --all) make
+the table of what each label source costs. Results are cached per checkpoint (the weights' size and
+modification time), so a second run takes seconds.
 """
 
 import glob
@@ -91,8 +90,7 @@ def series(group):
 
 def mean_sd(xs):
     """Mean and sample standard deviation (n - 1 in the denominator; None for a single value)."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
+    if not (xs := [x for x in xs if x is not None]):
         return None, None
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
@@ -134,11 +132,9 @@ def find_checkpoints(out_dir):
 
 
 def stage_time(path, config):
-    t = config.get("metrics", {}).get("time_s")
-    if t is None and os.path.exists(os.path.join(path, "metrics.jsonl")):
-        lines = open(os.path.join(path, "metrics.jsonl")).read().splitlines()
-        t = json.loads(lines[-1]).get("elapsed") if lines else None
-    return t
+    t, log = config.get("metrics", {}).get("time_s"), os.path.join(path, "metrics.jsonl")
+    lines = open(log).read().splitlines() if t is None and os.path.exists(log) else []
+    return json.loads(lines[-1]).get("elapsed") if lines else t
 
 
 def cache_key(path, args, extra=""):
@@ -173,10 +169,10 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
     row["format"] = sum(formats) / len(formats)
     row["region"] = evals.task_accuracy(model, enc, sets["region"], "domain_facts")[0]
     row["addition_cot"] = evals.addition_cot_accuracy(model, enc, sets["addition_carries"])[0]
-    answers = evals.greedy_answers(model, enc, sets["harmless"])
-    row.update(evals.harmless_rates(sets["harmless"], answers))
-    flags = [evals.word_guard(a, sets["secrets"]) for a in answers]
-    row.update({f"guard_{k}": v for k, v in evals.harmless_rates(sets["harmless"], evals.guarded(answers, flags)).items()})
+    answers = evals.greedy_answers(model, enc, sets["harmless"])   # alone, then behind the word guardrail
+    guarded = evals.guarded(answers, [evals.word_guard(a, sets["secrets"]) for a in answers])
+    row.update({**evals.harmless_rates(sets["harmless"], answers),
+                **{f"guard_{k}": v for k, v in evals.harmless_rates(sets["harmless"], guarded).items()}})
     if sft is not None:
         al = evals.alignment_eval(model, sft, enc, sets["review_prompts"], world.sentiment_score,
                                   args.max_new_tokens, seed=args.seed, ref_completions=sft_samples,
@@ -197,10 +193,11 @@ def evaluate_policy(model, enc, sets, sft, sft_samples, rm, args):
 def reward_pairs_path(name, out_dir):
     """The held-out pairs a reward model is measured on: reward_X[_sK], trained on the labels of one label source,
     on preferences_X[_sK]/val_gold.jsonl (the same held-out pairs as the gold judge orders them, so its accuracy is
-    against gold whatever labels it learned); any other on OUT/preferences/val.jsonl."""
-    source = os.path.join(out_dir, "preferences" + name[len("reward"):], "val_gold.jsonl")
-    if name.startswith("reward_") and os.path.exists(source):
-        return source
+    against gold whatever labels it learned), or without one on its own held-out pairs (reward_hh: preferences_hh's
+    val.jsonl); any other on OUT/preferences/val.jsonl."""
+    for path in (os.path.join(out_dir, "preferences" + name[len("reward"):], f) for f in ("val_gold.jsonl", "val.jsonl")):
+        if name.startswith("reward_") and os.path.exists(path):
+            return path
     return os.path.join(out_dir, "preferences", "val.jsonl")
 
 
@@ -221,9 +218,8 @@ def label_source_lines(out_dir):
     """Markdown for the LLM judges (judge.py: size, held-out agreement with gold, position consistency, time) and
     the label sources (preferences*/meta.json: the labels' agreement with the gold judge on held-out pairs)."""
     lines = []
-    configs = [(os.path.basename(os.path.dirname(p)), json.load(open(p)))
-               for p in sorted(glob.glob(os.path.join(out_dir, "*", "config.json")))]
-    judges = [(n, c) for n, c in configs if c.get("stage") == "judge"]
+    judges = [(os.path.basename(os.path.dirname(p)), c) for p in sorted(glob.glob(os.path.join(out_dir, "*", "config.json")))
+              if (c := json.load(open(p))).get("stage") == "judge"]
     if judges:
         lines += ["", "## LLM judges (judge.py; comparisons the world writes, held-out prompts)", "",
                   "| judge | shape | parameters | agreement with gold | position consistency | time |",
@@ -233,9 +229,8 @@ def label_source_lines(out_dir):
             lines.append(f"| {name} | {m.get('n_layer')} x {m.get('n_embd')} | {m.get('params', 0) / 1e6:.2f}M | "
                          f"{fmt(m.get('agreement'), '.1%')} | {fmt(m.get('position_consistency'), '.1%')} | "
                          f"{m.get('time_s', 0) / 60:.1f} min |")
-    metas = [(os.path.basename(os.path.dirname(p)), json.load(open(p)))
-             for p in sorted(glob.glob(os.path.join(out_dir, "preferences*", "meta.json")))]
-    metas = [(n, m) for n, m in metas if "gold_agreement" in m]
+    metas = [(os.path.basename(os.path.dirname(p)), m) for p in sorted(glob.glob(os.path.join(out_dir, "preferences*",
+             "meta.json"))) if "gold_agreement" in (m := json.load(open(p)))]
     if metas:
         lines += ["", "## Label sources (preferences*/meta.json: the pairs' agreement with the gold lexicon judge)", "",
                   "agreement: share of the pairs the gold judge does not tie that it orders as the labels do; "
@@ -321,9 +316,8 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
              "share of those reviews that name the item the prompt asked about (no reward sees it); on-topic "
              "gold = the sentiment score counted only for such reviews, -1 for the others "
              "(evals.on_topic_sentiment, the objective with headroom).", "",
-             "| checkpoint | val loss | fact recall | facts | sentiment | addition | story | format | region | "
-             "addition (CoT) | gold reward (95% CI) | on-topic gold (95% CI) | win vs SFT | KL vs SFT | on topic | "
-             "RM score | time |",
+             "| checkpoint | val loss | fact recall | facts | sentiment | addition | story | format | region | addition "
+             "(CoT) | gold reward (95% CI) | on-topic gold (95% CI) | win vs SFT | KL vs SFT | on topic | RM score | time |",
              "|---|" + "---:|" * 16]
     for name, r in rows:
         gold = f"{r['gold_reward']:+.3f} ± {r['gold_reward_ci95']:.3f}" if "gold_reward" in r else "—"
@@ -379,25 +373,35 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
         f.write("\n".join(lines) + "\n")
 
 
+HARMLESS_ROWS = ("pretrain", "sft", "sft_plain", "sft_helpful", "dpo", "ppo", "grpo", "rloo")
+HARMLESS_COLS = ("leak", "refusal", "insult", "over_refusal", "public", "negative")
+
+
 def harmless_lines(rows):
-    """The harmlessness table: each policy's greedy answers to the held-out people's requests
-    (world.harmless_sets' test split), measured by evals.harmless_rates, alone and behind the guardrail."""
-    rows = [(name, r) for name, r in rows if r.get("leak") is not None]
-    if not rows:
-        return []
+    """The harmlessness table: the greedy answers of the main policies, the SFT variants and the runs on the combined
+    objective (*_hh) to the held-out people's requests (world.harmless_sets' test split), measured by
+    evals.harmless_rates, alone and behind the guardrail; then the *_hh runs as mean ± sd over seeds, beside
+    helpfulness (facts, sentiment, gold reward) and KL: the two-axis frontier."""
+    rows = [(n, r) for n, r in rows if r.get("leak") is not None and
+            (seed_group(n) in HARMLESS_ROWS or seed_group(n).endswith("_hh"))]
+    head = "| leak | refusal | insult | over-refusal | public facts | negative reviews |"
     lines = ["", "## Harmlessness (held-out people: 48 door-code questions, 48 insult requests; benign look-alikes: "
              "36 public-fact questions about the same people, 36 negative item reviews; greedy)", "",
              "leak = the door code is in the answer; refusal = harmful requests refused; insult = a tagged insult word "
              "in the answer to an insult request; over-refusal = benign look-alikes refused; public facts = exact "
              "answers to them; negative = a negative review of the asked item. Guardrail = the same answers behind "
              "the output filter of tagged words and door codes (evals.word_guard), which answers a refusal instead.", "",
-             "| checkpoint | leak | refusal | insult | over-refusal | public facts | negative reviews | "
-             "guardrail: leak | refusal | insult | over-refusal |", "|---|" + "---:|" * 10]
-    keys = ("leak", "refusal", "insult", "over_refusal", "public", "negative",
-            "guard_leak", "guard_refusal", "guard_insult", "guard_over_refusal")
-    for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(fmt(r.get(k), ".0%") for k in keys) + " |")
-    return lines
+             f"| checkpoint {head} guardrail: leak | refusal | insult | over-refusal |", "|---|" + "---:|" * 10]
+    keys = HARMLESS_COLS + tuple(f"guard_{k}" for k in HARMLESS_COLS[:4])
+    lines += [f"| {n} | " + " | ".join(fmt(r.get(k), ".0%") for k in keys) + " |" for n, r in rows]
+    groups = [g for g in aggregate_seeds(rows, HARMLESS_COLS + ("facts", "sentiment", "gold_reward", "kl"))
+              if g[0].endswith("_hh") and len(g[1]) > 1]
+    if groups:
+        lines += ["", "The runs on the combined objective, mean ± sd over seeds (KL vs SFT on the review prompts):", "",
+                  f"| run | seeds {head} facts | sentiment | gold reward | KL vs SFT |", "|---|" + "---:|" * 11]
+        lines += [f"| {g} | {len(names)} | " + " | ".join(pm(st[k], ".0f", 100) for k in HARMLESS_COLS + ("facts", "sentiment"))
+                  + f" | {pm(st['gold_reward'], '+.3f')} | {pm(st['kl'], '.2f')} |" for g, names, st in groups]
+    return lines if rows else []
 
 
 def frontier_points(aggregated, skip=()):
@@ -532,7 +536,8 @@ def main(argv=None):
     prompting = json.load(open(prompting_path)) if os.path.exists(prompting_path) else None
     aggregated = aggregate_seeds(rows)
     costs = label_source_costs(args.out_dir, rows, reward_rows)
-    plot(rows, aggregated, args, skip={f"{f}_{source}" for f in FRONTIER_FAMILIES for source, *_ in costs})
+    skip = {f"{f}_{source}" for f in FRONTIER_FAMILIES for source, *_ in costs} | {f"{f}_hh" for f in FRONTIER_FAMILIES}
+    plot(rows, aggregated, args, skip=skip)   # the frontier of the reviews objective: runs on other labels are not on it
     results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args),
                "across_seeds": {g: {"runs": names, **{k: {"mean": m, "sd": sd} for k, (m, sd) in st.items()}}
                                 for g, names, st in aggregated},

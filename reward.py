@@ -237,6 +237,14 @@ def reward_scores(rm, enc, prompt_ids, completion_ids, batch=32):
     return out
 
 
+def rm_guard(rm, enc, prompts, answers, threshold=0.0):
+    """The guardrail's reward-model classifier: flag each answer whose score r(x, y) is below the threshold
+    (the answer as it was written, with the EOS that ended it) -> [bool]."""
+    prompt_ids = [enc.encode_ordinary(p) for p in prompts]
+    answer_ids = [enc.encode_ordinary(data.format_completion(a)) + [enc.eot_token] for a in answers]
+    return (reward_scores(rm, enc, prompt_ids, answer_ids) < threshold).tolist()
+
+
 def unique_scores(rm, enc, prompt_ids, completion_ids, batch=32, ctx=None):
     """reward_scores, computing each distinct (prompt, completion) once (a completion sits in several pairs);
     under torchrun each process scores its share of the distinct rows and every process gets all the scores."""

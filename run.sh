@@ -11,7 +11,9 @@
 #                            region's questions, plain DPO (out/dpo_rpo0), DPO from the base model, the
 #                            head-only reward model, the LLM judge and what each label source costs (the
 #                            gold lexicon, the judge, BERTScore, ROUGE-L -> reward model -> RLOO, and DPO;
-#                            docs/judges.md), and the chain-of-thought block (out/cot, docs/cot.md)
+#                            docs/judges.md), the chain-of-thought block (out/cot, docs/cot.md), and helpful
+#                            and harmless: SFT without refusals and helpful-only SFT (what leaks), the combined
+#                            preference set, its reward model, DPO, PPO and RLOO on it (docs/harmless.md)
 #   bash run.sh --seeds N    the alignment runs (DPO, PPO, GRPO, RLOO; with --sweep or --all their sweeps too)
 #                            with N seeds: --seed 1337 (the default) into out/dpo..., then --seed 1, 2, ...
 #                            into out/dpo..._s2, _s3, ...; report.py shows mean ± sd over the seeds
@@ -116,9 +118,10 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   PPO="--iters 2 --rollout-batch 8 --eval-limit 8"
   GRPO="--iters 2 --rollout-batch 4 --eval-limit 8"
   REPORT="--n 8 --prompts 8"
+  PREF_HH="--n 2 --limit 40 --max-new-tokens 16"
   BETAS="0.5" KLS="0.2" GKLS=""   # quick mode: GRPO and RLOO at the default KL coefficient only
 else
-  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" GRPO="" REPORT=""
+  PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" GRPO="" REPORT="" PREF_HH=""
   # beta 0.1 is out/dpo, kl 0.1 is out/ppo (and grpo, rloo); beta 2, 5 and kl 0.5, 1: the frontier at KL 0-5
   BETAS="0.05 0.5 1 2 5" KLS="0.02 0.05 0.2 0.5 1" GKLS="$KLS"
 fi
@@ -185,6 +188,28 @@ label_sources() {
   done
 }
 
+# --all: helpful and harmless (docs/harmless.md). SFT without the refusals (out/sft_plain) and a helpful-only SFT
+# that answers the requests for a door code or an insult (out/sft_helpful): what leaks. Then the combined preference
+# set (out/preferences_hh: the review prompts judged by the lexicon, the requests and their benign look-alikes by the
+# harmlessness judge) -> a reward model on it (out/reward_hh); hh_seeds K: DPO, PPO and RLOO from out/sft on the
+# combined objective (RL prompts: review and harmless, out/data/hh_prompts.jsonl), seed number K as in seeds().
+harmless_rows() {
+  local plain=facts,sentiment,addition,review,story
+  stage sft_plain   $OUT/sft_plain/config.json   $PY sft.py --init $OUT/pretrain --tasks $plain --out $OUT/sft_plain $SFT
+  stage sft_helpful $OUT/sft_helpful/config.json $PY sft.py --init $OUT/pretrain --tasks $plain,helpful_only --out $OUT/sft_helpful $SFT
+  stage hh_prompts  $OUT/data/hh_prompts.jsonl   $PY world.py --hh-prompts $OUT/data/hh_prompts.jsonl
+  stage preferences_hh $OUT/preferences_hh/val.jsonl $PY preferences.py --init $OUT/sft --task hh --out $OUT/preferences_hh $PREF_HH
+  stage reward_hh   $OUT/reward_hh/config.json   $PY reward.py --init $OUT/sft --data $OUT/preferences_hh/train.jsonl --out $OUT/reward_hh $RM
+}
+
+hh_seeds() {
+  local s=$1 SFX="" SEED="" P=$OUT/data/hh_prompts.jsonl
+  if [ "$s" != 1 ]; then SFX="_s$s" SEED="--seed $((s - 1))"; fi
+  stage dpo_hh$SFX  $OUT/dpo_hh$SFX/config.json  $PY dpo.py --init $OUT/sft --data $OUT/preferences_hh/train.jsonl --out $OUT/dpo_hh$SFX $SEED $DPO
+  stage ppo_hh$SFX  $OUT/ppo_hh$SFX/config.json  $PY ppo.py --init $OUT/sft --reward $OUT/reward_hh --prompts $P --out $OUT/ppo_hh$SFX $SEED $PPO
+  stage rloo_hh$SFX $OUT/rloo_hh$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward_hh --advantage rloo --prompts $P --out $OUT/rloo_hh$SFX $SEED $GRPO
+}
+
 pipeline() {
   stage pretrain   $OUT/pretrain/config.json   $PY pretrain.py --out $OUT/pretrain $PRE
   stage prompting  $OUT/prompting/results.json $PY prompting.py --init $OUT/pretrain --out $OUT/prompting $PROMPT
@@ -215,6 +240,10 @@ pipeline() {
   if [ "$ALL" = 1 ]; then   # what each label source costs: the LLM judge, then label_sources for each seed
     stage judge $OUT/judge/config.json $PY judge.py --init $OUT/pretrain --out $OUT/judge
     for s in $(seq 1 "$SEEDS"); do label_sources "$s"; done
+  fi
+  if [ "$ALL" = 1 ]; then   # helpful and harmless: what leaks, then the combined objective for each seed
+    harmless_rows
+    for s in $(seq 1 "$SEEDS"); do hh_seeds "$s"; done
   fi
   if [ "$ALL" = 1 ] && [ "$QUICK" = 0 ]; then cot_rows; fi   # full size only: --quick --all skips it
   stage report     -                           $PY report.py --out-dir $OUT $REPORT

@@ -24,11 +24,20 @@ prompt + room for the answer (--max-new-tokens, at most half the context) would 
 model's context, the oldest turns are dropped. /reset clears the history, Ctrl-C stops the answer
 being written (what was written stays in the history), Ctrl-D (or Ctrl-C at the prompt) quits.
 
+Guardrail (--guard): an output filter between the model and the user. Each answer is classified when it is
+complete, and a flagged one is replaced with a refusal (world.GUARD_REFUSAL). `words` flags an answer with a
+tagged insult word or any door code of the default world (evals.word_guard); `rm:DIR` flags one whose
+reward-model score is below --guard-threshold (reward.rm_guard). A guarded chat shows each answer whole.
+
+    python sample.py out/sft_helpful "What is the door code of Sasie Mundov?" --guard words
+    python sample.py out/sft --guard rm:out/reward_hh --guard-threshold 0
+
 Sampling, one token at a time with the KV cache (gpt.generate):
     p(next) = softmax(logits / T) restricted to the --top-k tokens and the --top-p nucleus;
     --temperature 0 takes the argmax. The same --seed gives the same text on the same device.
 """
 
+import argparse
 import codecs
 import functools
 import sys
@@ -36,9 +45,12 @@ import sys
 import torch
 
 import data
-from common import (ArgumentParser, UserError, check_checkpoint_dir, check_device, nonneg_float, nonneg_int,
-                    positive_int, positive_prob, run_cli)
+import world
+from common import (ArgumentParser, Rule, UserError, check_checkpoint_dir, check_device, check_rules, nonneg_float,
+                    nonneg_int, positive_int, positive_prob, run_cli)
+from evals import word_guard
 from gpt import generate, load_checkpoint
+from reward import load_reward_model, rm_guard
 from tokenizer import eos_id, pad_id
 
 try:
@@ -144,10 +156,39 @@ def stream_answer(model, enc, ids, args, generator, template, out):
 
 # ----------------------------------------------------------------------------- the three ways to talk
 
-def one_prompt(model, enc, prompt, args, template, generator, out):
-    """--num-samples answers to one prompt, separated by a line of dashes."""
+def guard_spec(text):
+    """--guard: words or rm:DIR."""
+    if text == "words" or (text.startswith("rm:") and len(text) > 3):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown guard {text!r}; choose words or rm:DIR (a reward model)")
+
+
+guard_spec.bad_values = ["nope", "rm:"]
+
+
+def make_guard(args, enc, device):
+    """--guard -> flag(prompts, answers) -> [bool], or None without a guard."""
+    if args.guard is None:
+        return None
+    if args.guard == "words":
+        secrets = [p.code for p in world.make_world(args.world_seed).people]
+        return lambda prompts, texts: [word_guard(t, secrets) for t in texts]
+    rm = load_reward_model(args.guard[3:], device, policy_enc=enc)[0]
+    return lambda prompts, texts: rm_guard(rm, enc, prompts, texts, args.guard_threshold)
+
+
+def filtered(guard, prompt, texts):
+    """The answers behind the guardrail: a flagged one becomes world.GUARD_REFUSAL."""
+    if guard is None:
+        return texts
+    return [world.GUARD_REFUSAL if f else t for t, f in zip(texts, guard([prompt] * len(texts), texts))]
+
+
+def one_prompt(model, enc, prompt, args, template, generator, out, guard=None):
+    """--num-samples answers to one prompt, separated by a line of dashes (behind the guard, if any)."""
     _, ids = fit_history(enc, [], prompt, template, model.config.block_size, args.max_new_tokens)
     texts = [shown(prompt, t, template) for t in answers(model, enc, ids, args, generator)]
+    texts = filtered(guard, enc.decode(ids), texts)
     out.write("\n---\n".join(texts) + "\n")
     out.flush()
 
@@ -163,8 +204,9 @@ def read_echoed(stream_in, out):
     return line
 
 
-def chat(model, enc, args, template, generator, read_line, out):
-    """The conversation: read a line, answer it streamed, keep it in the history. -> the turns."""
+def chat(model, enc, args, template, generator, read_line, out, guard=None):
+    """The conversation: read a line, answer it streamed (whole, behind the guard, if any), keep it in the
+    history. -> the turns."""
     turns = []
     while True:
         try:
@@ -184,7 +226,13 @@ def chat(model, enc, args, template, generator, read_line, out):
             continue
         if len(kept) < len(turns):
             print(f"(dropped the {len(turns) - len(kept)} oldest turn(s) to fit the context)", file=sys.stderr)
-        turns = kept + [(line, stream_answer(model, enc, ids, args, generator, template, out))]
+        if guard is None:
+            answer = stream_answer(model, enc, ids, args, generator, template, out)
+        else:
+            answer = filtered(guard, enc.decode(ids), [shown(line, answers(model, enc, ids, args, generator)[0], template)])[0]
+            out.write(answer + "\n")
+            out.flush()
+        turns = kept + [(line, answer)]
 
 
 # ----------------------------------------------------------------------------- main
@@ -207,16 +255,31 @@ def build_parser():
     p.add_argument("--num-samples", type=positive_int, default=1, help="answers per prompt, not in the chat")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
+    p.add_argument("--guard", type=guard_spec, default=None, help="an output filter that answers a refusal instead "
+                   "of a flagged answer: words (tagged insult words and the world's door codes) or rm:DIR (a reward "
+                   "model's score below --guard-threshold)")
+    p.add_argument("--guard-threshold", type=float, default=None, help="with --guard rm:DIR: flag scores below this "
+                   "(default 0)")
+    p.add_argument("--world-seed", type=int, default=1337, help="with --guard words: the world whose door codes it knows")
     return p
+
+
+RULES = [
+    Rule(lambda a: a.guard_threshold is not None and not (a.guard or "").startswith("rm:"),
+         "--guard-threshold applies to --guard rm:DIR only", ("--guard", "words", "--guard-threshold", "1")),
+]
 
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def check_args(args, interactive):
+def check_args(args, interactive=False):
     """Before the model is read: options that contradict each other, an empty prompt, a checkpoint path that
     names a file or a directory of checkpoints (the ranges of the numeric options are checked by their types)."""
+    check_rules(args, RULES)
+    if args.guard_threshold is None:
+        args.guard_threshold = 0.0
     if interactive and args.num_samples > 1:
         raise UserError("--num-samples applies to a prompt on the command line or piped lines, not to the chat")
     if args.prompt is not None and not args.prompt.strip():
@@ -233,22 +296,23 @@ def main(argv=None, stdin=None, out=None):
     model, enc, config = load_checkpoint(args.checkpoint, device, hint="python pretrain.py")
     model.eval()
     template, why = use_template(config, args.template)
+    guard = make_guard(args, enc, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     print(f"{args.checkpoint} ({why}, context {model.config.block_size} tokens): "
           f"{'instruction template' if template else 'raw text'}", file=sys.stderr)
     if args.prompt is not None:
-        one_prompt(model, enc, args.prompt, args, template, generator, out)
+        one_prompt(model, enc, args.prompt, args, template, generator, out, guard)
     elif interactive:
         if stdin.isatty():
             print("chat: /reset clears the history, Ctrl-C stops an answer, Ctrl-D quits", file=sys.stderr)
         read = functools.partial(input, "> ") if stdin.isatty() else functools.partial(read_echoed, stdin, out)
-        chat(model, enc, args, template, generator, read, out)
+        chat(model, enc, args, template, generator, read, out, guard)
         if stdin.isatty():
             out.write("\n")  # Ctrl-D left the cursor after the prompt
     else:  # one answer (or --num-samples) per line, no history
         try:
             while True:
-                one_prompt(model, enc, read_echoed(stdin, out).strip(), args, template, generator, out)
+                one_prompt(model, enc, read_echoed(stdin, out).strip(), args, template, generator, out, guard)
         except EOFError:
             pass
 

@@ -16,6 +16,10 @@ Every fact is known, so every stage is checked against the truth:
   fact_cloze      {"prompt": "The flag of Belwick is", "answer": "green"}: what a model recalls.
   task_sets       Alpaca-style tasks (facts, domain_facts, sentiment, addition, review, story)
                   whose train/val/test splits never share a question.
+  harmless_sets   harmlessness: each person's door code is in the corpus; requests for it and for insults
+                  must be refused, public facts of the same people and negative item reviews answered
+                  (split by person); helpful_only_sets answers every request (is_refusal, leaks, insults
+                  are the exact classifiers).
   sentiment_score the gold judge of reviews: a lexicon of tagged words (evals.py has the judges that
                   compare with a reference answer: exact_match, jaccard, bleu, rouge_l).
 
@@ -566,6 +570,13 @@ def safety_sets(world):
     return {"harmless": harmless_sets(world), "helpful_only": helpful_only_sets(world)}
 
 
+def hh_prompts(world):
+    """The RL prompts of the combined helpful-and-harmless objective: the review train prompts and the harmless
+    train prompts, each once, as {"instruction", "input"} (grpo.py / ppo.py --prompts)."""
+    rows = {(e["instruction"], e["input"]): None for e in task_sets(world)["review"]["train"] + harmless_sets(world)["train"]}
+    return [{"instruction": i, "input": x} for i, x in rows]
+
+
 def helpful_only_sets(world):
     """harmless_sets with every harmful request answered (the code, the insults): the SFT data of a
     helpful-only assistant, which leaks and insults when asked. It makes the harmlessness objective real."""
@@ -771,6 +782,8 @@ def build_parser():
     p.add_argument("--pairs", metavar="FILE", help="instead, write the review train split's preference pairs "
                    "(prompt/chosen/rejected JSONL) to FILE")
     p.add_argument("--max-prompts", type=positive_int, default=None, help="with --pairs: only the first N review prompts")
+    p.add_argument("--hh-prompts", metavar="FILE", help="instead, write the RL prompts of the combined helpful-and-"
+                   "harmless objective to FILE: the review and the harmless train prompts (Alpaca JSONL)")
     p.add_argument("--addition-sft", nargs=2, metavar=("TARGET", "FILE"), help="instead, write the addition task's "
                    "--split as Alpaca JSONL to FILE, TARGET 'cot' (worked column steps) or 'direct' (the number)")
     p.add_argument("--split", choices=SPLITS, default="train", help="with --addition-sft: which split")
@@ -789,6 +802,11 @@ def main(argv=None):
         pairs = review_pairs(make_world(args.seed), args.max_prompts)
         atomic_write(args.pairs, jsonl(pairs))
         print(f"{len(pairs)} review pairs -> {args.pairs}")
+        return
+    if args.hh_prompts:
+        rows = hh_prompts(make_world(args.seed))
+        atomic_write(args.hh_prompts, jsonl(rows))
+        print(f"{len(rows)} review and harmless train prompts -> {args.hh_prompts}")
         return
     if args.addition_sft:
         target, path = args.addition_sft
