@@ -536,7 +536,7 @@ def main(argv=None):
     prompting = json.load(open(prompting_path)) if os.path.exists(prompting_path) else None
     aggregated = aggregate_seeds(rows)
     costs = label_source_costs(args.out_dir, rows, reward_rows)
-    skip = {f"{f}_{source}" for f in FRONTIER_FAMILIES for source, *_ in costs} | {f"{f}_hh" for f in FRONTIER_FAMILIES}
+    skip = {f"{f}_{x}" for f in FRONTIER_FAMILIES for x, *_ in costs} | {series(g) for g, *_ in aggregated if g.endswith("_hh")}
     plot(rows, aggregated, args, skip=skip)   # the frontier of the reviews objective: runs on other labels are not on it
     results = {"policies": dict(rows), "reward_models": dict(reward_rows), "args": vars(args),
                "across_seeds": {g: {"runs": names, **{k: {"mean": m, "sd": sd} for k, (m, sd) in st.items()}}

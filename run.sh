@@ -191,8 +191,9 @@ label_sources() {
 # --all: helpful and harmless (docs/harmless.md). SFT without the refusals (out/sft_plain) and a helpful-only SFT
 # that answers the requests for a door code or an insult (out/sft_helpful): what leaks. Then the combined preference
 # set (out/preferences_hh: the review prompts judged by the lexicon, the requests and their benign look-alikes by the
-# harmlessness judge) -> a reward model on it (out/reward_hh); hh_seeds K: DPO, PPO and RLOO from out/sft on the
-# combined objective (RL prompts: review and harmless, out/data/hh_prompts.jsonl), seed number K as in seeds().
+# harmlessness judge) -> a reward model on it (out/reward_hh); hh_seeds K: DPO, PPO and RLOO on the combined
+# objective (RL prompts: review and harmless, out/data/hh_prompts.jsonl), seed number K as in seeds(), from out/sft
+# (*_hh) and from the helpful-only model (*_helpful_hh; DPO on pairs of its own samples, preferences_helpful_hh).
 harmless_rows() {
   local plain=facts,sentiment,addition,review,story
   stage sft_plain   $OUT/sft_plain/config.json   $PY sft.py --init $OUT/pretrain --tasks $plain --out $OUT/sft_plain $SFT
@@ -200,14 +201,19 @@ harmless_rows() {
   stage hh_prompts  $OUT/data/hh_prompts.jsonl   $PY world.py --hh-prompts $OUT/data/hh_prompts.jsonl
   stage preferences_hh $OUT/preferences_hh/val.jsonl $PY preferences.py --init $OUT/sft --task hh --out $OUT/preferences_hh $PREF_HH
   stage reward_hh   $OUT/reward_hh/config.json   $PY reward.py --init $OUT/sft --data $OUT/preferences_hh/train.jsonl --out $OUT/reward_hh $RM
+  stage preferences_helpful_hh $OUT/preferences_helpful_hh/val.jsonl $PY preferences.py --init $OUT/sft_helpful --task hh --out $OUT/preferences_helpful_hh $PREF_HH
 }
 
 hh_seeds() {
   local s=$1 SFX="" SEED="" P=$OUT/data/hh_prompts.jsonl
   if [ "$s" != 1 ]; then SFX="_s$s" SEED="--seed $((s - 1))"; fi
-  stage dpo_hh$SFX  $OUT/dpo_hh$SFX/config.json  $PY dpo.py --init $OUT/sft --data $OUT/preferences_hh/train.jsonl --out $OUT/dpo_hh$SFX $SEED $DPO
-  stage ppo_hh$SFX  $OUT/ppo_hh$SFX/config.json  $PY ppo.py --init $OUT/sft --reward $OUT/reward_hh --prompts $P --out $OUT/ppo_hh$SFX $SEED $PPO
-  stage rloo_hh$SFX $OUT/rloo_hh$SFX/config.json $PY grpo.py --init $OUT/sft --reward $OUT/reward_hh --advantage rloo --prompts $P --out $OUT/rloo_hh$SFX $SEED $GRPO
+  local from pre
+  for from in sft sft_helpful; do
+    pre=""; [ "$from" = sft_helpful ] && pre=helpful_
+    stage dpo_${pre}hh$SFX  $OUT/dpo_${pre}hh$SFX/config.json  $PY dpo.py --init $OUT/$from --data $OUT/preferences_${pre}hh/train.jsonl --out $OUT/dpo_${pre}hh$SFX $SEED $DPO
+    stage ppo_${pre}hh$SFX  $OUT/ppo_${pre}hh$SFX/config.json  $PY ppo.py --init $OUT/$from --reward $OUT/reward_hh --prompts $P --out $OUT/ppo_${pre}hh$SFX $SEED $PPO
+    stage rloo_${pre}hh$SFX $OUT/rloo_${pre}hh$SFX/config.json $PY grpo.py --init $OUT/$from --reward $OUT/reward_hh --advantage rloo --prompts $P --out $OUT/rloo_${pre}hh$SFX $SEED $GRPO
+  done
 }
 
 pipeline() {

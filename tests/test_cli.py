@@ -338,12 +338,14 @@ def test_run_sh_main_job_sweep_and_all():
            *(f"cot_{k}_{t}_s{s}" for k in ("sft", "eval") for t in ("cot", "direct") for s in (1, 2, 3))}
     costs = {"judge", *(f"{k}_{x}" for k in ("preferences", "reward", "rloo", "dpo")   # docs/judges.md
                         for x in ("gold", "llm", "bertscore", "rougeL"))}
-    hh = {"sft_plain", "sft_helpful", "hh_prompts", "preferences_hh", "reward_hh", "dpo_hh", "ppo_hh", "rloo_hh"}
+    hh = {"sft_plain", "sft_helpful", "hh_prompts", "preferences_hh", "reward_hh", "preferences_helpful_hh",
+          *(f"{m}_{f}hh" for m in ("dpo", "ppo", "rloo") for f in ("", "helpful_"))}
     assert set(every) - set(sweep) == {"sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo",
                                        "reward_head", "dpo_rpo0", "dpo_from_base", *cot, *costs, *hh}
     every2 = stages_of("--all", "--seeds", "2")   # the label sources and the combined objective run for every seed
     assert {f"{x}_s2" for x in costs - {"judge"}} <= set(every2) and "judge_s2" not in every2
-    assert {f"{x}_s2" for x in ("dpo_hh", "ppo_hh", "rloo_hh")} <= set(every2) and "reward_hh_s2" not in every2
+    assert {f"{m}_{f}hh_s2" for m in ("dpo", "ppo", "rloo") for f in ("", "helpful_")} <= set(every2)
+    assert "reward_hh_s2" not in every2
     assert set(sweep) <= set(every) and every[-1] == "report"
     seeds = stages_of("--seeds", "2")
     assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}
