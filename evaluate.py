@@ -4,6 +4,7 @@
     python evaluate.py out/pretrain --text notes.txt a.txt   # your own held-out text, one row per file
     python evaluate.py out/sft --task-file test.jsonl        # + exact-match accuracy of the greedy answers
     python evaluate.py gpt2_dir --text wiki.txt --json out/eval.json   # a Hugging Face GPT-2 directory too
+    python evaluate.py out/sft_helpful --harmless val --guard rm:out/reward_hh --guard-threshold 0 -1 -2
 
 Any checkpoint of this project (every stage but the reward model) or a Hugging Face GPT-2 directory.
 For each text file: nats per token, the mean next-token cross-entropy over the file cut into windows of
@@ -14,6 +15,10 @@ For a task file (Alpaca, chat or prompt/completion JSONL, as sft.py reads): the 
 prompt after the instruction template, exact match against the reference (evals.task_accuracy), and the
 share of answers that end with EOS. A base model never saw the template: prompting.py --task-file
 measures it with few-shot prompts instead.
+With --harmless SPLIT: the default world's harmlessness measures (evals.harmless_rates: leak, refusal, insult,
+over-refusal, public facts, negative reviews) of the greedy answers to that split of world.harmless_sets, alone
+and, with --guard, behind the guardrail (reward.make_guard; one row per --guard-threshold of a reward model), so
+a threshold is chosen on the val split and reported on test.
 """
 
 import os
@@ -22,9 +27,10 @@ import torch
 
 import data
 import world
-from common import ArgumentParser, UserError, atomic_write_json, nonneg_int, positive_int, run_cli
-from evals import task_accuracy, text_loss
+from common import ArgumentParser, Rule, UserError, atomic_write_json, check_rules, nonneg_int, positive_int, run_cli
+from evals import greedy_answers, guarded, harmless_rates, task_accuracy, text_loss
 from gpt import load_checkpoint
+from reward import guard_spec, make_guard
 from training import add_threads_arg
 
 BASE_STAGES = ("pretrain", "domain", "import", "hf_import")   # trained on plain text, not on the template
@@ -42,12 +48,30 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length limit")
     p.add_argument("--batch-size", type=positive_int, default=16, help="windows (or prompts x 4) per forward pass")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--harmless", choices=("val", "test"), default=None, help="the harmlessness measures on this split "
+                   "of the default world's requests and look-alikes")
+    p.add_argument("--guard", type=guard_spec, default=None, help="with --harmless: also behind this output filter, "
+                   "words or rm:DIR (as sample.py --guard)")
+    p.add_argument("--guard-threshold", type=float, nargs="+", default=None, help="with --guard rm:DIR: one row per "
+                   "threshold (default 0)")
     add_threads_arg(p)
     return p
 
 
+RULES = [
+    Rule(lambda a: a.guard and not a.harmless, "--guard measures the --harmless answers; add --harmless val or test",
+         ("--guard", "words")),
+    Rule(lambda a: a.guard_threshold and not (a.guard or "").startswith("rm:"),
+         "--guard-threshold applies to --guard rm:DIR only", ("--harmless", "val", "--guard-threshold", "1")),
+]
+
+
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
+
+
+def check_args(args):
+    check_rules(args, RULES)
 
 
 def text_sets(args):
@@ -80,8 +104,23 @@ def task_figures(model, enc, args):
     return {"examples": len(examples), "accuracy": acc, "format": fmt}
 
 
+def harmless_figures(model, enc, args):
+    """-> {"alone": rates, "guard ...": rates}: evals.harmless_rates of the greedy answers to the --harmless split,
+    alone and behind --guard (each --guard-threshold of a reward model), with the share of answers flagged."""
+    examples = world.harmless_sets(world.make_world(args.world_seed))[args.harmless]
+    answers = greedy_answers(model, enc, examples, batch=4 * args.batch_size)
+    out = {"alone": harmless_rates(examples, answers)}
+    prompts = [data.format_prompt(e["instruction"], e["input"]) for e in examples]
+    for t in (args.guard_threshold or [0.0]) if args.guard else []:
+        flags = make_guard(args.guard, enc, "cpu", args.world_seed, t)(prompts, answers)
+        name = f"guard {args.guard}" + (f" < {t:g}" if args.guard.startswith("rm:") else "")
+        out[name] = {**harmless_rates(examples, guarded(answers, flags)), "flagged": sum(flags) / len(flags)}
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, enc, config = load_checkpoint(args.checkpoint, hint="python pretrain.py")
@@ -103,6 +142,11 @@ def main(argv=None):
         r = results["task"] = task_figures(model, enc, args)
         print(f"{os.path.basename(args.task_file)}: accuracy {r['accuracy']:.1%}, format {r['format']:.1%} "
               f"({r['examples']} examples, greedy, exact match)")
+    if args.harmless:
+        results["harmless"] = harmless_figures(model, enc, args)
+        print(f"harmlessness, {args.harmless} split (greedy): " + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v:.1%}" for k, v in r.items() if v is not None)
+            for name, r in results["harmless"].items()))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_json(results, args.json)

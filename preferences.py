@@ -480,7 +480,8 @@ def main(argv=None):
         judge = make_judge(args, enc, ctx.device, [r for _, r in train_items if r], counts)
         split_pairs = {}
         for k, (split, items) in enumerate((("train", train_items), ("val", val_items))):
-            say(f"{split}: {len(items)} prompts x {args.n} samples from {args.init}, judge {args.judge}")
+            judged = "harmlessness (and lexicon for reviews)" if args.task in HARMLESS_TASKS else args.judge
+            say(f"{split}: {len(items)} prompts x {args.n} samples from {args.init}, judge {judged}")
             groups = sample_and_score(model, enc, items, judge, args, k, ctx, counts)
             split_pairs[split] = []
             for prompt, texts, scores in groups:

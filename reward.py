@@ -33,6 +33,7 @@ tokenizer.json, and reward_head.safetensors (ln.weight, ln.bias, head.weight, he
 ppo.py and report.py use load_reward_model and reward_scores.
 """
 
+import argparse
 import copy
 import math
 import os
@@ -45,9 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import world
 from common import (ArgumentParser, Rule, UserError, atomic_save_safetensors, check_input_files,
                     check_out_is_not_an_input, check_rules, no_effect, nonneg_float, nonneg_int, positive_float,
                     positive_int, prob, read_safetensors, run_cli)
+from evals import word_guard
 from gpt import check_same_tokenizer, load_checkpoint, load_tensors_strict, read_config, save_checkpoint
 from lora import check_rank, inject_lora, merge_lora
 from tokenizer import pad_id
@@ -235,6 +238,28 @@ def reward_scores(rm, enc, prompt_ids, completion_ids, batch=32):
         out[idx] = rm({key: v.to(device) for key, v in b.items()}).float().cpu()
     rm.train(was_training)
     return out
+
+
+def guard_spec(text):
+    """--guard of sample.py and evaluate.py: words or rm:DIR."""
+    if text == "words" or (text.startswith("rm:") and len(text) > 3):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown guard {text!r}; choose words or rm:DIR (a reward model)")
+
+
+guard_spec.bad_values = ["nope", "rm:"]
+
+
+def make_guard(spec, enc, device="cpu", world_seed=1337, threshold=0.0):
+    """The guardrail's classifier of --guard SPEC -> flag(prompts, answers) -> [bool], or None without one: words
+    (evals.word_guard, knowing every door code of the world of world_seed) or rm:DIR (rm_guard at threshold)."""
+    if spec is None:
+        return None
+    if spec == "words":
+        secrets = [p.code for p in world.make_world(world_seed).people]
+        return lambda prompts, texts: [word_guard(t, secrets) for t in texts]
+    rm = load_reward_model(spec[3:], device, policy_enc=enc)[0]
+    return lambda prompts, texts: rm_guard(rm, enc, prompts, texts, threshold)
 
 
 def rm_guard(rm, enc, prompts, answers, threshold=0.0):

@@ -37,7 +37,6 @@ Sampling, one token at a time with the KV cache (gpt.generate):
     --temperature 0 takes the argmax. The same --seed gives the same text on the same device.
 """
 
-import argparse
 import codecs
 import functools
 import sys
@@ -48,9 +47,8 @@ import data
 import world
 from common import (ArgumentParser, Rule, UserError, check_checkpoint_dir, check_device, check_rules, nonneg_float,
                     nonneg_int, positive_int, positive_prob, run_cli)
-from evals import word_guard
 from gpt import generate, load_checkpoint
-from reward import load_reward_model, rm_guard
+from reward import guard_spec, make_guard
 from tokenizer import eos_id, pad_id
 
 try:
@@ -155,27 +153,6 @@ def stream_answer(model, enc, ids, args, generator, template, out):
 
 
 # ----------------------------------------------------------------------------- the three ways to talk
-
-def guard_spec(text):
-    """--guard: words or rm:DIR."""
-    if text == "words" or (text.startswith("rm:") and len(text) > 3):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown guard {text!r}; choose words or rm:DIR (a reward model)")
-
-
-guard_spec.bad_values = ["nope", "rm:"]
-
-
-def make_guard(args, enc, device):
-    """--guard -> flag(prompts, answers) -> [bool], or None without a guard."""
-    if args.guard is None:
-        return None
-    if args.guard == "words":
-        secrets = [p.code for p in world.make_world(args.world_seed).people]
-        return lambda prompts, texts: [word_guard(t, secrets) for t in texts]
-    rm = load_reward_model(args.guard[3:], device, policy_enc=enc)[0]
-    return lambda prompts, texts: rm_guard(rm, enc, prompts, texts, args.guard_threshold)
-
 
 def filtered(guard, prompt, texts):
     """The answers behind the guardrail: a flagged one becomes world.GUARD_REFUSAL."""
@@ -296,7 +273,7 @@ def main(argv=None, stdin=None, out=None):
     model, enc, config = load_checkpoint(args.checkpoint, device, hint="python pretrain.py")
     model.eval()
     template, why = use_template(config, args.template)
-    guard = make_guard(args, enc, device)
+    guard = make_guard(args.guard, enc, device, args.world_seed, args.guard_threshold)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     print(f"{args.checkpoint} ({why}, context {model.config.block_size} tokens): "
           f"{'instruction template' if template else 'raw text'}", file=sys.stderr)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import evals
 import preferences
 import reward
@@ -192,7 +193,8 @@ def test_preferences_task_hh_pairs_reviews_by_the_lexicon_and_requests_by_the_ha
 
 def test_sample_guard_words_and_rm(tmp_path, small_enc, monkeypatch):
     args = sample.parse_args(["x", "--guard", "words"])
-    guard = sample.make_guard(args, small_enc, "cpu")
+    guard = reward.make_guard(args.guard, small_enc, "cpu", args.world_seed)
+    assert reward.make_guard(None, small_enc) is None
     code = world.make_world(1337).people[5].code
     assert guard(["p", "p"], [f"It is {code}.", "It is 12."]) == [True, False]
     assert sample.filtered(guard, "p", [f"It is {code}.", "Mo is lazy.", "Fine."]) == \
@@ -216,3 +218,19 @@ def test_rm_guard_flags_the_answers_scored_below_the_threshold(small_enc):
     t = scores.median().item()
     assert reward.rm_guard(rm, small_enc, prompts, answers, t) == [s < t for s in scores.tolist()]
     assert 0 < sum(reward.rm_guard(rm, small_enc, prompts, answers, t)) < 4
+
+
+def test_evaluate_harmless_alone_and_behind_the_word_guard(tmp_path, small_enc):
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_checkpoint(str(init), GPT(GPTConfig(vocab_size=small_enc.n_vocab, block_size=128, n_layer=1, n_head=2,
+                                             n_embd=32)), small_enc, {"stage": "sft", "args": {}, "metrics": {}})
+    r = evaluate.main([str(init), "--harmless", "val", "--guard", "words", "--max-tokens", "300",
+                       "--max-new-tokens", "8", "--json", str(tmp_path / "e.json")])["harmless"]
+    assert set(r) == {"alone", "guard words"}
+    assert set(r["alone"]) == set(evals.HARMLESS_KEYS) and r["guard words"]["flagged"] >= 0
+    assert json.load(open(tmp_path / "e.json"))["harmless"] == r
+    # a random model refuses nothing; the guard only turns answers into refusals, never the reverse
+    assert r["alone"]["refusal"] == 0 and r["guard words"]["refusal"] >= r["alone"]["refusal"]
+    with pytest.raises(UserError, match="--harmless"):
+        evaluate.main([str(init), "--guard", "words"])
