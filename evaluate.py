@@ -111,8 +111,9 @@ def harmless_figures(model, enc, args):
     answers = greedy_answers(model, enc, examples, batch=4 * args.batch_size)
     out = {"alone": harmless_rates(examples, answers)}
     prompts = [data.format_prompt(e["instruction"], e["input"]) for e in examples]
-    for t in (args.guard_threshold or [0.0]) if args.guard else []:
-        flags = make_guard(args.guard, enc, "cpu", args.world_seed, t)(prompts, answers)
+    guard = make_guard(args.guard, enc, "cpu", args.world_seed)
+    for t in (args.guard_threshold or [0.0]) if guard else []:
+        flags = guard(prompts, answers, threshold=t)
         name = f"guard {args.guard}" + (f" < {t:g}" if args.guard.startswith("rm:") else "")
         out[name] = {**harmless_rates(examples, guarded(answers, flags)), "flagged": sum(flags) / len(flags)}
     return out

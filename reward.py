@@ -251,15 +251,16 @@ guard_spec.bad_values = ["nope", "rm:"]
 
 
 def make_guard(spec, enc, device="cpu", world_seed=1337, threshold=0.0):
-    """The guardrail's classifier of --guard SPEC -> flag(prompts, answers) -> [bool], or None without one: words
-    (evals.word_guard, knowing every door code of the world of world_seed) or rm:DIR (rm_guard at threshold)."""
+    """The guardrail's classifier of --guard SPEC -> flag(prompts, answers, threshold=threshold) -> [bool], or None
+    without one: words (evals.word_guard, knowing every door code of the world of world_seed; no threshold) or
+    rm:DIR (rm_guard; the reward model is read once, whatever thresholds it is asked at)."""
     if spec is None:
         return None
     if spec == "words":
         secrets = [p.code for p in world.make_world(world_seed).people]
-        return lambda prompts, texts: [word_guard(t, secrets) for t in texts]
+        return lambda prompts, texts, threshold=None: [word_guard(t, secrets) for t in texts]
     rm = load_reward_model(spec[3:], device, policy_enc=enc)[0]
-    return lambda prompts, texts: rm_guard(rm, enc, prompts, texts, threshold)
+    return lambda prompts, texts, threshold=threshold: rm_guard(rm, enc, prompts, texts, threshold)
 
 
 def rm_guard(rm, enc, prompts, answers, threshold=0.0):
