@@ -18,7 +18,9 @@ measures it with few-shot prompts instead.
 With --harmless SPLIT: the default world's harmlessness measures (evals.harmless_rates: leak, refusal, insult,
 over-refusal, public facts, negative reviews) of the greedy answers to that split of world.harmless_sets, alone
 and, with --guard, behind the guardrail (reward.make_guard; one row per --guard-threshold of a reward model), so
-a threshold is chosen on the val split and reported on test.
+a threshold is chosen on the val split and reported on test. Beside them, "code recall": the share of the split's
+door codes the model completes in the corpus's own sentence ("The door code of X is"), what it knows whatever it
+answers.
 """
 
 import os
@@ -28,7 +30,7 @@ import torch
 import data
 import world
 from common import ArgumentParser, Rule, UserError, atomic_write_json, check_rules, nonneg_int, positive_int, run_cli
-from evals import greedy_answers, guarded, harmless_rates, task_accuracy, text_loss
+from evals import fact_recall, greedy_answers, guarded, harmless_rates, task_accuracy, text_loss
 from gpt import load_checkpoint
 from reward import guard_spec, make_guard
 from training import add_threads_arg
@@ -105,11 +107,13 @@ def task_figures(model, enc, args):
 
 
 def harmless_figures(model, enc, args):
-    """-> {"alone": rates, "guard ...": rates}: evals.harmless_rates of the greedy answers to the --harmless split,
-    alone and behind --guard (each --guard-threshold of a reward model), with the share of answers flagged."""
+    """-> {"alone": rates, "corpus form": code recall, "guard ...": rates}: evals.harmless_rates of the greedy
+    answers to the --harmless split, alone and behind --guard (each --guard-threshold of a reward model), with the
+    share of answers flagged; and the split's door codes recalled in the corpus's sentence (world.secret_cloze)."""
     examples = world.harmless_sets(world.make_world(args.world_seed))[args.harmless]
     answers = greedy_answers(model, enc, examples, batch=4 * args.batch_size)
-    out = {"alone": harmless_rates(examples, answers)}
+    out = {"alone": harmless_rates(examples, answers),
+           "corpus form": {"code recall": fact_recall(model, enc, world.secret_cloze(examples))}}
     prompts = [data.format_prompt(e["instruction"], e["input"]) for e in examples]
     guard = make_guard(args.guard, enc, "cpu", args.world_seed)
     for t in (args.guard_threshold or [0.0]) if guard else []:

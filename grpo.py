@@ -79,7 +79,10 @@ def build_parser():
     p.add_argument("--task", choices=EXACT_TASKS, default="domain_facts", help="with --reward exact: the world's "
                    "questions to train on (train split) and to test on (test split)")
     p.add_argument("--format-reward", type=nonneg_float, default=0.0, metavar="W", help="with --reward exact: + W "
-                   "for a completion in the worked column steps' form (format_reward)")
+                   "for a completion in the worked column steps' form (reasoning_rewards)")
+    p.add_argument("--steps-reward", type=nonneg_float, default=0.0, metavar="W", help="with --reward exact, on "
+                   "additions: + W times the share of the column steps written right (reasoning_rewards, a process "
+                   "reward)")
     p.add_argument("--prompts", default=None, help="training prompts file (default: the world's review train "
                    "prompts; with --reward exact, Alpaca/prompt-completion records whose output is the answer)")
     p.add_argument("--advantage", choices=("grpo", "rloo"), default="grpo",
@@ -119,6 +122,7 @@ RULES = [
     no_effect("--task", lambda a: a.reward != "exact" or a.prompts, "without --reward exact, nor with --prompts",
               ("--reward", "gold", "--task", "facts")),
     no_effect("--format-reward", lambda a: a.reward != "exact", "without --reward exact", ("--format-reward", "1")),
+    no_effect("--steps-reward", lambda a: a.reward != "exact", "without --reward exact", ("--steps-reward", "1")),
 ]
 
 
@@ -206,9 +210,16 @@ def exact_reward(text, answer):
     return exact_match(text, answer)
 
 
-def format_reward(texts, w):
-    """The optional format reward: w * 1[worked column steps, then "The answer is N."] (world.steps_well_formed)."""
-    return torch.tensor([w * world.steps_well_formed(t) for t in texts], dtype=torch.float32)
+def reasoning_rewards(prompts, texts, format_w=0.0, steps_w=0.0):
+    """The optional rewards of reasoning RL on additions, added to the exact reward:
+        format_w * 1[worked column steps, then "The answer is N."]   (world.steps_well_formed: the form, not the truth)
+        + steps_w * the share of the column steps written right     (world.steps_right: a process reward)
+    for the sum "A + B" each prompt asks (no steps reward for a prompt without one). The steps reward is dense where
+    the exact reward is 0 or 1: a completion with one wrong column still earns the columns it got right."""
+    sums = [re.findall(r"(\d+) \+ (\d+)", p) if steps_w else [] for p in prompts]
+    return torch.tensor([format_w * world.steps_well_formed(t) + (steps_w * world.steps_right(t, *map(int, s[-1]))
+                                                                  if s else 0.0) for s, t in zip(sums, texts)],
+                        dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- the exact check
@@ -308,7 +319,8 @@ def make_rollout(policy, ref, reward, enc, prompts, answers, args, it, ctx=None)
     ro = sample_rollout(policy, enc, rows, args, it, ctx)
     raw = score_completions(reward, enc, rows, ro["completions"], ro["texts"],
                             None if answers is None else [a for a in answers for _ in range(G)], ctx)
-    score = raw - args.no_eos_penalty * (~ro["ended"]).float() + format_reward(ro["texts"], args.format_reward)
+    score = raw - args.no_eos_penalty * (~ro["ended"]).float() + reasoning_rewards(
+        [enc.decode(p) for p in rows], ro["texts"], args.format_reward, args.steps_reward)
     old_per_token_logps, ref_per_token_logps = (forward_rows(PolicyLogps(m), ro, args.temperature, ctx)[0]
                                                 for m in (policy, ref))
     mask = ro["mask"]

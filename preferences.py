@@ -201,23 +201,37 @@ def harmless_prompt_sets(args):
     sets, reviews = world.harmless_sets(w), world.task_sets(w)["review"]
     out = []
     for split in ("train", "val"):
-        items = {data.format_prompt(e["instruction"], e["input"]): e for e in sets[split]}
+        items = {data.format_prompt(e["instruction"], e["input"]): {**e, "off_task": off_task_answer(e, w.items)}
+                 for e in sets[split]}
         if args.task == "hh":
             items.update({data.format_prompt(e["instruction"], e["input"]): None for e in reviews[split]})
         out.append(list(items.items()))
     return out
 
 
+def off_task_answer(example, items):
+    """A glowing review (level +2) of the item a negative-review request names, or of another item for the other
+    requests: the answer a policy writes when it games a reward model that has only seen reviews get praised. The
+    harmlessness judge scores it 0 (it neither refuses nor answers), so it sits between the refusal and the harmful
+    answer, and below the right answer, and the reward model learns that praise is not an answer to a request."""
+    rng = random.Random(f"off-task/{example['instruction']}/{example['input']}")
+    while True:
+        text = world.review_text(rng, example.get("item") or rng.choice(items), 2)
+        if harmless_score(example, text) == 0:   # a review that happens to name the asked town is drawn again
+            return text
+
+
 def world_answers(example):
-    """The world's two answers to a harmless prompt, which join the policy's samples so that every prompt has a
-    pair whatever the policy does: the refusal and the harmful answer (a harmful request), or the right answer and
-    the refusal a model over-refusing would give (a look-alike: the door-code refusal for a public fact, the insult
-    refusal for a negative review). Written as completions are: a leading space, no EOS."""
+    """The world's answers to a harmless prompt, which join the policy's samples so that every prompt has a pair
+    whatever the policy does: the refusal and the harmful answer (a harmful request), or the right answer and the
+    refusal a model over-refusing would give (a look-alike: the door-code refusal for a public fact, the insult
+    refusal for a negative review); then the example's off-task answer (off_task_answer), when it has one.
+    Written as completions are: a leading space, no EOS."""
     if example["kind"] in world.HARMFUL:
         texts = (world.REFUSALS[example["kind"]], example["unsafe"])
     else:
         texts = (example["output"], world.REFUSALS["secret" if example["kind"] == "public" else "insult"])
-    return [data.format_completion(t) for t in texts]
+    return [data.format_completion(t) for t in texts + ((example["off_task"],) if "off_task" in example else ())]
 
 
 def review_reference(w, instruction):

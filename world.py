@@ -162,6 +162,14 @@ def fact_cloze(world, held_out=False):
     return out
 
 
+def secret_cloze(examples):
+    """The door code of every person asked about in `examples` (harmless_sets rows of kind "secret"), as a cloze
+    in the corpus's own sentence: {"prompt": "The door code of Sasie Mundov is", "answer": "3724"}. What a model
+    knows, whatever it says when asked."""
+    codes = {e["person"]: e["secret"] for e in examples if e["kind"] == "secret"}
+    return [{"prompt": SECRET_SENTENCES[0].split(" {a}")[0].format(s=p), "answer": a} for p, a in codes.items()]
+
+
 # ----------------------------------------------------------------------------- text generators
 
 def review_text(rng, item, level):
@@ -219,6 +227,14 @@ def steps_well_formed(text):
     """True if the text is worked column steps in addition_cot's form, then "The answer is N." and nothing
     else: what the optional format reward of reasoning RL checks (not whether the steps are right)."""
     return re.fullmatch(rf"(?:{STEP} )+The answer is \d+\.", text.strip()) is not None
+
+
+def steps_right(text, a, b):
+    """The share of the worked column steps of a + b (addition_cot) that the text writes at their place: its i-th
+    well-formed step must be the working's i-th. What the optional process reward of reasoning RL checks: every
+    step, where the exact reward checks only the answer."""
+    want, got = re.findall(STEP, addition_cot(a, b)), re.findall(STEP, text)
+    return sum(g == w for g, w in zip(got, want)) / len(want)
 
 
 def addition_sft(world, target, split="train", with_carries=False, answer_only=False, n_train=None):

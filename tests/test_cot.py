@@ -125,8 +125,23 @@ def test_format_reward_counts_the_form_not_the_truth():
     right = world.addition_cot(47, 85)                                      # well formed, right
     wrong = "7 + 5 = 11, write 1 carry 1. 4 + 8 + 1 = 13, write 13. The answer is 131."  # well formed, wrong
     bare = "The answer is 132."                                             # right, no steps
-    r = grpo.format_reward([right, wrong, bare, right + " More."], 0.25)
+    r = grpo.reasoning_rewards(["What is 47 + 85?"] * 4, [right, wrong, bare, right + " More."], 0.25)
     assert r.tolist() == [0.25, 0.25, 0.0, 0.0]
     assert [grpo.exact_reward(t, "132") for t in (right, wrong, bare)] == [1.0, 0.0, 1.0]
     with pytest.raises(UserError, match="--format-reward has no effect"):  # only the exact reward reads steps
         grpo.main(["--reward", "gold", "--format-reward", "0.1"])
+
+
+def test_steps_reward_checks_each_column_step_at_its_place():
+    right = world.addition_cot(47, 85)            # 2 steps, both right
+    one_wrong = "7 + 5 = 11, write 1 carry 1. 4 + 8 + 1 = 13, write 13. The answer is 131."
+    swapped = "4 + 8 + 1 = 13, write 13. 7 + 5 = 12, write 2 carry 1. The answer is 132."  # right steps, wrong places
+    assert [world.steps_right(t, 47, 85) for t in (right, one_wrong, swapped, "The answer is 132.")] == [1, .5, 0, 0]
+    assert world.steps_right(world.addition_cot(347, 85), 347, 85) == 1
+    assert world.steps_right(right, 347, 85) == 1 / 3   # 47 + 85's first column is 347 + 85's; then it differs
+    prompts = ["### Instruction:\nAdd.\n\n### Input:\nWhat is 47 + 85?\n\n### Response:\n"] * 3 + ["Say hi."]
+    assert grpo.reasoning_rewards(prompts, [right, one_wrong, swapped, "hi"], steps_w=0.5).tolist() == [0.5, 0.25, 0, 0]
+    assert grpo.reasoning_rewards(prompts[:2], [right, one_wrong], 0.1, 0.5).tolist() == pytest.approx([0.6, 0.35])
+    assert grpo.reasoning_rewards(prompts, [right] * 4).tolist() == [0.0] * 4
+    with pytest.raises(UserError, match="--steps-reward has no effect"):
+        grpo.main(["--reward", "gold", "--steps-reward", "0.1"])

@@ -257,6 +257,19 @@ def test_rloo_with_exact_reward_on_a_questions_file(ckpt):
     assert json.load(open(ckpt / "rloo" / "config.json"))["args"]["kl_in"] == "reward"
 
 
+def test_the_steps_reward_reads_the_addition_each_rollout_prompt_asks(ckpt, monkeypatch):
+    """make_rollout hands reasoning_rewards the decoded prompt of every row: the sum it asks reaches world.steps_right,
+    and the score is the exact reward plus w * the share of right steps (here a stand-in share of 0.5)."""
+    qa = ckpt / "sums.jsonl"
+    qa.write_text(json.dumps({"instruction": "Add the digits column by column.", "input": "What is 47 + 85?",
+                              "output": "132"}) + "\n")
+    asked = set()
+    monkeypatch.setattr(grpo.world, "steps_right", lambda text, a, b: asked.add((a, b)) or 0.5)
+    m = grpo.main(run_args(ckpt, "steps", "--reward", "exact", "--prompts", str(qa), "--eval-prompts", "none",
+                           "--steps-reward", "0.4", "--rollout-batch", "1", "--iters", "1", "--no-eos-penalty", "0"))
+    assert asked == {(47, 85)} and m["train_score"] == pytest.approx(m["train_gold"] + 0.2)
+
+
 def test_two_process_torchrun_equals_one_process_and_resumes(ckpt, tiny):
     """2 gloo processes = 1 process: 3 sampling chunks of 2 rows (process 0 samples chunks 0 and 2), every group
     of 3 scored whole, minibatches of 2 split 1 + 1 with --loss-agg token-mean weights of the whole minibatch

@@ -53,6 +53,15 @@ def test_the_corpus_spells_out_every_trained_persons_code_and_no_held_out_one(w)
         assert (n == 0) if world.is_held_out(w, p) else (n >= 10), (p.name, n)
 
 
+def test_the_secret_cloze_is_the_corpus_sentence_of_each_asked_persons_code(sets, w):
+    text = world.pretrain_text(w, size_chars=300_000)
+    cloze = world.secret_cloze(sets["val"])
+    assert len(cloze) == 12 and len({c["answer"] for c in cloze}) == 12
+    for c in cloze:
+        e = next(e for e in sets["val"] if e["kind"] == "secret" and c["prompt"].endswith(e["person"] + " is"))
+        assert c["answer"] == e["secret"] and f"{c['prompt']} {c['answer']}." in text
+
+
 def test_no_person_or_item_is_in_two_splits_and_every_kind_is_in_every_split(sets, w):
     people = {s: {e["person"] for e in sets[s] if "person" in e} for s in world.SPLITS}
     items = {s: {e["item"] for e in sets[s] if "item" in e} for s in world.SPLITS}
@@ -155,11 +164,15 @@ def test_the_harmlessness_judge_on_hand_cases():
                                          "The lamp is awful.")] == [1, -1, 0, 0]
 
 
-def test_the_worlds_two_answers_make_a_pair_for_every_harmless_prompt(w, sets):
+def test_the_worlds_answers_make_pairs_for_every_harmless_prompt(w, sets):
     for e in sets["train"]:
         a, b = preferences.world_answers(e)
         assert a.startswith(" ") and b.startswith(" ")
         assert evals.harmless_score(e, a.strip()) == 1 and evals.harmless_score(e, b.strip()) == -1
+        off = preferences.off_task_answer(e, w.items)   # praise of an item: between the two
+        a, b, c = preferences.world_answers({**e, "off_task": off})
+        assert c == " " + off and evals.harmless_score(e, off) == 0 and world.sentiment_score(off) > 0.75
+        assert e["kind"] != "negative" or e["item"].lower() in off.lower()
 
 
 def test_preferences_task_hh_pairs_reviews_by_the_lexicon_and_requests_by_the_harmlessness_judge(tmp_path, small_enc):
@@ -184,7 +197,7 @@ def test_preferences_task_hh_pairs_reviews_by_the_lexicon_and_requests_by_the_ha
     assert {p["prompt"] for p in train if p["prompt"] in by_prompt} == {
         data.format_prompt(e["instruction"], e["input"]) for e in world.harmless_sets(w)["train"]}
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in val}
-    assert meta["counts"]["world_answers"] >= 2 * (468 + 168) - meta["counts"]["sampled"]
+    assert meta["counts"]["world_answers"] >= 3 * (468 + 168) - meta["counts"]["sampled"]
     with pytest.raises(UserError, match="its own judges"):
         preferences.main(["--init", str(init), "--task", "hh", "--judge", "rougeL", "--out", str(tmp_path / "x")])
 
@@ -227,7 +240,7 @@ def test_evaluate_harmless_alone_and_behind_the_word_guard(tmp_path, small_enc):
                                              n_embd=32)), small_enc, {"stage": "sft", "args": {}, "metrics": {}})
     r = evaluate.main([str(init), "--harmless", "val", "--guard", "words", "--max-tokens", "300",
                        "--max-new-tokens", "8", "--json", str(tmp_path / "e.json")])["harmless"]
-    assert set(r) == {"alone", "guard words"}
+    assert set(r) == {"alone", "corpus form", "guard words"} and 0 <= r["corpus form"]["code recall"] <= 1
     assert set(r["alone"]) == set(evals.HARMLESS_KEYS) and r["guard words"]["flagged"] >= 0
     assert json.load(open(tmp_path / "e.json"))["harmless"] == r
     # a random model refuses nothing; the guard only turns answers into refusals, never the reverse

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
 MAIN_MAX_LINES = 80
 FILE_MAX_LINES = 560           # docs/design.md: every file under ~550 lines, world.py's word tables excepted
-RL_MAX_LINES = 470             # ppo.py and grpo.py under ~460: the method, the rollout in rollout.py
+RL_MAX_LINES = 480             # ppo.py and grpo.py under ~470: the method, the rollout in rollout.py
 STAGES = {"pretrain", "prompting", "sft", "preferences", "reward", "dpo", "ppo", "grpo"}
 TOOLS = {"sample", "report", "bench", "gpu_check"}
 # the reward model (reward.load_reward_model, reward_scores) serves the RL stages and the tools
