@@ -154,7 +154,8 @@ seeds() {
 # --all: chain of thought on additions (docs/cot.md), its own block. A small base model whose tokenizer writes
 # every digit as a token; on the same 20000 training sums (none a val or test sum), SFT on worked column steps
 # against SFT on the bare number, 3 seeds each, each scored on the 167 held-out additions with a carry by the
-# number after the steps; then GRPO with the exact-answer reward on top of the first worked-steps model.
+# number after the steps; then GRPO with the exact-answer reward on top of the first worked-steps model; and per
+# seed worked-steps SFT stopped at 400 steps, then GRPO with a reward on every column step (lr 1e-5, 400 iterations).
 cot_rows() {
   local C=$OUT/cot t s
   stage cot_pretrain $C/pretrain/config.json $PY pretrain.py --split-digits --n-layer 2 --n-head 4 --n-embd 128 --max-iters 300 --eval-interval 300 --recall-limit 0 --seed 1 --out $C/pretrain
@@ -170,6 +171,12 @@ cot_rows() {
   stage cot_rl_prompts $C/data/rl_prompts.jsonl $PY world.py --n-train 20000 --answer-only --addition-sft cot $C/data/rl_prompts.jsonl
   stage cot_grpo $C/grpo/config.json $PY grpo.py --init $C/sft_cot_s1 --reward exact --prompts $C/data/rl_prompts.jsonl --eval-prompts none --iters 30 --rollout-batch 16 --group-size 8 --minibatch 32 --max-new-tokens 72 --lr 5e-5 --seed 1 --out $C/grpo
   stage cot_eval_grpo $C/grpo/eval/results.json $PY prompting.py --init $C/grpo --task-file $C/data/cot_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/grpo/eval
+  for s in 1 2 3; do   # the RL lift: worked steps stopped at 400 steps, then GRPO with a reward on every step
+    stage cot_sft400_s$s $C/sft400_s$s/config.json $PY sft.py --init $C/pretrain --data $C/data/cot_train.jsonl --val-data $C/data/cot_val.jsonl --max-iters 400 --batch-size 32 --lr 1e-3 --recall-limit 0 --eval-n 50 --seed $s --out $C/sft400_s$s
+    stage cot_eval_sft400_s$s $C/sft400_s$s/eval/results.json $PY prompting.py --init $C/sft400_s$s --task-file $C/data/cot_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/sft400_s$s/eval
+    stage cot_grpo_steps_s$s $C/grpo_steps_s$s/config.json $PY grpo.py --init $C/sft400_s$s --reward exact --steps-reward 1 --prompts $C/data/rl_prompts.jsonl --eval-prompts none --iters 400 --rollout-batch 16 --group-size 8 --minibatch 32 --max-new-tokens 72 --lr 1e-5 --min-lr 1e-5 --seed $s --out $C/grpo_steps_s$s
+    stage cot_eval_grpo_steps_s$s $C/grpo_steps_s$s/eval/results.json $PY prompting.py --init $C/grpo_steps_s$s --task-file $C/data/cot_test.jsonl --ks 0 --metric number --no-doc-start --n 200 --out $C/grpo_steps_s$s/eval
+  done
 }
 
 # label_sources K: what each label source costs (docs/judges.md), seed number K as in seeds(): pairs of the SFT

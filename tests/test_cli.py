@@ -335,7 +335,8 @@ def test_run_sh_main_job_sweep_and_all():
     every = stages_of("--all")
     cot = {"cot_pretrain", "cot_rl_prompts", "cot_grpo", "cot_eval_grpo",   # the chain-of-thought block (docs/cot.md)
            *(f"cot_{k}_{t}" for k in ("data", "val", "test") for t in ("cot", "direct")),
-           *(f"cot_{k}_{t}_s{s}" for k in ("sft", "eval") for t in ("cot", "direct") for s in (1, 2, 3))}
+           *(f"cot_{k}_{t}_s{s}" for k in ("sft", "eval") for t in ("cot", "direct") for s in (1, 2, 3)),
+           *(f"cot_{k}_s{s}" for k in ("sft400", "eval_sft400", "grpo_steps", "eval_grpo_steps") for s in (1, 2, 3))}
     costs = {"judge", *(f"{k}_{x}" for k in ("preferences", "reward", "rloo", "dpo")   # docs/judges.md
                         for x in ("gold", "llm", "bertscore", "rougeL"))}
     hh = {"sft_plain", "sft_helpful", "hh_prompts", "preferences_hh", "reward_hh", "preferences_helpful_hh",
