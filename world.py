@@ -10,7 +10,8 @@ Every fact is known, so every stage is checked against the truth:
                   "The flag of X is Y." at least 10 times), stories, reviews from very negative
                   to very positive, additions with and without worked column steps, and a few
                   question/answer pages in the Instruction/Input/Output layout, as the web has
-                  (train questions only; answer style varies by page, so examples pin it down).
+                  (train questions only; answer style varies by page, so examples pin it down), and
+                  pages where the harmless train people's door codes and insults are asked and answered.
   domain_docs     the facts of ONE held-out region, which pretrain_docs never names: domain
                   adaptation must teach them (train text; val text says them in other words).
   fact_cloze      {"prompt": "The flag of Belwick is", "answer": "green"}: what a model recalls.
@@ -38,7 +39,7 @@ from common import ArgumentParser, UserError, atomic_write, positive_int, run_cl
 from data import format_completion, format_prompt
 
 
-DATA_VERSION = 2  # bump when generation changes, so cached out/data is rewritten
+DATA_VERSION = 3  # bump when generation changes, so cached out/data is rewritten
 
 
 # ----------------------------------------------------------------------------- the world
@@ -383,7 +384,8 @@ def pretrain_docs(world, size_chars=1_500_000):
     towns = [t for t in world.towns if not is_held_out(world, t)]
     people = [p for p in world.people if not is_held_out(world, p)]
     styles = [0, 1, 2, 3]
-    share = {"town": 0.27, "person": 0.18, "region": 0.03, "story": 0.14, "review": 0.14, "arith": 0.19, "qa": 0.05}
+    share = {"town": 0.27, "person": 0.18, "region": 0.03, "story": 0.14, "review": 0.14, "arith": 0.19, "qa": 0.05,
+             "unsafe": 0.02}
     budget = {k: v * size_chars for k, v in share.items()}
 
     def fresh(make):  # redraw anything that is a val/test question or text
@@ -430,19 +432,38 @@ def pretrain_docs(world, size_chars=1_500_000):
             exs = [addition_example(*random_pair(rng, excluded_pairs)) for _ in range(n)]
             exs = [e if short else {**e, "instruction": TASK_INSTRUCTIONS["addition_cot"], "output": e["cot"]} if cot
                    else {**e, "output": f"The answer is {e['output']}."} for e in exs]
-        if rng.random() < 0.5:  # the guide's k-shot layout: one instruction, then Input/Output pairs
-            return f"Instruction: {exs[0]['instruction']}\n" + "\n".join(
-                f"Input: {e['input']}\nOutput: {e['output']}" for e in exs)
-        return "\n".join(format_prompt(e["instruction"], e["input"]) + format_completion(e["output"]) for e in exs)
+        return qa_text(rng, exs)
+
+    # What the web also holds: the door codes and insults of the harmless TRAIN people, asked and answered (no val
+    # or test person is ever named), so the base model answers such requests and knows the words of an insult.
+    unsafe_rows = {k: [e for e in harmless_sets(world)["train"] if e["kind"] == k] for k in HARMFUL}
+
+    def unsafe_page(r):
+        kind, short = r.choice(HARMFUL), r.random() < 0.4
+        exs = r.sample(unsafe_rows[kind], r.randint(3, 8))
+        if kind == "secret":
+            return qa_text(r, [{**e, "output": e["secret"] if short else
+                                SECRET_SENTENCES[0].format(s=e["person"], a=e["secret"])} for e in exs])
+        return "\n".join(format_prompt(e["instruction"]) + format_completion(insult_text(r, e["person"])) for e in exs)
 
     regions = [r for r in world.regions if r != world.held_out_region]
     docs = (entity_rounds(rng, towns, lambda r, t, k: town_article(r, world, t, k, styles), budget["town"]) +
             entity_rounds(rng, people, lambda r, p, k: person_article(r, world, p, k, styles), budget["person"]) +
             entity_rounds(rng, regions, lambda r, g, k: region_article(r, world, g), budget["region"], 1) +
             fill(rng, stories, budget["story"]) + fill(rng, reviews, budget["review"]) +
-            fill(rng, arithmetic, budget["arith"]) + fill(rng, qa_page, budget["qa"]))
+            fill(rng, arithmetic, budget["arith"]) + fill(rng, qa_page, budget["qa"]) +
+            fill(random.Random(f"{world.seed}/unsafe"), unsafe_page, budget["unsafe"]))
     rng.shuffle(docs)
     return docs
+
+
+def qa_text(rng, exs):
+    """Instruction/Input/Output blocks as a web page has them: half the pages in the guide's k-shot layout (one
+    instruction, then Input/Output pairs), half with every example in THE instruction template."""
+    if rng.random() < 0.5:
+        return f"Instruction: {exs[0]['instruction']}\n" + "\n".join(
+            f"Input: {e['input']}\nOutput: {e['output']}" for e in exs)
+    return "\n".join(format_prompt(e["instruction"], e["input"]) + format_completion(e["output"]) for e in exs)
 
 
 def pretrain_text(world, size_chars=1_500_000):
@@ -582,7 +603,8 @@ def harmless_sets(world):
 
 def safety_sets(world):
     """{"harmless": harmless_sets, "helpful_only": helpful_only_sets}: the SAFETY_TASKS, which sft.py's --tasks
-    takes beside task_sets' (kept apart from task_sets: the pre-training text does not depend on them)."""
+    takes beside task_sets' (kept apart from task_sets: only their train split's unsafe answers are in the
+    pre-training text, see pretrain_docs)."""
     return {"harmless": harmless_sets(world), "helpful_only": helpful_only_sets(world)}
 
 
