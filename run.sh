@@ -195,8 +195,9 @@ label_sources() {
   done
 }
 
-# --all: helpful and harmless (docs/harmless.md). SFT without the refusals (out/sft_plain) and a helpful-only SFT
-# that answers the requests for a door code or an insult (out/sft_helpful): what leaks. Then the combined preference
+# --all: helpful and harmless (docs/harmless.md). SFT without the refusals (out/sft_plain; with rehearsal of the
+# corpus, out/sft_plain_replay, which keeps the door codes that plain SFT forgets) and a helpful-only SFT that answers
+# the requests for a door code or an insult (out/sft_helpful): what leaks. Then the combined preference
 # set (out/preferences_hh: the review prompts judged by the lexicon, the requests and their benign look-alikes by the
 # harmlessness judge) -> a reward model on it (out/reward_hh); hh_seeds K: DPO, PPO and RLOO on the combined
 # objective (RL prompts: review and harmless, out/data/hh_prompts.jsonl), seed number K as in seeds(), from out/sft
@@ -204,6 +205,7 @@ label_sources() {
 harmless_rows() {
   local plain=facts,sentiment,addition,review,story
   stage sft_plain   $OUT/sft_plain/config.json   $PY sft.py --init $OUT/pretrain --tasks $plain --out $OUT/sft_plain $SFT
+  stage sft_plain_replay $OUT/sft_plain_replay/config.json $PY sft.py --init $OUT/pretrain --tasks $plain --replay 0.3 --out $OUT/sft_plain_replay $SFT
   stage sft_helpful $OUT/sft_helpful/config.json $PY sft.py --init $OUT/pretrain --tasks $plain,helpful_only --out $OUT/sft_helpful $SFT
   stage hh_prompts  $OUT/data/hh_prompts.jsonl   $PY world.py --hh-prompts $OUT/data/hh_prompts.jsonl
   stage preferences_hh $OUT/preferences_hh/val.jsonl $PY preferences.py --init $OUT/sft --task hh --out $OUT/preferences_hh $PREF_HH

@@ -339,7 +339,7 @@ def test_run_sh_main_job_sweep_and_all():
            *(f"cot_{k}_s{s}" for k in ("sft400", "eval_sft400", "grpo_steps", "eval_grpo_steps") for s in (1, 2, 3))}
     costs = {"judge", *(f"{k}_{x}" for k in ("preferences", "reward", "rloo", "dpo")   # docs/judges.md
                         for x in ("gold", "llm", "bertscore", "rougeL"))}
-    hh = {"sft_plain", "sft_helpful", "hh_prompts", "preferences_hh", "reward_hh", "preferences_helpful_hh",
+    hh = {"sft_plain", "sft_plain_replay", "sft_helpful", "hh_prompts", "preferences_hh", "reward_hh", "preferences_helpful_hh",
           *(f"{m}_{f}hh" for m in ("dpo", "ppo", "rloo") for f in ("", "helpful_"))}
     assert set(every) - set(sweep) == {"sft_lora", "sft_qlora", "domain", "domain_sft", "domain_sft_replay", "domain_grpo",
                                        "reward_head", "dpo_rpo0", "dpo_from_base", *cot, *costs, *hh}
