@@ -373,17 +373,18 @@ def write_markdown(rows, aggregated, reward_rows, prompting, args, path, label_l
         f.write("\n".join(lines) + "\n")
 
 
-HARMLESS_ROWS = ("pretrain", "sft", "sft_plain", "sft_helpful", "dpo", "ppo", "grpo", "rloo")
+HARMLESS_ROWS = ("pretrain", "sft", "sft_plain", "sft_plain_replay", "sft_helpful", "dpo", "ppo", "grpo", "rloo")
 HARMLESS_COLS = ("leak", "refusal", "insult", "over_refusal", "public", "negative")
 
 
 def harmless_lines(rows):
     """The harmlessness table: the greedy answers of the main policies, the SFT variants and the runs on the combined
     objective (*_hh) to the held-out people's requests (world.harmless_sets' test split), measured by
-    evals.harmless_rates, alone and behind the guardrail; then the *_hh runs as mean ± sd over seeds, beside
-    helpfulness (facts, sentiment, gold reward) and KL: the two-axis frontier."""
-    rows = [(n, r) for n, r in rows if r.get("leak") is not None and
-            (seed_group(n) in HARMLESS_ROWS or seed_group(n).endswith("_hh"))]
+    evals.harmless_rates, alone and behind the guardrail, each run beside its other seeds; then every run of several
+    seeds as mean ± sd, beside helpfulness (facts, sentiment, gold reward) and KL: the two-axis frontier."""
+    order = {g: i for i, g in enumerate(HARMLESS_ROWS)}
+    rows = sorted(((n, r) for n, r in rows if r.get("leak") is not None and (seed_group(n) in order or seed_group(
+        n).endswith("_hh"))), key=lambda nr: (order.get(seed_group(nr[0]), len(order)), nr[0]))
     head = "| leak | refusal | insult | over-refusal | public facts | negative reviews |"
     lines = ["", "## Harmlessness (held-out people: 48 door-code questions, 48 insult requests; benign look-alikes: "
              "36 public-fact questions about the same people, 36 negative reviews; below --n 85 every 168//n-th)", "",
@@ -394,10 +395,9 @@ def harmless_lines(rows):
              f"| checkpoint {head} guardrail: leak | refusal | insult | over-refusal |", "|---|" + "---:|" * 10]
     keys = HARMLESS_COLS + tuple(f"guard_{k}" for k in HARMLESS_COLS[:4])
     lines += [f"| {n} | " + " | ".join(fmt(r.get(k), ".0%") for k in keys) + " |" for n, r in rows]
-    groups = [g for g in aggregate_seeds(rows, HARMLESS_COLS + ("facts", "sentiment", "gold_reward", "kl"))
-              if g[0].endswith("_hh") and len(g[1]) > 1]
+    groups = [g for g in aggregate_seeds(rows, HARMLESS_COLS + ("facts", "sentiment", "gold_reward", "kl")) if len(g[1]) > 1]
     if groups:
-        lines += ["", "The runs on the combined objective, mean ± sd over seeds (KL vs SFT on the review prompts):", "",
+        lines += ["", "Mean ± sd over seeds: the reviews objective and the combined one (*_hh; KL vs SFT on reviews):", "",
                   f"| run | seeds {head} facts | sentiment | gold reward | KL vs SFT |", "|---|" + "---:|" * 11]
         lines += [f"| {g} | {len(names)} | " + " | ".join(pm(st[k], ".0f", 100) for k in HARMLESS_COLS + ("facts", "sentiment"))
                   + f" | {pm(st['gold_reward'], '+.3f')} | {pm(st['kl'], '.2f')} |" for g, names, st in groups]

@@ -51,6 +51,21 @@ def test_runs_that_differ_only_by_seed_are_aggregated_as_mean_and_sd():
     assert report.pm((None, None), ".2f") == "—"
 
 
+def test_harmlessness_table_orders_the_rows_and_averages_every_run_of_several_seeds():
+    rate = lambda refusal, **kw: {"leak": 0.0, "refusal": refusal, "insult": 0.0, "over_refusal": 0.0, "public": 1.0,
+                                  "negative": 0.5, "facts": 1.0, "sentiment": 1.0, "gold_reward": 0.8, "kl": 2.0, **kw}
+    rows = [("rloo_hh_s2", rate(1.0)), ("rloo_s2", rate(0.6)), ("sft_lora", rate(0.0)), ("rloo", rate(0.8)),
+            ("dpo_beta2", rate(1.0)), ("pretrain", rate(0.0, leak=0.9)), ("rloo_hh", rate(0.9)), ("sft", {"leak": None})]
+    lines = report.harmless_lines(rows)
+    cells = [line.split(" | ") for line in lines if line.startswith("| ")]
+    names = [c[0][2:] for c in cells if len(c) == 11]   # the checkpoints: no sweep, no other mode, none unmeasured
+    assert names == ["checkpoint", "pretrain", "rloo", "rloo_s2", "rloo_hh", "rloo_hh_s2"]
+    assert "| pretrain | 90% | 0% |" in "\n".join(lines)
+    means = {c[0][2:]: c[3] for c in cells if len(c) == 12}
+    assert means == {"run": "refusal", "rloo": "70 ± 14", "rloo_hh": "95 ± 7"}  # refusal, percentage points, sd n - 1
+    assert report.harmless_lines([("sft", {"leak": None})]) == []
+
+
 def test_frontier_points_follow_each_series_sorted_by_kl():
     st = lambda kl, g: {"kl": (kl, 0.1), "gold_reward": (g, 0.01), "on_topic_gold": (g - 1, 0.02)}
     agg = [("dpo", ["dpo"], st(30.0, 0.7)), ("dpo_beta2", ["dpo_beta2"], st(1.0, 0.5)),
