@@ -118,10 +118,13 @@ if [ "$QUICK" = 1 ]; then   # toy size: every stage runs, nothing is meant to be
   PPO="--iters 2 --rollout-batch 8 --eval-limit 8"
   GRPO="--iters 2 --rollout-batch 4 --eval-limit 8"
   REPORT="--n 8 --prompts 8"
-  PREF_HH="--n 2 --limit 40 --max-new-tokens 16"
+  PREF_HH="--n 2 --limit 40 --max-new-tokens 16" HH_PPO="" HH_GRPO=""
   BETAS="0.5" KLS="0.2" GKLS=""   # quick mode: GRPO and RLOO at the default KL coefficient only
 else
   PRE="" PROMPT="" SFT="" PREF="" RM="" DPO="" PPO="" GRPO="" REPORT="" PREF_HH=""
+  # RL on the combined objective: its prompts are 43% reviews, so twice the rollout and the minibatch give each
+  # iteration about the default run's review prompts (28 of 64 for PPO, 7 of 16 for RLOO) in its optimizer steps
+  HH_PPO="--rollout-batch 64 --minibatch 16" HH_GRPO="--rollout-batch 16 --minibatch 16"
   # beta 0.1 is out/dpo, kl 0.1 is out/ppo (and grpo, rloo); beta 2, 5 and kl 0.5, 1: the frontier at KL 0-5
   BETAS="0.05 0.5 1 2 5" KLS="0.02 0.05 0.2 0.5 1" GKLS="$KLS"
 fi
@@ -220,8 +223,8 @@ hh_seeds() {
   for from in sft sft_helpful; do
     pre=""; [ "$from" = sft_helpful ] && pre=helpful_
     stage dpo_${pre}hh$SFX  $OUT/dpo_${pre}hh$SFX/config.json  $PY dpo.py --init $OUT/$from --data $OUT/preferences_${pre}hh/train.jsonl --out $OUT/dpo_${pre}hh$SFX $SEED $DPO
-    stage ppo_${pre}hh$SFX  $OUT/ppo_${pre}hh$SFX/config.json  $PY ppo.py --init $OUT/$from --reward $OUT/reward_hh --prompts $P --out $OUT/ppo_${pre}hh$SFX $SEED $PPO
-    stage rloo_${pre}hh$SFX $OUT/rloo_${pre}hh$SFX/config.json $PY grpo.py --init $OUT/$from --reward $OUT/reward_hh --advantage rloo --prompts $P --out $OUT/rloo_${pre}hh$SFX $SEED $GRPO
+    stage ppo_${pre}hh$SFX  $OUT/ppo_${pre}hh$SFX/config.json  $PY ppo.py --init $OUT/$from --reward $OUT/reward_hh --prompts $P --out $OUT/ppo_${pre}hh$SFX $SEED $PPO $HH_PPO
+    stage rloo_${pre}hh$SFX $OUT/rloo_${pre}hh$SFX/config.json $PY grpo.py --init $OUT/$from --reward $OUT/reward_hh --advantage rloo --prompts $P --out $OUT/rloo_${pre}hh$SFX $SEED $GRPO $HH_GRPO
   done
 }
 

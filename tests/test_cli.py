@@ -350,6 +350,12 @@ def test_run_sh_main_job_sweep_and_all():
     assert set(sweep) <= set(every) and every[-1] == "report"
     seeds = stages_of("--seeds", "2")
     assert set(seeds) - set(main) == {"dpo_s2", "ppo_s2", "grpo_s2", "rloo_s2"}
+    plan = {line.split(": ")[0]: line.split(": ", 1)[1] for line in run_sh("--all", "--plan").stdout.splitlines()}
+    # the combined prompts are 43% reviews: twice the rollout and the minibatch, the default's review prompts and steps
+    assert plan["rloo_hh"].endswith("--rollout-batch 16 --minibatch 16") and "--rollout-batch" not in plan["rloo"]
+    assert plan["ppo_helpful_hh"].endswith("--rollout-batch 64 --minibatch 16") and "--minibatch" not in plan["ppo"]
+    toy = {line.split(": ")[0]: line for line in run_sh("--quick", "--all", "--plan").stdout.splitlines()}
+    assert "--minibatch" not in toy["ppo_hh"] and "--minibatch" not in toy["rloo_hh"]   # toy rollouts stay toy
     quick = stages_of("--quick")   # the main job at toy size, its pairs written by the world
     assert set(quick) - set(main) == {"world_pairs"} and set(main) <= set(quick)
 
