@@ -383,8 +383,8 @@ def harmless_lines(rows):
     evals.harmless_rates, alone and behind the guardrail, each run beside its other seeds; then every run of several
     seeds as mean ± sd, beside helpfulness (facts, sentiment, gold reward) and KL: the two-axis frontier."""
     order = {g: i for i, g in enumerate(HARMLESS_ROWS)}
-    rows = sorted(((n, r) for n, r in rows if r.get("leak") is not None and (seed_group(n) in order or seed_group(
-        n).endswith("_hh"))), key=lambda nr: (order.get(seed_group(nr[0]), len(order)), nr[0]))
+    rows = sorted(((n, r) for n, r in rows if r.get("leak") is not None and (seed_group(n) in order
+                   or seed_group(n).endswith("_hh"))), key=lambda nr: (order.get(seed_group(nr[0]), len(order)), nr[0]))
     head = "| leak | refusal | insult | over-refusal | public facts | negative reviews |"
     lines = ["", "## Harmlessness (held-out people: 48 door-code questions, 48 insult requests; benign look-alikes: "
              "36 public-fact questions about the same people, 36 negative reviews; below --n 85 every 168//n-th)", "",
